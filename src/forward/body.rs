@@ -1,0 +1,103 @@
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tower_http::timeout::TimeoutBody;
+
+use crate::BoxError;
+
+pin_project! {
+    /// The response body of [`Forward`](super::Forward): the upstream's body streamed frame by
+    /// frame (each frame is the `Bytes` hyper read, passed on without a copy), or a small
+    /// gateway-made body.
+    ///
+    /// An upstream that fails or falls silent for longer than the idle timeout ends the body
+    /// with an error, so the client sees a truncated stream, never a clean end.
+    pub struct ResponseBody {
+        #[pin]
+        kind: Kind,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
+        Upstream { #[pin] body: TimeoutBody<Incoming> },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl ResponseBody {
+    pub(crate) fn upstream(body: TimeoutBody<Incoming>) -> Self {
+        Self {
+            kind: Kind::Upstream { body },
+        }
+    }
+}
+
+impl From<Bytes> for ResponseBody {
+    fn from(data: Bytes) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl Default for ResponseBody {
+    fn default() -> Self {
+        Self::from(Bytes::new())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Upstream { body } => match ready!(body.poll_frame(cx)) {
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "upstream response body failed; truncating the stream");
+                    Poll::Ready(Some(Err(err)))
+                }
+                other => Poll::Ready(other),
+            },
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream { body } => body.is_end_stream(),
+            Kind::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream { body } => body.size_hint(),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Upstream { .. } => "Upstream",
+            Kind::Full { .. } => "Full",
+        };
+        f.debug_struct("ResponseBody").field("kind", &kind).finish()
+    }
+}

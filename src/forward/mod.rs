@@ -1,0 +1,399 @@
+//! The upstream client service: forwarding a routed request and streaming the response back.
+//!
+//! [`Forward`] sends each request to its absolute URI (set by
+//! [`CustomEndpointRouteLayer`](crate::route::CustomEndpointRouteLayer), or by the caller when
+//! used alone) with hyper-util's pooled client over rustls (system roots plus an endpoint's
+//! own [`TlsSettings`]), HTTP/2 where the upstream offers it through ALPN:
+//!
+//! - the request is sent in absolute form with the upstream's own `Host`, as HTTP/1.1 (or h2);
+//! - hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
+//!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+//!   `Proxy-Authorization`, `Proxy-Authenticate`) are removed both ways;
+//! - bodies stream both ways frame by frame, never collected;
+//! - redirects are passed to the client, never followed;
+//! - timeouts: connect, first byte (the response head), and idle (the longest silence between
+//!   two body frames, either way); an idle timeout mid-stream truncates the stream;
+//! - an upstream 401 or 403 is the upstream refusing the gateway's own credential: it becomes
+//!   [`UpstreamCredentialRejected`] and its body, which may echo the key, is dropped.
+//!
+//! Failures are `Err`s of small typed errors; put [`RescueLayer`](crate::error::RescueLayer)
+//! above the stack to turn them into 502/504 JSON responses.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_gateway::error::RescueLayer;
+//! use tower_gateway::forward::Forward;
+//! use tower_gateway::inject::InjectHeadersLayer;
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! // A single fixed upstream, no registry: the caller sets the absolute URI.
+//! let mut headers = http::HeaderMap::new();
+//! headers.insert("authorization", "Bearer upstream-key".parse().unwrap());
+//! let svc = ServiceBuilder::new()
+//!     .layer(RescueLayer::new())
+//!     .layer(InjectHeadersLayer::fixed(headers))
+//!     .service(Forward::<Full<Bytes>>::new());
+//! let req = http::Request::get("https://api.inference.wandb.ai/v1/models")
+//!     .body(Full::default())
+//!     .unwrap();
+//! let res = svc.oneshot(req).await.unwrap();
+//! println!("{}", res.status());
+//! # }
+//! ```
+
+mod body;
+mod tls;
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pin_project_lite::pin_project;
+use tower_http::timeout::TimeoutBody;
+use tower_service::Service;
+
+pub use self::body::ResponseBody;
+pub use self::tls::{TlsError, TlsSettings};
+
+use crate::BoxError;
+use crate::error::{NoUpstream, UpstreamCredentialRejected, UpstreamTimeout};
+use crate::hop::remove_hop_by_hop;
+use crate::registry::{Endpoint, Timeouts};
+use crate::route::RouteMatch;
+
+/// The request body sent upstream: the client's body behind an idle timeout.
+pub type UpstreamRequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The pooled upstream client.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
+
+/// Default connect timeout: 10 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default first-byte timeout: 10 min, for long non-streaming completions of reasoning models.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default idle timeout between body frames: 5 min.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy, Debug)]
+struct Resolved {
+    connect: Duration,
+    first_byte: Duration,
+    idle: Duration,
+}
+
+impl Resolved {
+    fn with(self, t: Timeouts) -> Self {
+        Self {
+            connect: t.connect.unwrap_or(self.connect),
+            first_byte: t.first_byte.unwrap_or(self.first_byte),
+            idle: t.idle.unwrap_or(self.idle),
+        }
+    }
+}
+
+struct Shared {
+    client: UpstreamClient,
+    defaults: Resolved,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+}
+
+impl Shared {
+    fn build_client(&self, tls: rustls::ClientConfig, connect: Duration) -> UpstreamClient {
+        build_client(
+            tls,
+            connect,
+            self.pool_idle_timeout,
+            self.pool_max_idle_per_host,
+        )
+    }
+}
+
+fn build_client(
+    tls: rustls::ClientConfig,
+    connect: Duration,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(pool_idle_timeout)
+        .pool_max_idle_per_host(pool_max_idle_per_host)
+        .build(https)
+}
+
+/// Builds a [`Forward`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ForwardBuilder {
+    defaults: Resolved,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+}
+
+impl Default for ForwardBuilder {
+    fn default() -> Self {
+        Self {
+            defaults: Resolved {
+                connect: DEFAULT_CONNECT_TIMEOUT,
+                first_byte: DEFAULT_FIRST_BYTE_TIMEOUT,
+                idle: DEFAULT_IDLE_TIMEOUT,
+            },
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 1024,
+        }
+    }
+}
+
+impl ForwardBuilder {
+    /// Default connect timeout, for endpoints that set none.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.defaults.connect = d;
+        self
+    }
+
+    /// Default first-byte timeout, for endpoints that set none.
+    pub fn first_byte_timeout(mut self, d: Duration) -> Self {
+        self.defaults.first_byte = d;
+        self
+    }
+
+    /// Default idle timeout between body frames, for endpoints that set none.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.defaults.idle = d;
+        self
+    }
+
+    /// How long an idle pooled connection is kept (default 90 s).
+    pub fn pool_idle_timeout(mut self, d: Duration) -> Self {
+        self.pool_idle_timeout = d;
+        self
+    }
+
+    /// How many idle connections are kept per upstream host (default 1024).
+    pub fn pool_max_idle_per_host(mut self, n: usize) -> Self {
+        self.pool_max_idle_per_host = n;
+        self
+    }
+
+    /// Builds the service. The system trust roots are loaded on first use, once per process.
+    pub fn build<B>(self) -> Forward<B> {
+        let client = build_client(
+            tls::default_client_config(),
+            self.defaults.connect,
+            self.pool_idle_timeout,
+            self.pool_max_idle_per_host,
+        );
+        Forward {
+            shared: Arc::new(Shared {
+                client,
+                defaults: self.defaults,
+                pool_idle_timeout: self.pool_idle_timeout,
+                pool_max_idle_per_host: self.pool_max_idle_per_host,
+            }),
+            _body: PhantomData,
+        }
+    }
+}
+
+/// The forwarding service. See the [module docs](self).
+///
+/// `B` is the request body type: `hyper::body::Incoming` under a hyper server,
+/// `axum::body::Body` under axum. Cloning is cheap; clones share the connection pool.
+pub struct Forward<B = Incoming> {
+    shared: Arc<Shared>,
+    _body: PhantomData<fn(B)>,
+}
+
+impl<B> Forward<B> {
+    /// A forwarder with the default timeouts and pool settings.
+    pub fn new() -> Self {
+        ForwardBuilder::default().build()
+    }
+
+    /// A builder for timeouts and pool settings.
+    pub fn builder() -> ForwardBuilder {
+        ForwardBuilder::default()
+    }
+
+    /// The client and timeouts for an endpoint. Endpoints with their own TLS settings or
+    /// connect timeout get their own pool, created on first use and dropped with the registry
+    /// snapshot; the others share this forwarder's pool.
+    fn client_for<'a>(&'a self, ep: &'a Endpoint) -> (&'a UpstreamClient, Resolved) {
+        let t = self.shared.defaults.with(ep.timeouts());
+        let own_connect = t.connect != self.shared.defaults.connect;
+        if ep.tls.is_none() && !own_connect {
+            return (&self.shared.client, t);
+        }
+        let client = ep.client.get_or_init(|| {
+            let tls = ep
+                .tls
+                .as_ref()
+                .map_or_else(tls::default_client_config, |s| s.client_config());
+            self.shared.build_client(tls, t.connect)
+        });
+        (client, t)
+    }
+}
+
+impl<B> Default for Forward<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            _body: PhantomData,
+        }
+    }
+}
+
+impl<B> fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("defaults", &self.shared.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<B>> for Forward<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The legacy client is always ready: it queues on its pool.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
+            return ResponseFuture::failed(NoUpstream::new().into());
+        }
+        // The endpoint is held by the request's `RouteMatch`, which moves upstream with it.
+        let target = parts
+            .extensions
+            .get::<RouteMatch>()
+            .map(|r| r.target.clone());
+        let (client, t) = match &target {
+            Some(ep) => self.client_for(ep),
+            None => (&self.shared.client, self.shared.defaults),
+        };
+        remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(HOST);
+        parts.version = Version::HTTP_11;
+        let body = UnsyncBoxBody::new(TimeoutBody::new(t.idle, body.map_err(Into::into)));
+        let future = client.request(Request::from_parts(parts, body));
+        ResponseFuture {
+            state: State::Waiting {
+                future: tokio::time::timeout(t.first_byte, future),
+                idle: t.idle,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Forward`].
+    pub struct ResponseFuture {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        Waiting {
+            #[pin]
+            future: tokio::time::Timeout<hyper_util::client::legacy::ResponseFuture>,
+            idle: Duration,
+        },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl ResponseFuture {
+    fn failed(error: BoxError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Failed { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion")))
+            }
+            StateProj::Waiting { future, idle } => {
+                let res = match ready!(future.poll(cx)) {
+                    Err(_elapsed) => return Poll::Ready(Err(UpstreamTimeout::new().into())),
+                    Ok(Err(err)) => return Poll::Ready(Err(err.into())),
+                    Ok(Ok(res)) => res,
+                };
+                if res.status() == StatusCode::UNAUTHORIZED || res.status() == StatusCode::FORBIDDEN
+                {
+                    tracing::warn!(
+                        status = res.status().as_u16(),
+                        "upstream rejected the gateway's credential"
+                    );
+                    return Poll::Ready(Err(UpstreamCredentialRejected::new().into()));
+                }
+                let (mut parts, body) = res.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                let body = ResponseBody::upstream(TimeoutBody::new(*idle, body));
+                Poll::Ready(Ok(Response::from_parts(parts, body)))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,510 @@
+//! The proxy path: parsing, validation and the upstream URI rewrite, as pure functions.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::Uri;
+use http::uri::{Parts, PathAndQuery};
+
+use crate::registry::UpstreamBase;
+
+/// A proxy path split into its parts. Every part has been validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyPath<'a> {
+    /// The provider account name.
+    pub account: &'a str,
+    /// The endpoint name.
+    pub endpoint: &'a str,
+    /// The upstream path: empty, or starting with `/`, exactly as the client sent it.
+    pub rest: &'a str,
+}
+
+/// Why a path was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The path is not under the prefix, or lacks an account or endpoint (404).
+    NotFound,
+    /// `//` inside the path (400).
+    EmptySegment,
+    /// `.` or `..`, plain or percent-encoded, also with `;params` (400).
+    DotSegment,
+    /// `%2F` (400).
+    EncodedSlash,
+    /// `\` or `%5C` (400).
+    Backslash,
+    /// A control character, plain or percent-encoded (400).
+    ControlCharacter,
+    /// `%25`: an encoded percent sign, the start of double encoding (400).
+    DoubleEncoding,
+    /// `%` not followed by two hexadecimal digits (400).
+    BadPercentEncoding,
+}
+
+impl PathError {
+    /// Whether this is a 400 (unsafe or malformed) rather than a 404.
+    pub fn is_bad_request(self) -> bool {
+        self != PathError::NotFound
+    }
+
+    /// A human sentence for the error body.
+    pub fn message(self) -> &'static str {
+        match self {
+            PathError::NotFound => {
+                "No route: use {prefix}/{providerAccountName}/{endpointName}/{path}."
+            }
+            PathError::EmptySegment => "The proxy path has an empty segment (`//`).",
+            PathError::DotSegment => "The proxy path has a dot segment (`.` or `..`).",
+            PathError::EncodedSlash => "The proxy path has an encoded slash (`%2F`).",
+            PathError::Backslash => "The proxy path has a backslash.",
+            PathError::ControlCharacter => "The proxy path has a control character.",
+            PathError::DoubleEncoding => "The proxy path is double-encoded (`%25`).",
+            PathError::BadPercentEncoding => "The proxy path has a malformed percent-encoding.",
+        }
+    }
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for PathError {}
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Checks one segment (between slashes), raw as received.
+fn check_segment(seg: &[u8]) -> Result<(), PathError> {
+    if seg.is_empty() {
+        return Err(PathError::EmptySegment);
+    }
+    // Decoded length and dot count of the part before any `;params`.
+    let mut dots = 0usize;
+    let mut decoded_len = 0usize;
+    let mut in_params = false;
+    let mut i = 0;
+    while i < seg.len() {
+        let mut c = seg[i];
+        if c == b'%' {
+            let (Some(hi), Some(lo)) = (
+                seg.get(i + 1).copied().and_then(hex),
+                seg.get(i + 2).copied().and_then(hex),
+            ) else {
+                return Err(PathError::BadPercentEncoding);
+            };
+            c = (hi << 4) | lo;
+            match c {
+                b'/' => return Err(PathError::EncodedSlash),
+                b'%' => return Err(PathError::DoubleEncoding),
+                _ => {}
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+        match c {
+            b'\\' => return Err(PathError::Backslash),
+            0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
+            b';' => in_params = true,
+            _ => {}
+        }
+        if !in_params {
+            decoded_len += 1;
+            dots += usize::from(c == b'.');
+        }
+    }
+    if (decoded_len == 1 || decoded_len == 2) && dots == decoded_len {
+        return Err(PathError::DotSegment);
+    }
+    Ok(())
+}
+
+/// Splits and validates `{prefix}/{account}/{endpoint}{rest}`.
+///
+/// `prefix` is empty or starts with `/` and does not end with `/`. Every segment of the path
+/// is checked, so an unsafe path is a 400 whether or not its account exists. A single
+/// trailing slash is kept (`rest` may be `/` or end with `/`); an empty segment elsewhere is
+/// refused.
+pub fn parse_proxy_path<'a>(prefix: &str, path: &'a str) -> Result<ProxyPath<'a>, PathError> {
+    let after = path.strip_prefix(prefix).ok_or(PathError::NotFound)?;
+    let after = after.strip_prefix('/').ok_or(PathError::NotFound)?;
+    let body = after.strip_suffix('/').unwrap_or(after);
+    if !body.is_empty() {
+        for seg in body.split('/') {
+            check_segment(seg.as_bytes())?;
+        }
+    }
+    let mut parts = after.splitn(3, '/');
+    let account = parts.next().unwrap_or("");
+    let endpoint = parts.next().unwrap_or("");
+    if account.is_empty() || endpoint.is_empty() {
+        return Err(PathError::NotFound);
+    }
+    // `rest` keeps its leading slash: it is `after` minus "account/endpoint".
+    let rest = &after[account.len() + 1 + endpoint.len()..];
+    Ok(ProxyPath {
+        account,
+        endpoint,
+        rest,
+    })
+}
+
+/// Builds the absolute upstream URI: the base URL, then the validated `rest`, then the query
+/// exactly as received. The scheme, authority and base path come only from `base`.
+pub fn upstream_uri(base: &UpstreamBase, rest: &str, query: Option<&str>) -> Uri {
+    let base_path = base.path();
+    let mut pq =
+        String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    pq.push_str(base_path);
+    pq.push_str(rest);
+    if pq.is_empty() {
+        pq.push('/');
+    }
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = Parts::default();
+    parts.scheme = Some(base.scheme().clone());
+    parts.authority = Some(base.authority().clone());
+    // Every byte here came from a parsed `Uri` or a validated base URL, so it is valid.
+    parts.path_and_query =
+        Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).expect("validated path and query"));
+    Uri::from_parts(parts).expect("scheme, authority and path are all present")
+}
+
+/// The whole rewrite for one endpoint: the request target (origin- or absolute-form; any
+/// authority in it is ignored) to the upstream URI, or why it is refused.
+pub fn rewrite(prefix: &str, target: &Uri, base: &UpstreamBase) -> Result<Uri, PathError> {
+    let p = parse_proxy_path(prefix, target.path())?;
+    Ok(upstream_uri(base, p.rest, target.query()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "https://api.inference.wandb.ai/v1";
+
+    fn run(prefix: &str, target: &str) -> Result<String, PathError> {
+        let base = UpstreamBase::parse(BASE).unwrap();
+        let uri: Uri = target.parse().expect("test target parses as a Uri");
+        rewrite(prefix, &uri, &base).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn rewrite_table() {
+        use PathError::*;
+        let ok = |s: &str| Ok::<String, PathError>(s.to_owned());
+        let up = "https://api.inference.wandb.ai";
+        let cases: Vec<(&str, &str, Result<String, PathError>)> = vec![
+            // good paths
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/chat/completions",
+                ok(&format!("{up}/v1/chat/completions")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/models",
+                ok(&format!("{up}/v1/models")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference",
+                ok(&format!("{up}/v1")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/",
+                ok(&format!("{up}/v1/")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/models/",
+                ok(&format!("{up}/v1/models/")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/models?limit=5&x=%2F..",
+                ok(&format!("{up}/v1/models?limit=5&x=%2F..")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a?",
+                ok(&format!("{up}/v1/a?")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/models/meta-llama%2FLlama",
+                Err(EncodedSlash),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/files/a%20b",
+                ok(&format!("{up}/v1/files/a%20b")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/...",
+                ok(&format!("{up}/v1/...")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/.well-known/x",
+                ok(&format!("{up}/v1/.well-known/x")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a..b",
+                ok(&format!("{up}/v1/a..b")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/v1@evil.com",
+                ok(&format!("{up}/v1/v1@evil.com")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a;b=c",
+                ok(&format!("{up}/v1/a;b=c")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%41",
+                ok(&format!("{up}/v1/%41")),
+            ),
+            (
+                "",
+                "/cw/inference/chat/completions",
+                ok(&format!("{up}/v1/chat/completions")),
+            ),
+            ("/gw/v2", "/gw/v2/cw/inference/x", ok(&format!("{up}/v1/x"))),
+            // absolute-form targets: the authority is ignored
+            (
+                "/proxy-api",
+                "http://evil.example:666/proxy-api/cw/inference/chat/completions",
+                ok(&format!("{up}/v1/chat/completions")),
+            ),
+            (
+                "/proxy-api",
+                "https://127.0.0.1/proxy-api/cw/inference/models?q=1",
+                ok(&format!("{up}/v1/models?q=1")),
+            ),
+            ("/proxy-api", "http://evil.example/evil", Err(NotFound)),
+            // not under the prefix, or incomplete
+            ("/proxy-api", "/", Err(NotFound)),
+            ("/proxy-api", "/proxy-api", Err(NotFound)),
+            ("/proxy-api", "/proxy-api/", Err(NotFound)),
+            ("/proxy-api", "/proxy-api/cw", Err(NotFound)),
+            ("/proxy-api", "/proxy-api/cw/", Err(NotFound)),
+            ("/proxy-api", "/proxy-apix/cw/inference", Err(NotFound)),
+            ("/proxy-api", "/other/cw/inference", Err(NotFound)),
+            ("/proxy-api", "/PROXY-API/cw/inference", Err(NotFound)),
+            // dot segments, plain and encoded
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/../../admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/./models",
+                Err(DotSegment),
+            ),
+            ("/proxy-api", "/proxy-api/cw/inference/..", Err(DotSegment)),
+            ("/proxy-api", "/proxy-api/cw/inference/../", Err(DotSegment)),
+            (
+                "/proxy-api",
+                "/proxy-api/../cw/inference/x",
+                Err(DotSegment),
+            ),
+            ("/proxy-api", "/proxy-api/cw/../other/x", Err(DotSegment)),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%2e%2e/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%2E%2E/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/.%2e/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%2e./admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%2e/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/..;/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/.;x=1/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%2e%2e;/admin",
+                Err(DotSegment),
+            ),
+            // encoded slashes and backslashes
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/..%2fadmin",
+                Err(EncodedSlash),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%2Fb",
+                Err(EncodedSlash),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw%2finference/x",
+                Err(EncodedSlash),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/..%5cadmin",
+                Err(Backslash),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%5Cb",
+                Err(Backslash),
+            ),
+            // control characters
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%00b",
+                Err(ControlCharacter),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%0d%0aHost:%20evil",
+                Err(ControlCharacter),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%09",
+                Err(ControlCharacter),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%7f",
+                Err(ControlCharacter),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%0A",
+                Err(ControlCharacter),
+            ),
+            // empty segments
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference//admin",
+                Err(EmptySegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api//cw/inference/x",
+                Err(EmptySegment),
+            ),
+            ("/proxy-api", "/proxy-api/cw//inference", Err(EmptySegment)),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a//",
+                Err(EmptySegment),
+            ),
+            ("/proxy-api", "//proxy-api/cw/inference", Err(NotFound)),
+            // double encoding and malformed escapes
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%252e%252e/admin",
+                Err(DoubleEncoding),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%252f",
+                Err(DoubleEncoding),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%25",
+                Err(DoubleEncoding),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%2",
+                Err(BadPercentEncoding),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%zz",
+                Err(BadPercentEncoding),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a%",
+                Err(BadPercentEncoding),
+            ),
+        ];
+        assert!(cases.len() >= 40);
+        for (prefix, target, expected) in cases {
+            assert_eq!(
+                run(prefix, target),
+                expected,
+                "prefix {prefix:?}, target {target:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn raw_bytes_the_uri_parser_might_let_through_are_refused() {
+        // `rewrite` only sees parsed `Uri`s, but `parse_proxy_path` is public: check bytes
+        // that an HTTP parser may or may not reject before us.
+        use PathError::*;
+        for (path, err) in [
+            ("/p/a/e/x\\..\\admin", Backslash),
+            ("/p/a/e/x\ty", ControlCharacter),
+            ("/p/a/e/x\ny", ControlCharacter),
+            ("/p/a/e/x\0", ControlCharacter),
+            ("/p/a\\b/e/x", Backslash),
+        ] {
+            assert_eq!(parse_proxy_path("/p", path), Err(err), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn parts_are_split_without_copying() {
+        let p = parse_proxy_path(
+            "/proxy-api",
+            "/proxy-api/coreweave-model/inference/chat/completions",
+        )
+        .unwrap();
+        assert_eq!(p.account, "coreweave-model");
+        assert_eq!(p.endpoint, "inference");
+        assert_eq!(p.rest, "/chat/completions");
+    }
+}

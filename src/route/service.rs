@@ -1,0 +1,381 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{DEFAULT_PATH_PREFIX, RouteMatch, parse_proxy_path, upstream_uri};
+use crate::error::{GatewayError, ResponseFuture};
+use crate::registry::{SharedRegistry, is_valid_name};
+
+/// Layer that applies [`CustomEndpointRoute`]. See the [module docs](super) for an example.
+#[derive(Clone, Debug)]
+pub struct CustomEndpointRouteLayer {
+    registry: SharedRegistry,
+    prefix: Arc<str>,
+}
+
+impl CustomEndpointRouteLayer {
+    /// Routes under [`DEFAULT_PATH_PREFIX`] (`/proxy-api`) to the endpoints of `registry`.
+    pub fn new(registry: SharedRegistry) -> Self {
+        Self {
+            registry,
+            prefix: DEFAULT_PATH_PREFIX.into(),
+        }
+    }
+
+    /// Sets the path prefix: empty, or starting with `/` and not ending with `/`.
+    ///
+    /// # Panics
+    ///
+    /// If the prefix is not of that form.
+    #[must_use]
+    pub fn path_prefix(mut self, prefix: &str) -> Self {
+        assert!(
+            is_valid_prefix(prefix),
+            "a path prefix is empty or starts with `/` and does not end with `/`"
+        );
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// Whether `prefix` is a valid path prefix: empty, or `/seg/seg` of valid names.
+pub(crate) fn is_valid_prefix(prefix: &str) -> bool {
+    prefix.is_empty()
+        || prefix
+            .strip_prefix('/')
+            .is_some_and(|rest| rest.split('/').all(is_valid_name))
+}
+
+impl<S> Layer<S> for CustomEndpointRouteLayer {
+    type Service = CustomEndpointRoute<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CustomEndpointRoute {
+            inner,
+            registry: self.registry.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+/// Middleware that routes a proxy path to its endpoint and rewrites the URI.
+///
+/// See the [module docs](super) for details and an example.
+#[derive(Clone)]
+pub struct CustomEndpointRoute<S> {
+    inner: S,
+    registry: SharedRegistry,
+    prefix: Arc<str>,
+}
+
+impl<S> CustomEndpointRoute<S> {
+    /// Wraps `inner`, routing under `/proxy-api`.
+    pub fn new(inner: S, registry: SharedRegistry) -> Self {
+        CustomEndpointRouteLayer::new(registry).layer(inner)
+    }
+
+    /// Returns a [`CustomEndpointRouteLayer`].
+    pub fn layer(registry: SharedRegistry) -> CustomEndpointRouteLayer {
+        CustomEndpointRouteLayer::new(registry)
+    }
+
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for CustomEndpointRoute<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomEndpointRoute")
+            .field("inner", &self.inner)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names echoed in error messages only when they are plain names.
+fn quoted(name: &str) -> String {
+    if is_valid_name(name) && name.len() <= 64 {
+        format!(" \"{name}\"")
+    } else {
+        String::new()
+    }
+}
+
+impl<S> CustomEndpointRoute<S> {
+    fn route<B>(&self, req: &mut Request<B>) -> Result<(), GatewayError> {
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            return Err(GatewayError::method_not_allowed(format!(
+                "The gateway does not proxy {} requests.",
+                req.method()
+            )));
+        }
+        let path = parse_proxy_path(&self.prefix, req.uri().path()).map_err(|e| {
+            if e.is_bad_request() {
+                GatewayError::invalid_path(e.message())
+            } else {
+                GatewayError::not_found(format!(
+                    "No route: use {}/{{providerAccountName}}/{{endpointName}}/{{path}}.",
+                    self.prefix
+                ))
+            }
+        })?;
+        let registry = self.registry.load();
+        let account = registry.account(path.account).ok_or_else(|| {
+            GatewayError::not_found(format!("No provider account{}.", quoted(path.account)))
+        })?;
+        let target = account.endpoint(path.endpoint).ok_or_else(|| {
+            GatewayError::not_found(format!(
+                "No endpoint{} in provider account \"{}\".",
+                quoted(path.endpoint),
+                account.name()
+            ))
+        })?;
+        let uri = upstream_uri(target.base(), path.rest, req.uri().query());
+        let route = RouteMatch {
+            account: target.account().clone(),
+            endpoint: target.name().clone(),
+            upstream_path: path.rest.into(),
+            target: target.clone(),
+        };
+        *req.uri_mut() = uri;
+        req.extensions_mut().insert(route);
+        Ok(())
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CustomEndpointRoute<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match self.route(&mut req) {
+            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+            Err(err) => ResponseFuture::reject(err.into_response()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::X_GATEWAY_ERROR;
+    use crate::registry::{AccountSpec, EndpointSpec, Registry};
+    use http_body_util::{BodyExt, Full};
+    use std::convert::Infallible;
+    use tower::{ServiceExt, service_fn};
+    use tower_test::mock;
+
+    fn registry() -> SharedRegistry {
+        Registry::from_accounts(vec![AccountSpec {
+            endpoints: vec![
+                EndpointSpec::new("inference", "https://api.inference.wandb.ai/v1"),
+                EndpointSpec::new("local", "http://127.0.0.1:9999"),
+            ],
+            ..AccountSpec::new("coreweave-model")
+        }])
+        .unwrap()
+        .into()
+    }
+
+    fn svc()
+    -> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+    {
+        CustomEndpointRouteLayer::new(registry()).layer(service_fn(
+            |req: Request<Full<Bytes>>| async move {
+                let route = req.extensions().get::<RouteMatch>().expect("route match");
+                let body = format!(
+                    "{} {} {} {}",
+                    route.account,
+                    route.endpoint,
+                    route.upstream_path,
+                    req.uri()
+                );
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(body)))
+            },
+        ))
+    }
+
+    async fn call(method: Method, target: &str) -> (u16, Option<String>, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(target)
+            .body(Full::default())
+            .unwrap();
+        let res = svc().oneshot(req).await.unwrap();
+        let status = res.status().as_u16();
+        let code = res
+            .headers()
+            .get(X_GATEWAY_ERROR)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn routes_and_rewrites() {
+        let (status, code, body) = call(
+            Method::POST,
+            "/proxy-api/coreweave-model/inference/chat/completions?stream=true",
+        )
+        .await;
+        assert_eq!((status, code), (200, None));
+        assert_eq!(
+            body,
+            "coreweave-model inference /chat/completions https://api.inference.wandb.ai/v1/chat/completions?stream=true"
+        );
+        let (_, _, body) = call(Method::GET, "/proxy-api/coreweave-model/local/models").await;
+        assert!(body.ends_with("http://127.0.0.1:9999/models"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn rejections() {
+        let cases = [
+            (
+                Method::GET,
+                "/proxy-api/nope/inference/models",
+                404,
+                "not_found",
+            ),
+            (
+                Method::GET,
+                "/proxy-api/coreweave-model/nope/models",
+                404,
+                "not_found",
+            ),
+            (Method::GET, "/elsewhere", 404, "not_found"),
+            (
+                Method::GET,
+                "/proxy-api/coreweave-model/inference/../x",
+                400,
+                "invalid_path",
+            ),
+            (
+                Method::GET,
+                "/proxy-api/nope/inference/%2e%2e/x",
+                400,
+                "invalid_path",
+            ),
+            (
+                Method::TRACE,
+                "/proxy-api/coreweave-model/inference/models",
+                405,
+                "method_not_allowed",
+            ),
+        ];
+        for (method, target, status, code) in cases {
+            let (s, c, body) = call(method.clone(), target).await;
+            assert_eq!(
+                (s, c.as_deref()),
+                (status, Some(code)),
+                "{method} {target}: {body}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(v["error"]["message"].as_str().unwrap().len() > 10);
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_is_refused() {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("api.inference.wandb.ai:443")
+            .body(Full::default())
+            .unwrap();
+        let res = svc().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 405);
+        assert!(res.headers().contains_key(http::header::ALLOW));
+    }
+
+    #[tokio::test]
+    async fn a_registry_swap_takes_effect_for_the_next_request() {
+        let shared = registry();
+        let svc = CustomEndpointRouteLayer::new(shared.clone()).layer(service_fn(
+            |req: Request<Full<Bytes>>| async move {
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(req.uri().to_string())))
+            },
+        ));
+        let req = || {
+            Request::get("/proxy-api/coreweave-model/inference/models")
+                .body(Full::default())
+                .unwrap()
+        };
+        assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 200);
+        shared.store(Registry::default());
+        assert_eq!(svc.oneshot(req()).await.unwrap().status(), 404);
+    }
+
+    #[tokio::test]
+    async fn custom_and_empty_prefix() {
+        for (prefix, target) in [
+            ("", "/coreweave-model/inference/models"),
+            ("/gw", "/gw/coreweave-model/inference/models"),
+        ] {
+            let svc = CustomEndpointRouteLayer::new(registry())
+                .path_prefix(prefix)
+                .layer(service_fn(|req: Request<Full<Bytes>>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(req.uri().to_string())))
+                }));
+            let res = svc
+                .oneshot(Request::get(target).body(Full::default()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "{prefix:?}");
+        }
+        assert!(is_valid_prefix("") && is_valid_prefix("/proxy-api") && is_valid_prefix("/a/b"));
+        assert!(
+            !is_valid_prefix("/")
+                && !is_valid_prefix("proxy")
+                && !is_valid_prefix("/a/")
+                && !is_valid_prefix("/a//b")
+        );
+    }
+
+    #[tokio::test]
+    async fn readiness_passes_through() {
+        let (mut svc, mut handle) =
+            mock::spawn_layer::<Request<Full<Bytes>>, Response<Full<Bytes>>, _>(
+                CustomEndpointRouteLayer::new(registry()),
+            );
+        handle.allow(0);
+        assert!(svc.poll_ready().is_pending());
+        handle.allow(1);
+        assert!(svc.poll_ready().is_ready());
+        let fut = tokio::spawn(
+            svc.call(
+                Request::get("/proxy-api/coreweave-model/inference/models")
+                    .body(Full::default())
+                    .unwrap(),
+            ),
+        );
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.uri(), "https://api.inference.wandb.ai/v1/models");
+        send.send_response(Response::new(Full::default()));
+        assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+    }
+}
