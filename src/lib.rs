@@ -71,14 +71,20 @@
 pub mod access;
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod encoding;
 pub mod error;
 #[cfg(feature = "forward")]
 pub mod forward;
+#[cfg(feature = "gateway")]
+pub mod gateway;
 mod hop;
 pub mod inject;
 pub mod registry;
 pub mod route;
+#[cfg(feature = "gateway")]
+pub mod server;
 
 /// A boxed error, the error type of the stack below [`RescueLayer`](error::RescueLayer).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -146,7 +146,6 @@ pub struct Timeouts {
 
 /// The description of an endpoint, as a user writes it.
 #[derive(Clone, Debug)]
-#[non_exhaustive]
 pub struct EndpointSpec {
     /// The endpoint name, the second path segment after the prefix.
     pub name: String,
@@ -180,7 +179,6 @@ impl EndpointSpec {
 
 /// The description of a provider account, as a user writes it.
 #[derive(Clone, Debug)]
-#[non_exhaustive]
 pub struct AccountSpec {
     /// The account name, the first path segment after the prefix.
     pub name: String,

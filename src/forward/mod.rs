@@ -248,6 +248,14 @@ impl<B> Forward<B> {
         ForwardBuilder::default()
     }
 
+    /// The same forwarder (sharing its connection pool) for another request body type.
+    pub fn for_body<B2>(&self) -> Forward<B2> {
+        Forward {
+            shared: self.shared.clone(),
+            _body: PhantomData,
+        }
+    }
+
     /// The client and timeouts for an endpoint. Endpoints with their own TLS settings or
     /// connect timeout get their own pool, created on first use and dropped with the registry
     /// snapshot; the others share this forwarder's pool.

@@ -1,0 +1,223 @@
+//! A runnable gateway.
+//!
+//! ```text
+//! cargo run --example gateway                                   # offline demo
+//! cargo run --release --example gateway -- --config gateway.toml [--listen ADDR]
+//! ```
+//!
+//! With no arguments it starts a mock W&B Inference upstream on loopback and a gateway in front
+//! of it with a demo key, then prints the base URL, the key and ready-to-paste curl and Python
+//! snippets. With `--config` it serves a real configuration. Either way, once bound it prints
+//! `listening on http://ADDR`, and Ctrl-C or SIGTERM stops accepting and lets in-flight streams
+//! finish within 30 seconds.
+
+#[path = "support/mock_upstream.rs"]
+mod mock_upstream;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::net::TcpListener;
+use tower_gateway::access::{Grants, Subject};
+use tower_gateway::auth::{HashedKeyStore, Principal};
+use tower_gateway::config::GatewayConfig;
+use tower_gateway::gateway::Gateway;
+use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+
+const USAGE: &str = "\
+usage: gateway [--config FILE] [--listen ADDR]
+
+  (no arguments)   offline demo: a mock W&B Inference upstream and a gateway in front of it
+  --config FILE    serve the gateway described by FILE (TOML; see the README)
+  --listen ADDR    address to listen on (default 127.0.0.1:8080; 127.0.0.1:0 picks a free port)
+";
+
+const DEMO_GATEWAY_KEY: &str = "gw-demo-key";
+const DEMO_UPSTREAM_KEY: &str = "demo-wandb-upstream-key";
+
+struct Args {
+    config: Option<String>,
+    listen: SocketAddr,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut config = None;
+    let mut listen: SocketAddr = "127.0.0.1:8080".parse().expect("static address");
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => config = Some(args.next().ok_or("--config needs a file")?),
+            "--listen" => {
+                let addr = args.next().ok_or("--listen needs an address")?;
+                listen = addr.parse().map_err(|_| {
+                    format!("--listen: {addr:?} is not an address like 127.0.0.1:8080")
+                })?;
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Args { config, listen })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_gateway=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("error: {message}\n");
+            }
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let (gateway, demo) = match &args.config {
+        Some(path) => match GatewayConfig::load(path) {
+            Ok(config) => (Gateway::from_config(config), false),
+            Err(err) => {
+                eprintln!("error: {path}: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => match demo_gateway().await {
+            Ok(gateway) => (gateway, true),
+            Err(err) => {
+                eprintln!("error: could not start the mock upstream: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "error: cannot listen on {}: {err} (try --listen 127.0.0.1:0 for a free port)",
+                args.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    println!("listening on http://{addr}");
+    if demo {
+        print_demo_help(addr, gateway.path_prefix());
+    }
+
+    match tower_gateway::server::serve(listener, gateway.service(), shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The demo: a mock upstream that requires its own key, and a gateway that holds it.
+async fn demo_gateway() -> std::io::Result<Gateway> {
+    let upstream = mock_upstream::MockUpstream::new(DEMO_UPSTREAM_KEY, Duration::from_millis(40));
+    let upstream_addr = upstream.spawn().await?;
+    eprintln!(
+        "mock W&B Inference upstream on http://{upstream_addr}/v1 (it requires its own key, which only the gateway holds)"
+    );
+
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "authorization",
+        format!("Bearer {DEMO_UPSTREAM_KEY}")
+            .parse()
+            .expect("valid header value"),
+    );
+    let registry = Registry::from_accounts(vec![AccountSpec {
+        access: Grants {
+            managers: vec![Subject::Team("platform".into())],
+            users: vec![Subject::Everyone],
+            viewers: vec![],
+        },
+        endpoints: vec![EndpointSpec {
+            headers,
+            ..EndpointSpec::new("inference", format!("http://{upstream_addr}/v1"))
+        }],
+        ..AccountSpec::new("coreweave-model")
+    }])
+    .expect("the demo registry is valid");
+    let keys = HashedKeyStore::new()
+        .with_key(
+            DEMO_GATEWAY_KEY,
+            Principal::new("demo", "demo@example.com", ["research"]),
+        )
+        .expect("one key");
+    Ok(Gateway::builder()
+        .key_store(keys)
+        .registry(registry.into())
+        .build())
+}
+
+fn print_demo_help(addr: SocketAddr, prefix: &str) {
+    let base = format!("http://{addr}{prefix}/coreweave-model/inference");
+    println!(
+        r#"
+tower-gateway demo: a gateway in front of a mock W&B Inference upstream
+
+  base URL  {base}
+  API key   {DEMO_GATEWAY_KEY}
+
+Stream a chat completion with curl:
+
+  curl -N {base}/chat/completions \
+    -H "Authorization: Bearer {DEMO_GATEWAY_KEY}" \
+    -H "Content-Type: application/json" \
+    -d '{{"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": true,
+         "messages": [{{"role": "user", "content": "Say hello"}}]}}'
+
+Or with the OpenAI Python client (pip install openai):
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="{DEMO_GATEWAY_KEY}")
+  stream = client.chat.completions.create(
+      model="meta-llama/Llama-3.1-8B-Instruct",
+      messages=[{{"role": "user", "content": "Say hello"}}],
+      stream=True,
+  )
+  for chunk in stream:
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Press Ctrl-C to stop."#
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("shutting down: finishing in-flight streams (up to 30 s)");
+}

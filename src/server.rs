@@ -1,0 +1,115 @@
+//! Serving a gateway (or any tower HTTP service) on a TCP listener, with graceful shutdown.
+//!
+//! [`serve`] accepts connections (HTTP/1.1 and HTTP/2, `TCP_NODELAY` on every socket so a
+//! small token event is never held back by Nagle), serves each with hyper-util's auto
+//! connection builder, and when `shutdown` completes stops accepting and lets in-flight
+//! requests and streams finish within a grace period.
+//!
+//! ```no_run
+//! use tower_gateway::gateway::Gateway;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
+//! let gateway = Gateway::builder().build();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! println!("listening on http://{}", listener.local_addr()?);
+//! tower_gateway::server::serve(listener, gateway.service(), async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower_service::Service;
+
+use crate::BoxError;
+
+/// How long in-flight requests may run on after shutdown begins, by default: 30 s.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// Serves `service` on `listener` until `shutdown` completes, then drains for
+/// [`DEFAULT_GRACE_PERIOD`].
+pub async fn serve<S, B, F>(listener: TcpListener, service: S, shutdown: F) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()>,
+{
+    serve_with_grace(listener, service, shutdown, DEFAULT_GRACE_PERIOD).await
+}
+
+/// Like [`serve`], with the grace period given.
+pub async fn serve_with_grace<S, B, F>(
+    listener: TcpListener,
+    service: S,
+    shutdown: F,
+    grace: Duration,
+) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()>,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %err, "could not set TCP_NODELAY");
+                }
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(err) = conn.await {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+    }
+    Ok(())
+}

@@ -1,0 +1,674 @@
+//! End to end over loopback: a real upstream, the full gateway stack on a real hyper server,
+//! a real client.
+
+mod support;
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower_gateway::forward::ForwardBuilder;
+use tower_gateway::registry::Registry;
+
+use support::*;
+
+const CHAT: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Say hello"}]}"#;
+const CHAT_STREAM: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+async fn mock_gateway(token_delay: Duration) -> (MockUpstream, TestGateway) {
+    let mock = MockUpstream::new(UP_KEY, token_delay);
+    let addr = mock.spawn().await.unwrap();
+    let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
+    (mock, gw)
+}
+
+#[tokio::test]
+async fn non_streaming_completion_through_the_full_stack() {
+    let (mock, gw) = mock_gateway(Duration::ZERO).await;
+    let res = within(
+        "response",
+        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_str(&body_string(res).await).unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("You said: Say hello")
+    );
+    assert_eq!(mock.requests(), 1);
+
+    let res = client()
+        .request(
+            Request::get(gw.proxy_url("/models"))
+                .header("x-api-key", GW_KEY)
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(body_string(res).await.contains("Llama-3.1-8B-Instruct"));
+}
+
+#[tokio::test]
+async fn sse_stream_through_the_full_stack() {
+    let (_mock, gw) = mock_gateway(Duration::from_millis(1)).await;
+    let res = within(
+        "response",
+        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    let text = String::from_utf8(read_to_end(&mut body).await.unwrap()).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() > 5, "{text}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e.strip_prefix("data: ").unwrap()).unwrap()
+        })
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        content,
+        "Hello from the mock W&B Inference upstream! You said: Say hello"
+    );
+}
+
+/// The upstream sends event N+1 only after the client has received event N: a gateway that
+/// buffered, or waited for a second frame before writing, would stall here and time out.
+#[tokio::test]
+async fn events_arrive_one_by_one() {
+    let (feed_tx, mut feed_rx) =
+        tokio::sync::mpsc::channel::<tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>>(1);
+    let feed_tx = std::sync::Arc::new(feed_tx);
+    let upstream = RecordingUpstream::start(move |_seen| {
+        let feed_tx = feed_tx.clone();
+        async move {
+            let (events, body) = ChannelBody::channel(1);
+            feed_tx.send(events).await.unwrap();
+            let mut res = http::Response::new(MockBody::Stream(body));
+            res.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            res
+        }
+    })
+    .await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let res = within(
+        "response head",
+        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
+    )
+    .await
+    .unwrap();
+    let events = within("the upstream's sender", feed_rx.recv())
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    for i in 0..20 {
+        let event =
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"token{i} \"}}}}]}}\n\n");
+        events.send(Ok(Bytes::from(event.clone()))).await.unwrap();
+        // Only this one event exists: it must reach the client before the next is sent.
+        let got = next_data(&mut body).await.expect("event").unwrap();
+        assert_eq!(got, event.as_bytes(), "event {i}");
+    }
+    drop(events);
+    assert!(
+        next_data(&mut body).await.is_none(),
+        "a clean end after the upstream's clean end"
+    );
+}
+
+#[tokio::test]
+async fn the_upstream_sees_only_the_configured_credential() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "{}") }).await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let req = Request::post(gw.proxy_url("/chat/completions"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .header("x-api-key", GW_KEY)
+        .header("api-key", GW_KEY)
+        .header("proxy-authorization", format!("Basic {GW_KEY}"))
+        .header("accept-encoding", "gzip, br")
+        .header("x-request-id", "req-1")
+        .body(Full::from(CHAT))
+        .unwrap();
+    let res = within("response", client().request(req)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = upstream.last();
+    let auth: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(auth, [format!("Bearer {UP_KEY}").as_str()]);
+    for h in ["x-api-key", "api-key", "proxy-authorization"] {
+        assert!(seen.headers.get(h).is_none(), "{h} reached the upstream");
+    }
+    for (name, value) in &seen.headers {
+        assert!(
+            !value
+                .as_bytes()
+                .windows(GW_KEY.len())
+                .any(|w| w == GW_KEY.as_bytes()),
+            "client key in {name}"
+        );
+    }
+    assert_eq!(seen.headers["accept-encoding"], "identity");
+    assert_eq!(seen.headers["host"], upstream.addr.to_string().as_str());
+    assert_eq!(seen.headers["x-request-id"], "req-1");
+    assert_eq!(seen.uri.path(), "/v1/chat/completions");
+    assert_eq!(seen.body_len, CHAT.len());
+}
+
+#[tokio::test]
+async fn query_is_kept_byte_for_byte_and_absolute_form_authority_is_ignored() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+
+    let req = Request::get(gw.proxy_url("/models?limit=5&after=a%2Fb&q=x+y&empty="))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    assert_eq!(
+        upstream.last().uri.to_string(),
+        "/v1/models?limit=5&after=a%2Fb&q=x+y&empty="
+    );
+
+    // An absolute-form target naming another host: only the path counts.
+    let raw = format!(
+        "GET http://evil.example:666/proxy-api/{ACCOUNT}/{ENDPOINT}/models HTTP/1.1\r\nHost: evil.example:666\r\nAuthorization: Bearer {GW_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw_exchange(gw.addr, raw.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.last();
+    assert_eq!(seen.uri.path(), "/v1/models");
+    assert_eq!(seen.headers["host"], upstream.addr.to_string().as_str());
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    within("raw response", stream.read_to_end(&mut out))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    // Upstream: a raw socket, so the response headers are exactly what we write.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut s).await;
+        head_tx.send(head).unwrap();
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop-Resp\r\nX-Hop-Resp: 1\r\n\
+              Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nTrailer: x-sum\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\nok",
+        )
+        .await
+        .unwrap();
+        let _ = s.shutdown().await;
+    });
+    let gw = start_gateway(
+        &format!("http://{upstream_addr}/v1"),
+        ForwardBuilder::default(),
+    )
+    .await;
+    let raw = format!(
+        "POST /proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {GW_KEY}\r\n\
+         Connection: keep-alive, X-Hop-Req\r\nX-Hop-Req: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+         TE: trailers\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let seen = within("upstream request head", head_rx)
+        .await
+        .unwrap()
+        .to_ascii_lowercase();
+    for h in [
+        "x-hop-req:",
+        "keep-alive:",
+        "proxy-connection:",
+        "te:",
+        "connection: keep-alive",
+        "x-api-key",
+        GW_KEY,
+    ] {
+        assert!(
+            !seen.contains(&h.to_ascii_lowercase()),
+            "{h} reached the upstream:\n{seen}"
+        );
+    }
+    assert!(seen.contains("x-end-to-end: kept"), "{seen}");
+    let response = read_head(&mut stream).await.to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    for h in [
+        "x-hop-resp",
+        "keep-alive:",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+    ] {
+        assert!(!response.contains(h), "{h} reached the client:\n{response}");
+    }
+    assert!(response.contains("x-end-to-end: kept"), "{response}");
+}
+
+/// Reads up to the end of an HTTP head.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = within("a head", s.read(&mut byte)).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed in the head: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn assert_gateway_error(
+    status: StatusCode,
+    code: &str,
+    res: &http::Response<hyper::body::Incoming>,
+) {
+    assert_eq!(res.status(), status);
+    assert_eq!(res.headers()["x-gateway-error"], code);
+    assert_eq!(res.headers()["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_502() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let gw = start_gateway(&format!("http://{dead}/v1"), ForwardBuilder::default()).await;
+    let res = within(
+        "response",
+        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
+    )
+    .await
+    .unwrap();
+    assert_gateway_error(StatusCode::BAD_GATEWAY, "upstream_unreachable", &res);
+    let body: serde_json::Value = serde_json::from_str(&body_string(res).await).unwrap();
+    assert_eq!(body["error"]["type"], "api_error");
+}
+
+#[tokio::test]
+async fn upstream_silent_is_a_504() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await; // hold the socket, answer nothing
+        drop(s);
+    });
+    let gw = start_gateway(
+        &format!("http://{addr}/v1"),
+        ForwardBuilder::default().first_byte_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let res = within(
+        "response",
+        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
+    )
+    .await
+    .unwrap();
+    assert_gateway_error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &res);
+}
+
+#[tokio::test]
+async fn upstream_rejecting_the_credential_is_a_502_without_its_body() {
+    let upstream = RecordingUpstream::start(|_| async {
+        full(
+            401,
+            &[("content-type", "application/json")],
+            r#"{"error":"bad key up-e2e-CANARY-91c2b8d4"}"#,
+        )
+    })
+    .await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let res = client()
+        .request(post_json(gw.proxy_url("/chat/completions"), CHAT))
+        .await
+        .unwrap();
+    assert_gateway_error(StatusCode::BAD_GATEWAY, "upstream_auth_failed", &res);
+    let body = body_string(res).await;
+    assert!(
+        !body.contains(UP_KEY) && !body.contains("bad key"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn gateway_rejections_are_json_and_never_reach_the_upstream() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let auth = format!("Bearer {GW_KEY}");
+    let cases: Vec<(Method, String, Option<&str>, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions"),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+        ),
+        (
+            Method::POST,
+            format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions"),
+            Some("Bearer gw-wrong"),
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+        ),
+        (
+            Method::GET,
+            format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/%2e%2e/admin"),
+            Some(&auth),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            Method::GET,
+            format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/a%2fb"),
+            Some(&auth),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            Method::GET,
+            format!("/proxy-api/{ACCOUNT}/{ENDPOINT}//x"),
+            Some(&auth),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            Method::GET,
+            format!("/proxy-api/{ACCOUNT}/nope/models"),
+            Some(&auth),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/proxy-api/nope/inference/models".to_owned(),
+            Some(&auth),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/".to_owned(),
+            Some(&auth),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::TRACE,
+            format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/models"),
+            Some(&auth),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, auth, status, code) in cases {
+        let mut req = Request::builder().method(method.clone()).uri(gw.url(&path));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let res = client()
+            .request(req.body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        assert_gateway_error(status, code, &res);
+        let body: serde_json::Value = serde_json::from_str(&body_string(res).await).unwrap();
+        assert!(body["error"]["message"].is_string(), "{method} {path}");
+    }
+    // CONNECT over a raw socket (clients refuse to build one with a path).
+    let raw = format!(
+        "CONNECT api.inference.wandb.ai:443 HTTP/1.1\r\nHost: api.inference.wandb.ai:443\r\nAuthorization: Bearer {GW_KEY}\r\n\r\n"
+    );
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a rejected request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_stream_truncates_the_client_stream() {
+    for close in ["reset", "close-chunked", "close-short-length"] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_head(&mut s).await;
+            let head: &[u8] = if close == "close-short-length" {
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 1000\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            };
+            s.write_all(head).await.unwrap();
+            let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+            if close == "close-short-length" {
+                s.write_all(event).await.unwrap();
+            } else {
+                s.write_all(format!("{:x}\r\n", event.len()).as_bytes())
+                    .await
+                    .unwrap();
+                s.write_all(event).await.unwrap();
+                s.write_all(b"\r\n").await.unwrap();
+            }
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if close == "reset" {
+                // Zero linger makes the close an RST; it does not block.
+                #[allow(deprecated)]
+                s.set_linger(Some(Duration::ZERO)).unwrap();
+            }
+            drop(s);
+        });
+        let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
+        let res = within(
+            "response",
+            client().request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        let first = next_data(&mut body).await.expect("first event").unwrap();
+        assert!(first.starts_with(b"data: "), "{close}");
+        let rest = read_to_end(&mut body).await;
+        assert!(
+            rest.is_err(),
+            "{close}: the client saw a clean end of a truncated stream: {rest:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_silent_upstream_mid_stream_is_cut_by_the_idle_timeout() {
+    let upstream = RecordingUpstream::start(|_| async {
+        let (tx, body) = ChannelBody::channel(1);
+        tokio::spawn(async move {
+            tx.send(Ok(Bytes::from_static(b"data: 1\n\n")))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await; // then silence
+            drop(tx);
+        });
+        http::Response::new(MockBody::Stream(body))
+    })
+    .await;
+    let gw = start_gateway(
+        &upstream.base_url(),
+        ForwardBuilder::default().idle_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let res = client()
+        .request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    assert_eq!(
+        next_data(&mut body).await.unwrap().unwrap(),
+        &b"data: 1\n\n"[..]
+    );
+    assert!(
+        read_to_end(&mut body).await.is_err(),
+        "an idle-timed-out stream must not end cleanly"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_closes_the_upstream_request() {
+    let (sender_tx, mut sender_rx) = tokio::sync::mpsc::channel(1);
+    let sender_tx = std::sync::Arc::new(sender_tx);
+    let upstream = RecordingUpstream::start(move |_| {
+        let sender_tx = sender_tx.clone();
+        async move {
+            let (tx, body) = ChannelBody::channel(1);
+            tx.send(Ok(Bytes::from_static(b"data: first\n\n")))
+                .await
+                .unwrap();
+            sender_tx.send(tx).await.unwrap();
+            http::Response::new(MockBody::Stream(body))
+        }
+    })
+    .await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let client = client();
+    let res = client
+        .request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM))
+        .await
+        .unwrap();
+    let upstream_tx = within("upstream stream", sender_rx.recv()).await.unwrap();
+    let mut body = res.into_body();
+    assert_eq!(
+        next_data(&mut body).await.unwrap().unwrap(),
+        &b"data: first\n\n"[..]
+    );
+    // The client goes away mid-stream.
+    drop(body);
+    drop(client);
+    // The upstream's response body is dropped when its connection closes.
+    within("the upstream to see the client leave", upstream_tx.closed()).await;
+}
+
+#[tokio::test]
+async fn an_encoded_upstream_body_keeps_its_content_encoding() {
+    let gz: &'static [u8] = &[
+        0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 7, 0, 0x86, 0xa6, 0x10,
+        0x36, 5, 0, 0, 0,
+    ];
+    let upstream = RecordingUpstream::start(move |_| async move {
+        let mut res = http::Response::new(MockBody::Full(Some(Bytes::from_static(gz))));
+        res.headers_mut()
+            .insert("content-encoding", "gzip".parse().unwrap());
+        res.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        res
+    })
+    .await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let req = Request::get(gw.proxy_url("/models"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .header("accept-encoding", "gzip")
+        .body(Full::default())
+        .unwrap();
+    let res = client().request(req).await.unwrap();
+    assert_eq!(upstream.last().headers["accept-encoding"], "identity");
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), gz);
+}
+
+#[tokio::test]
+async fn a_large_request_body_streams_to_the_upstream() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let (tx, body) = ChannelBody::channel(2);
+    let producer = tokio::spawn(async move {
+        for _ in 0..256 {
+            tx.send(Ok(Bytes::from(vec![b'x'; 16 * 1024])))
+                .await
+                .unwrap();
+        }
+    });
+    let req = Request::post(gw.proxy_url("/files"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(body)
+        .unwrap();
+    let client: hyper_util::client::legacy::Client<_, ChannelBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let res = within("response", client.request(req)).await.unwrap();
+    producer.await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(upstream.last().body_len, 256 * 16 * 1024);
+}
+
+#[tokio::test]
+async fn a_registry_swap_leaves_streams_in_flight_intact() {
+    let (mock, gw) = mock_gateway(Duration::from_millis(20)).await;
+    let res = client()
+        .request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    next_data(&mut body).await.unwrap().unwrap();
+    gw.gateway.registry().store(Registry::default());
+    let rest = String::from_utf8(read_to_end(&mut body).await.unwrap()).unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let res = client()
+        .request(post_json(gw.proxy_url("/chat/completions"), CHAT))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(mock.requests(), 1);
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_too() {
+    let (_mock, gw) = mock_gateway(Duration::ZERO).await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let res = within(
+        "h2 response",
+        h2.request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    let text = String::from_utf8(read_to_end(&mut res.into_body()).await.unwrap()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
