@@ -538,26 +538,38 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Replaces every double-quoted string in a serde or TOML message (`invalid type: string
-/// "sk-…", expected …`) with `"<redacted>"`. Backslash escapes inside the quotes are honoured;
-/// an unterminated quote is redacted to the end.
+/// Replaces every value a serde or TOML message quotes with `<redacted>`: double-quoted
+/// strings (`invalid type: string "sk-…", expected …`, backslash escapes honoured, an
+/// unterminated quote redacted to the end) and the value of an `unknown variant `…``. A quote
+/// character named as an expected token (`` `"` ``) is kept.
 fn redact_quoted(message: &str) -> String {
+    const VARIANT: &str = "unknown variant `";
     let mut out = String::with_capacity(message.len());
-    let mut chars = message.chars();
-    while let Some(c) = chars.next() {
-        if c != '"' {
-            out.push(c);
-            continue;
-        }
-        out.push_str("\"<redacted>\"");
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => {
-                    chars.next();
+    let mut rest = message;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with("`\"`") {
+            out.push_str("`\"`");
+            rest = &rest[3..];
+        } else if let Some(after) = rest.strip_prefix(VARIANT) {
+            out.push_str(VARIANT);
+            out.push_str("<redacted>`");
+            rest = after.find('`').map_or("", |end| &after[end + 1..]);
+        } else if c == '"' {
+            out.push_str("\"<redacted>\"");
+            let mut chars = rest[1..].char_indices();
+            rest = loop {
+                match chars.next() {
+                    Some((_, '\\')) => {
+                        chars.next();
+                    }
+                    Some((i, '"')) => break &rest[1 + i + 1..],
+                    Some(_) => {}
+                    None => break "",
                 }
-                '"' => break,
-                _ => {}
-            }
+            };
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
         }
     }
     out
@@ -860,6 +872,16 @@ mod tests {
                 "trailing backslash \"<redacted>\"",
             ),
             ("unknown field `kye`", "unknown field `kye`"),
+            (
+                "invalid basic string, expected `\"`",
+                "invalid basic string, expected `\"`",
+            ),
+            (
+                "unknown variant `sk-123`, expected `none`",
+                "unknown variant `<redacted>`, expected `none`",
+            ),
+            ("unknown variant `sk-123", "unknown variant `<redacted>`"),
+            ("é \"ü\" ß", "é \"<redacted>\" ß"),
         ];
         for (input, want) in cases {
             assert_eq!(redact_quoted(input), want, "{input:?}");

@@ -27,6 +27,7 @@ use tower_gateway::forward::ForwardBuilder;
 use tower_gateway::gateway::Gateway;
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 
+#[allow(unused_imports)]
 pub use mock_upstream::{ChannelBody, MockBody, MockUpstream};
 
 /// The client's gateway key: distinctive so a leak is easy to spot.

@@ -1,0 +1,239 @@
+//! The runnable example, as a user runs it: the offline demo, `--config`, `--listen`, the
+//! `listening on` line and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use support::*;
+
+/// A plain `cargo test` builds the examples next to the test binaries; a filtered run
+/// (`cargo test --test example_gateway`) does not, so build it then.
+fn example_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir
+        .join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    BUILT.call_once(|| {
+        if !bin.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = Command::new(cargo)
+                .args(["build", "--example", "gateway"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "building the example failed");
+        }
+    });
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    stdout: Vec<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the example and reads stdout up to the `listening on` line.
+fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
+    let mut cmd = Command::new(example_binary());
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut stdout = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no `listening on` line; stdout so far: {stdout:?}"));
+        let addr = line
+            .strip_prefix("listening on http://")
+            .map(|a| a.parse().unwrap());
+        stdout.push(line);
+        if let Some(addr) = addr {
+            // Collect what the demo prints after the line, briefly.
+            while let Ok(more) = rx.recv_timeout(Duration::from_millis(300)) {
+                stdout.push(more);
+            }
+            return Running {
+                child,
+                addr,
+                stdout,
+            };
+        }
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the example did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const STREAM: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_demo_serves_and_drains_streams_on_sigterm() {
+    let mut demo = start(&["--listen", "127.0.0.1:0"], &[]);
+    let printed = demo.stdout.join("\n");
+    let base = format!("http://{}/proxy-api/coreweave-model/inference", demo.addr);
+    assert!(printed.contains(&base), "{printed}");
+    assert!(
+        printed.contains("gw-demo-key")
+            && printed.contains("curl")
+            && printed.contains("from openai import OpenAI"),
+        "{printed}"
+    );
+
+    let req = Request::post(format!("{base}/chat/completions"))
+        .header("authorization", "Bearer gw-demo-key")
+        .header("content-type", "application/json")
+        .body(Full::<Bytes>::from(STREAM))
+        .unwrap();
+    let res = within("demo response", client().request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let first = next_data(&mut body).await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+
+    // Shut down while the stream is in flight: it must still finish cleanly.
+    sigterm(&demo.child);
+    let rest = String::from_utf8(
+        read_to_end(&mut body)
+            .await
+            .expect("stream finished during the grace period"),
+    )
+    .unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let status = tokio::task::block_in_place(|| wait_exit(&mut demo.child));
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_serves_a_config_file() {
+    let mock = MockUpstream::new("wandb-from-env-CANARY-3d1e", Duration::ZERO);
+    let upstream = mock.spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("tower-gateway-example-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[keys]]
+id = "ci"
+subject = "ci@example.com"
+key = "${{GATEWAY_KEY}}"
+
+[[accounts]]
+name = "coreweave-model"
+
+[[accounts.endpoints]]
+name = "inference"
+base_url = "http://{upstream}/v1"
+headers = {{ Authorization = "Bearer ${{WANDB_API_KEY}}" }}
+"#
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("GATEWAY_KEY", "gw-from-env-CANARY-8a2c"),
+        ("WANDB_API_KEY", "wandb-from-env-CANARY-3d1e"),
+    ];
+    let mut gw = start(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    let req = Request::get(format!(
+        "http://{}/proxy-api/coreweave-model/inference/models",
+        gw.addr
+    ))
+    .header("authorization", "Bearer gw-from-env-CANARY-8a2c")
+    .body(Full::<Bytes>::default())
+    .unwrap();
+    let res = within("response", client().request(req)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(mock.requests(), 1);
+    sigterm(&gw.child);
+    assert!(tokio::task::block_in_place(|| wait_exit(&mut gw.child)).success());
+
+    // A bad file: a clear error naming the field, no secret, non-zero exit.
+    std::fs::write(
+        &path,
+        "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\nbase_url = \"https://x/v1/\"\nheaders = { Authorization = \"Bearer ${WANDB_API_KEY}\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(example_binary())
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("WANDB_API_KEY", "wandb-from-env-CANARY-3d1e")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("accounts[0].endpoints[0].base_url"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("CANARY"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
