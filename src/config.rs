@@ -157,8 +157,8 @@ use crate::forward::TlsSettings;
 use crate::registry::{AccountSpec, EndpointSpec, Registry, RegistryError, Timeouts};
 use crate::route::{DEFAULT_PATH_PREFIX, is_valid_prefix};
 
-/// A loaded, validated gateway configuration: what [`Gateway`](crate::gateway::Gateway)
-/// is built from.
+/// A loaded, validated gateway configuration: the path prefix, key store and registry the
+/// gateway builder assembles the stack from.
 ///
 /// See the [module docs](self) for the file format.
 #[derive(Debug)]
@@ -241,7 +241,7 @@ impl From<RegistryError> for ConfigError {
 }
 
 /// A resolved secret: `Debug` prints `Secret(<redacted>)`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Secret(String);
 
 impl Secret {

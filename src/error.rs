@@ -221,6 +221,7 @@ transport_error!(
 /// This is the only place where errors become statuses.
 pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    #[cfg_attr(not(feature = "forward"), allow(unused_mut))]
     let mut connect = false;
     while let Some(e) = cur {
         if e.is::<UpstreamTimeout>() {

@@ -1,7 +1,7 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and must not be
 //! forwarded, in either direction.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderName};
 
 /// The fixed hop-by-hop names, plus `Proxy-Connection` (a non-standard one clients still send).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -22,7 +22,8 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes the fixed hop-by-hop headers and every header named in `Connection`.
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+#[cfg(any(feature = "forward", test))]
+pub(crate) fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -43,6 +44,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn removes_fixed_and_connection_named_headers() {

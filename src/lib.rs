@@ -1,4 +1,4 @@
-//! Composable [tower] layers that turn a hyper or axum stack into an authenticating
+//! Composable [tower](https://docs.rs/tower) layers that turn a hyper or axum stack into an authenticating
 //! *custom-endpoint proxy* for LLM inference APIs, W&B Inference first.
 //!
 //! Clients call `{gateway}/proxy-api/{providerAccountName}/{endpointName}/{path}` with a

@@ -51,7 +51,9 @@ impl Drop for Running {
     }
 }
 
-/// Starts the example and reads stdout up to the `listening on` line.
+/// Starts the example and reads stdout up to the `listening on` line. `Running`'s `Drop`
+/// kills and waits for the child.
+#[allow(clippy::zombie_processes)]
 fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut cmd = Command::new(example_binary());
     cmd.args(args)

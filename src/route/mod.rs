@@ -56,6 +56,7 @@ mod service;
 use std::sync::Arc;
 
 pub use self::path::{PathError, ProxyPath, parse_proxy_path, rewrite, upstream_uri};
+#[cfg(feature = "config")]
 pub(crate) use self::service::is_valid_prefix;
 pub use self::service::{CustomEndpointRoute, CustomEndpointRouteLayer};
 pub use crate::error::ResponseFuture;

@@ -1,0 +1,145 @@
+//! Per-request cost of each layer, and of the whole stack, over a bare inner service.
+//!
+//! Every arm of the `layers` group handles the same realistic OpenAI chat request (headers an
+//! OpenAI SDK sends, a JSON body) with an inner `service_fn` that answers at once; the `bare`
+//! arm is that service alone, so each arm's extra time over `bare` is the layer's own cost.
+//!
+//! ```text
+//! cargo bench --bench layers
+//! ```
+
+use std::convert::Infallible;
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::Full;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_gateway::auth::{GatewayAuthLayer, HashedKeyStore, Principal};
+use tower_gateway::encoding::IdentityEncodingLayer;
+use tower_gateway::error::RescueLayer;
+use tower_gateway::inject::InjectHeadersLayer;
+use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry, SharedRegistry};
+use tower_gateway::route::CustomEndpointRouteLayer;
+
+const KEY: &str = "gw-bench-0123456789abcdef0123456789abcdef";
+
+const BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant. Answer briefly and cite sources where you can."},{"role":"user","content":"Explain in two sentences why streaming responses token by token improves perceived latency for chat applications, and name one trade-off."}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"max_tokens":512}"#;
+
+fn request() -> Request<Full<Bytes>> {
+    Request::post("/proxy-api/coreweave-model/inference/chat/completions")
+        .header("host", "gateway.internal:8080")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip, deflate")
+        .header("user-agent", "OpenAI/Python 1.99.9")
+        .header("x-stainless-lang", "python")
+        .header("x-stainless-package-version", "1.99.9")
+        .header("x-stainless-os", "Linux")
+        .header("x-stainless-arch", "x64")
+        .header("x-stainless-runtime", "CPython")
+        .header("x-stainless-runtime-version", "3.11.7")
+        .header("x-stainless-retry-count", "0")
+        .header("connection", "keep-alive")
+        .header("content-length", BODY.len())
+        .body(Full::from(BODY))
+        .unwrap()
+}
+
+fn registry() -> SharedRegistry {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_static("Bearer wandb-0123456789abcdef"),
+    );
+    Registry::from_accounts(vec![AccountSpec {
+        endpoints: vec![EndpointSpec {
+            headers,
+            ..EndpointSpec::new("inference", "https://api.inference.wandb.ai/v1")
+        }],
+        ..AccountSpec::new("coreweave-model")
+    }])
+    .unwrap()
+    .into()
+}
+
+fn keys() -> HashedKeyStore {
+    HashedKeyStore::new()
+        .with_key(
+            KEY,
+            Principal::new("bench", "bench@example.com", ["research"]),
+        )
+        .unwrap()
+}
+
+fn inner()
+-> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(|req: Request<Full<Bytes>>| async move {
+        black_box(&req);
+        Ok::<_, Infallible>(Response::new(Full::default()))
+    })
+}
+
+fn run<S>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    svc: S,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.iter_batched(
+            request,
+            |req| {
+                let res = svc
+                    .clone()
+                    .oneshot(req)
+                    .now_or_never()
+                    .expect("ready at once")
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                res
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn layers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("layers");
+    run(&mut g, "bare", inner());
+    run(&mut g, "rescue", RescueLayer::new().layer(inner()));
+    run(&mut g, "auth", GatewayAuthLayer::new(keys()).layer(inner()));
+    run(
+        &mut g,
+        "route",
+        CustomEndpointRouteLayer::new(registry()).layer(inner()),
+    );
+    // Inject reads the RouteMatch, so it is measured under route; compare with `route`.
+    run(
+        &mut g,
+        "route+inject",
+        CustomEndpointRouteLayer::new(registry())
+            .layer(InjectHeadersLayer::from_route().layer(inner())),
+    );
+    run(
+        &mut g,
+        "identity_encoding",
+        IdentityEncodingLayer::new().layer(inner()),
+    );
+    let stack = RescueLayer::new().layer(GatewayAuthLayer::new(keys()).layer(
+        CustomEndpointRouteLayer::new(registry()).layer(
+            InjectHeadersLayer::from_route().layer(IdentityEncodingLayer::new().layer(inner())),
+        ),
+    ));
+    run(&mut g, "full_stack", stack);
+    g.finish();
+}
+
+criterion_group!(benches, layers);
+criterion_main!(benches);
