@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use axum::Router;
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue};
+use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::gateway::Gateway;
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
@@ -40,6 +41,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             headers,
             ..EndpointSpec::new("inference", "https://api.inference.wandb.ai/v1")
         }],
+        // Only the research team may call it.
+        access: Grants {
+            users: vec![Subject::Team("research".into())],
+            ..Grants::default()
+        },
         ..AccountSpec::new("coreweave-model")
     }])?;
 

@@ -88,6 +88,11 @@ impl GatewayError {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_api_key", message)
     }
 
+    /// 403: the caller lacks the permission.
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_denied", message)
+    }
+
     /// 400: the proxy path is malformed or unsafe.
     pub fn invalid_path(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_path", message)

@@ -2,7 +2,8 @@
 //!
 //! [`Gateway`] holds the key store, the [`SharedRegistry`] and the forwarder's connection
 //! pool; [`Gateway::service`] returns the full stack
-//! (`Rescue → GatewayAuth → CustomEndpointRoute → InjectHeaders → IdentityEncoding → Forward`)
+//! (`Rescue → GatewayAuth → CustomEndpointRoute → AccessControl → InjectHeaders →
+//! IdentityEncoding → Forward`)
 //! as a tower `Service` with error type `Infallible`, to serve with hyper
 //! ([`server::serve`](crate::server::serve)) or to mount in an axum `Router`.
 //!
@@ -53,6 +54,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use tower_layer::Layer;
 
+use crate::access::{AccessControl, AccessControlLayer};
 use crate::auth::{GatewayAuth, GatewayAuthLayer, HashedKeyStore, KeyStore};
 use crate::config::GatewayConfig;
 use crate::encoding::{IdentityEncoding, IdentityEncodingLayer};
@@ -63,8 +65,9 @@ use crate::registry::SharedRegistry;
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 
 /// The full stack for request body `B`, as returned by [`Gateway::service`].
-pub type GatewayService<K, B> =
-    Rescue<GatewayAuth<CustomEndpointRoute<InjectHeaders<IdentityEncoding<Forward<B>>>>, K>>;
+pub type GatewayService<K, B> = Rescue<
+    GatewayAuth<CustomEndpointRoute<AccessControl<InjectHeaders<IdentityEncoding<Forward<B>>>>>, K>,
+>;
 
 /// An assembled gateway: key store, registry and connection pool. Cheap to clone.
 pub struct Gateway<K = HashedKeyStore> {
@@ -105,6 +108,7 @@ impl<K: KeyStore> Gateway<K> {
         let forward = self.forward.for_body::<B>();
         let stack = IdentityEncodingLayer::new().layer(forward);
         let stack = InjectHeadersLayer::from_route().layer(stack);
+        let stack = AccessControlLayer::new().layer(stack);
         let stack = self.route.layer(stack);
         let stack = GatewayAuthLayer::from_arc(self.keys.clone()).layer(stack);
         RescueLayer::new().layer(stack)

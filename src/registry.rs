@@ -36,9 +36,9 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
-use std::sync::Arc;
 #[cfg(feature = "forward")]
 use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -145,7 +145,9 @@ pub struct Timeouts {
 }
 
 /// The description of an endpoint, as a user writes it.
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows header names, never values.
+#[derive(Clone)]
 pub struct EndpointSpec {
     /// The endpoint name, the second path segment after the prefix.
     pub name: String,
@@ -178,7 +180,9 @@ impl EndpointSpec {
 }
 
 /// The description of a provider account, as a user writes it.
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows header names, never values.
+#[derive(Clone)]
 pub struct AccountSpec {
     /// The account name, the first path segment after the prefix.
     pub name: String,
@@ -199,6 +203,31 @@ impl AccountSpec {
             access: Grants::default(),
             endpoints: Vec::new(),
         }
+    }
+}
+
+impl fmt::Debug for EndpointSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("EndpointSpec");
+        d.field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("access", &self.access)
+            .field("timeouts", &self.timeouts);
+        #[cfg(feature = "forward")]
+        d.field("tls", &self.tls);
+        d.finish()
+    }
+}
+
+impl fmt::Debug for AccountSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccountSpec")
+            .field("name", &self.name)
+            .field("header_auth", &self.header_auth.keys().collect::<Vec<_>>())
+            .field("access", &self.access)
+            .field("endpoints", &self.endpoints)
+            .finish()
     }
 }
 
@@ -244,6 +273,7 @@ pub struct Endpoint {
     base: UpstreamBase,
     headers: HeaderMap,
     access: Option<Grants>,
+    grants: Arc<Grants>,
     timeouts: Timeouts,
     #[cfg(feature = "forward")]
     pub(crate) tls: Option<Arc<crate::forward::TlsSettings>>,
@@ -278,9 +308,15 @@ impl Endpoint {
         &self.headers
     }
 
-    /// The per-endpoint grants, if any override the account's.
+    /// The per-endpoint grants as configured, if any override the account's.
     pub fn access(&self) -> Option<&Grants> {
         self.access.as_ref()
+    }
+
+    /// The grants in force for this endpoint: the account's, or the endpoint's override, whose
+    /// `users` and `viewers` replace the account's while the account's managers stay managers.
+    pub fn grants(&self) -> &Grants {
+        &self.grants
     }
 
     /// The timeouts.
@@ -344,6 +380,7 @@ impl Account {
 pub struct Registry {
     accounts: Vec<Account>,
     by_name: HashMap<Arc<str>, usize>,
+    specs: Vec<AccountSpec>,
 }
 
 /// Whether `name` may be an account or endpoint name: a single path segment of unreserved
@@ -384,7 +421,10 @@ impl Registry {
     /// Validates and compiles the accounts. Errors name the field, e.g.
     /// `accounts[0].endpoints[1].base_url`.
     pub fn from_accounts(accounts: Vec<AccountSpec>) -> Result<Self, RegistryError> {
-        let mut registry = Registry::default();
+        let mut registry = Registry {
+            specs: accounts.clone(),
+            ..Registry::default()
+        };
         for (i, spec) in accounts.into_iter().enumerate() {
             let field = format!("accounts[{i}]");
             if !is_valid_name(&spec.name) {
@@ -392,6 +432,7 @@ impl Registry {
             }
             check_headers(&spec.header_auth, &format!("{field}.header_auth"))?;
             let account_name: Arc<str> = spec.name.as_str().into();
+            let account_grants = Arc::new(spec.access.clone());
             let mut account = Account {
                 name: account_name.clone(),
                 access: spec.access,
@@ -429,6 +470,23 @@ impl Registry {
                 for value in headers.values_mut() {
                     value.set_sensitive(true);
                 }
+                let grants = match &ep.access {
+                    None => account_grants.clone(),
+                    Some(own) => {
+                        let mut managers = account_grants.managers.clone();
+                        managers.extend(
+                            own.managers
+                                .iter()
+                                .filter(|m| !account_grants.managers.contains(m))
+                                .cloned(),
+                        );
+                        Arc::new(Grants {
+                            managers,
+                            users: own.users.clone(),
+                            viewers: own.viewers.clone(),
+                        })
+                    }
+                };
                 let name: Arc<str> = ep.name.as_str().into();
                 match account.by_name.entry(name.clone()) {
                     Entry::Occupied(_) => {
@@ -449,6 +507,7 @@ impl Registry {
                     base,
                     headers,
                     access: ep.access,
+                    grants,
                     timeouts: ep.timeouts,
                     #[cfg(feature = "forward")]
                     tls: ep.tls,
@@ -472,6 +531,11 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The specs this registry was built from, to derive a changed registry from.
+    pub fn specs(&self) -> &[AccountSpec] {
+        &self.specs
+    }
+
     /// The accounts, in the order they were given.
     pub fn accounts(&self) -> &[Account] {
         &self.accounts
@@ -489,9 +553,16 @@ impl Registry {
 }
 
 /// The current [`Registry`], swappable atomically; cheap to clone (an `Arc`).
+///
+/// Readers never wait: each request loads the snapshot lock-free. Writers ([`store`],
+/// [`update`]) are serialized so that two concurrent updates cannot lose each other.
+///
+/// [`store`]: SharedRegistry::store
+/// [`update`]: SharedRegistry::update
 #[derive(Clone)]
 pub struct SharedRegistry {
     current: Arc<ArcSwap<Registry>>,
+    writer: Arc<Mutex<()>>,
 }
 
 impl SharedRegistry {
@@ -499,7 +570,25 @@ impl SharedRegistry {
     pub fn new(registry: Registry) -> Self {
         Self {
             current: Arc::new(ArcSwap::from_pointee(registry)),
+            writer: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// Changes the current specs and swaps in the registry built from them; on any error
+    /// (from `change` or from validation) the current registry stays.
+    pub fn update<E>(
+        &self,
+        change: impl FnOnce(&mut Vec<AccountSpec>) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        E: From<RegistryError>,
+    {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut specs = self.current.load().specs().to_vec();
+        change(&mut specs)?;
+        let next = Registry::from_accounts(specs)?;
+        self.current.store(Arc::new(next));
+        Ok(())
     }
 
     /// The current snapshot.
@@ -514,6 +603,7 @@ impl SharedRegistry {
 
     /// Replaces the snapshot. Requests already routed keep the endpoint they started with.
     pub fn store(&self, registry: Registry) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.current.store(Arc::new(registry));
     }
 }

@@ -179,6 +179,7 @@ key = "${{GATEWAY_KEY}}"
 
 [[accounts]]
 name = "coreweave-model"
+access = {{ users = ["everyone"] }}
 
 [[accounts.endpoints]]
 name = "inference"

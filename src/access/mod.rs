@@ -1,26 +1,74 @@
-//! Roles, subjects and grants: who may manage, use or view an account or endpoint.
+//! Roles, subjects and grants, and [`AccessControlLayer`], which enforces them.
 //!
-//! A grant names subjects for each role:
+//! A grant names subjects for each role; each role has the permissions of the roles below it:
 //!
-//! | role | may |
+//! | role | [`Permission`]s |
 //! |---|---|
-//! | manager | edit, update and delete the endpoint; also use and view it |
-//! | user | call (proxy traffic to) the endpoint and view it |
-//! | viewer | view the endpoint |
+//! | [`Role::Manager`] | `Manage` (edit, update, delete), `Use`, `View` |
+//! | [`Role::User`] | `Use` (call the endpoint), `View` |
+//! | [`Role::Viewer`] | `View` |
 //!
-//! A subject is `everyone`, `team:NAME` or `user:SUBJECT`. Grants are set per account, and an
-//! endpoint may override them.
+//! A [`Subject`] is `everyone` (every authenticated principal), `team:NAME` or
+//! `user:SUBJECT`. Grants are set per account; an endpoint may override them: its `users` and
+//! `viewers` replace the account's, while the account's managers stay managers of every
+//! endpoint (an endpoint's own `managers` are added to them), so a platform team cannot lock
+//! itself out of an endpoint.
 //!
-//! This release parses and validates grants (so a configuration written today keeps working);
-//! enforcement by an `AccessControlLayer` comes in the next release.
+//! [`AccessControlLayer`] reads the [`Principal`](crate::auth::Principal) and the
+//! [`RouteMatch`](crate::route::RouteMatch) of each request and lets it through only if the
+//! principal holds the `Use` permission on the routed endpoint. A denied request gets a 403 in
+//! the JSON error shape and never reaches the inner service. A request without a `Principal`
+//! (the layer placed without authentication in front of it) is denied, never allowed.
+//! [`AccessControlLayer::custom`] takes any [`AccessPolicy`], including a closure.
+//!
+//! # Example
 //!
 //! ```
-//! use tower_gateway::access::Subject;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_gateway::access::{AccessControlLayer, Grants, Subject};
+//! use tower_gateway::auth::{GatewayAuthLayer, HashedKeyStore, Principal};
+//! use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+//! use tower_gateway::route::CustomEndpointRouteLayer;
 //!
-//! let s: Subject = "team:research".parse().unwrap();
-//! assert_eq!(s, Subject::Team("research".into()));
-//! assert!("group:x".parse::<Subject>().is_err());
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let keys = HashedKeyStore::new()
+//!     .with_key("gw-alice", Principal::new("alice", "alice@example.com", ["research"])).unwrap()
+//!     .with_key("gw-bob", Principal::new("bob", "bob@example.com", ["sales"])).unwrap();
+//! let registry = Registry::from_accounts(vec![AccountSpec {
+//!     access: Grants { users: vec![Subject::Team("research".into())], ..Grants::default() },
+//!     endpoints: vec![EndpointSpec::new("inference", "https://api.inference.wandb.ai/v1")],
+//!     ..AccountSpec::new("coreweave-model")
+//! }])
+//! .unwrap();
+//!
+//! let svc = ServiceBuilder::new()
+//!     .layer(GatewayAuthLayer::new(keys))
+//!     .layer(CustomEndpointRouteLayer::new(registry.into()))
+//!     .layer(AccessControlLayer::new())
+//!     .service(service_fn(|_req: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::<Bytes>::from("upstream")))
+//!     }));
+//!
+//! let call = |key: &str| {
+//!     Request::post("/proxy-api/coreweave-model/inference/chat/completions")
+//!         .header("authorization", format!("Bearer {key}"))
+//!         .body(Full::default())
+//!         .unwrap()
+//! };
+//! assert_eq!(svc.clone().oneshot(call("gw-alice")).await.unwrap().status(), 200);
+//! assert_eq!(svc.oneshot(call("gw-bob")).await.unwrap().status(), 403);
+//! # }
 //! ```
+
+#[cfg(feature = "auth")]
+mod layer;
+
+#[cfg(feature = "auth")]
+pub use self::layer::{AccessControl, AccessControlLayer, AccessPolicy, GrantsPolicy};
 
 use std::fmt;
 use std::str::FromStr;
@@ -86,6 +134,49 @@ impl fmt::Display for Subject {
     }
 }
 
+/// What a principal may do with an account or endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// See it in listings and read its (redacted) configuration.
+    View,
+    /// Send traffic through it.
+    Use,
+    /// Edit, update and delete it and its grants.
+    Manage,
+}
+
+/// A role, each holding the permissions of the ones below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// May view.
+    Viewer,
+    /// May view and use.
+    User,
+    /// May view, use and manage.
+    Manager,
+}
+
+impl Role {
+    /// Whether the role holds `permission`.
+    pub fn allows(self, permission: Permission) -> bool {
+        match permission {
+            Permission::View => true,
+            Permission::Use => self >= Role::User,
+            Permission::Manage => self == Role::Manager,
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Permission::View => "view",
+            Permission::Use => "use",
+            Permission::Manage => "manage",
+        })
+    }
+}
+
 /// The subjects granted each role on an account or endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Grants {
@@ -95,6 +186,41 @@ pub struct Grants {
     pub users: Vec<Subject>,
     /// May view.
     pub viewers: Vec<Subject>,
+}
+
+#[cfg(feature = "auth")]
+impl Subject {
+    /// Whether the subject covers `principal`.
+    pub fn matches(&self, principal: &crate::auth::Principal) -> bool {
+        match self {
+            Subject::Everyone => true,
+            Subject::Team(team) => principal.in_team(team),
+            Subject::User(subject) => *principal.subject == **subject,
+        }
+    }
+}
+
+#[cfg(feature = "auth")]
+impl Grants {
+    /// The highest role these grants give `principal`, if any.
+    pub fn role_of(&self, principal: &crate::auth::Principal) -> Option<Role> {
+        let holds = |subjects: &[Subject]| subjects.iter().any(|s| s.matches(principal));
+        if holds(&self.managers) {
+            Some(Role::Manager)
+        } else if holds(&self.users) {
+            Some(Role::User)
+        } else if holds(&self.viewers) {
+            Some(Role::Viewer)
+        } else {
+            None
+        }
+    }
+
+    /// Whether these grants give `principal` the `permission`.
+    pub fn allows(&self, principal: &crate::auth::Principal, permission: Permission) -> bool {
+        self.role_of(principal)
+            .is_some_and(|role| role.allows(permission))
+    }
 }
 
 #[cfg(test)]

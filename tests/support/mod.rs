@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::forward::ForwardBuilder;
 use tower_gateway::gateway::Gateway;
@@ -80,6 +81,10 @@ pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGatew
             headers,
             ..EndpointSpec::new(ENDPOINT, base_url)
         }],
+        access: Grants {
+            users: vec![Subject::Everyone],
+            ..Grants::default()
+        },
         ..AccountSpec::new(ACCOUNT)
     }])
     .unwrap();
