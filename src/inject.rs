@@ -7,6 +7,16 @@
 //! client sent under that name, and every injected value is marked
 //! [sensitive](http::HeaderValue::set_sensitive) so that `Debug` and tracing never show it.
 //!
+//! # Per-caller header templates
+//!
+//! A configured header value may hold the placeholders `{subject}`, `{team}` and `{key_id}`,
+//! filled from the request's [`Principal`](crate::auth::Principal) (`{team}` is the first of
+//! the key's teams). W&B attributes usage with an `OpenAI-Project: <team>/<project>` header, so
+//! `OpenAI-Project = "{team}/inference"` bills each team's calls to the team's project. A
+//! caller for whom a placeholder has no value (no team, or no principal at all) gets a 403
+//! with a clear message instead of a malformed header. Templates are precompiled per endpoint;
+//! endpoints without placeholders pay nothing for them.
+//!
 //! # Example
 //!
 //! ```
@@ -42,11 +52,160 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, Request};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::error::{GatewayError, ResponseFuture};
+use crate::registry::Endpoint;
 use crate::route::RouteMatch;
+
+/// A placeholder in a [`HeaderTemplate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateVar {
+    /// `{subject}`: the principal's subject.
+    Subject,
+    /// `{team}`: the first of the principal's teams.
+    Team,
+    /// `{key_id}`: the label of the caller's key.
+    KeyId,
+}
+
+impl TemplateVar {
+    const ALL: [(&'static str, TemplateVar); 3] = [
+        ("{subject}", TemplateVar::Subject),
+        ("{team}", TemplateVar::Team),
+        ("{key_id}", TemplateVar::KeyId),
+    ];
+
+    /// The placeholder as written, e.g. `{team}`.
+    pub fn placeholder(self) -> &'static str {
+        match self {
+            TemplateVar::Subject => "{subject}",
+            TemplateVar::Team => "{team}",
+            TemplateVar::KeyId => "{key_id}",
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Part {
+    Literal(Bytes),
+    Var(TemplateVar),
+}
+
+/// A header value with placeholders, filled per request. `Debug` never shows the literal
+/// parts (they may hold a secret).
+#[derive(Clone)]
+pub struct HeaderTemplate {
+    parts: Vec<Part>,
+    sensitive: bool,
+}
+
+impl HeaderTemplate {
+    /// Parses `value`; `None` if it holds no placeholder.
+    pub fn parse(value: &HeaderValue) -> Option<Self> {
+        let bytes = value.as_bytes();
+        let mut parts = Vec::new();
+        let mut literal_start = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            let found = (bytes[i] == b'{')
+                .then(|| {
+                    TemplateVar::ALL
+                        .iter()
+                        .find(|(p, _)| bytes[i..].starts_with(p.as_bytes()))
+                })
+                .flatten();
+            if let Some((placeholder, var)) = found {
+                if literal_start < i {
+                    parts.push(Part::Literal(Bytes::copy_from_slice(
+                        &bytes[literal_start..i],
+                    )));
+                }
+                parts.push(Part::Var(*var));
+                i += placeholder.len();
+                literal_start = i;
+            } else {
+                i += 1;
+            }
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Var(_))) {
+            return None;
+        }
+        if literal_start < bytes.len() {
+            parts.push(Part::Literal(Bytes::copy_from_slice(
+                &bytes[literal_start..],
+            )));
+        }
+        Some(Self {
+            parts,
+            sensitive: value.is_sensitive(),
+        })
+    }
+
+    /// The placeholders this template uses.
+    pub fn vars(&self) -> impl Iterator<Item = TemplateVar> + '_ {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Var(v) => Some(*v),
+            Part::Literal(_) => None,
+        })
+    }
+
+    /// Fills the placeholders; `Err(var)` names the first one `value` has no value for, or
+    /// whose value cannot stand in a header.
+    pub fn render<'a>(
+        &self,
+        value: impl Fn(TemplateVar) -> Option<&'a str>,
+    ) -> Result<HeaderValue, TemplateVar> {
+        let mut out = BytesMut::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(b) => out.extend_from_slice(b),
+                Part::Var(v) => out.extend_from_slice(value(*v).ok_or(*v)?.as_bytes()),
+            }
+        }
+        let mut header = HeaderValue::from_maybe_shared(out.freeze())
+            .map_err(|_| self.vars().next().unwrap_or(TemplateVar::Subject))?;
+        header.set_sensitive(self.sensitive);
+        Ok(header)
+    }
+}
+
+impl fmt::Debug for HeaderTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for part in &self.parts {
+            match part {
+                Part::Literal(_) => list.entry(&format_args!("<literal>")),
+                Part::Var(v) => list.entry(&format_args!("{}", v.placeholder())),
+            };
+        }
+        list.finish()
+    }
+}
+
+#[cfg(feature = "auth")]
+fn render_for(
+    template: &HeaderTemplate,
+    principal: Option<&crate::auth::Principal>,
+) -> Result<HeaderValue, TemplateVar> {
+    let p = principal.ok_or_else(|| template.vars().next().unwrap_or(TemplateVar::Subject))?;
+    template.render(|v| match v {
+        TemplateVar::Subject => Some(&*p.subject),
+        TemplateVar::KeyId => Some(&*p.key_id),
+        TemplateVar::Team => p.teams.first().map(|t| &**t),
+    })
+}
+
+#[cfg(not(feature = "auth"))]
+fn render_for(
+    template: &HeaderTemplate,
+    _principal: Option<&()>,
+) -> Result<HeaderValue, TemplateVar> {
+    Err(template.vars().next().unwrap_or(TemplateVar::Subject))
+}
 
 #[derive(Clone)]
 enum Source {
@@ -150,13 +309,51 @@ fn apply(target: &mut HeaderMap, injected: &HeaderMap) {
     }
 }
 
-impl<S, B> Service<Request<B>> for InjectHeaders<S>
+/// Renders and sets the route's templated headers, or says why not.
+fn apply_templates(
+    headers: &mut HeaderMap,
+    extensions: &http::Extensions,
+    endpoint: &Endpoint,
+) -> Result<(), GatewayError> {
+    let templates: &[(HeaderName, HeaderTemplate)] = endpoint.header_templates();
+    if templates.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "auth")]
+    let principal = extensions.get::<crate::auth::Principal>();
+    #[cfg(not(feature = "auth"))]
+    let principal: Option<&()> = {
+        let _ = extensions;
+        None
+    };
+    let mut rendered = Vec::with_capacity(templates.len());
+    for (name, template) in templates {
+        let value = render_for(template, principal).map_err(|var| {
+            GatewayError::forbidden(format!(
+                "The header `{name}` of endpoint \"{}\" needs {} for the caller, and this key has none.",
+                endpoint.name(),
+                var.placeholder()
+            ))
+        })?;
+        rendered.push((name, value));
+    }
+    for (name, _) in templates {
+        headers.remove(name);
+    }
+    for (name, value) in rendered {
+        headers.append(name.clone(), value);
+    }
+    Ok(())
+}
+
+impl<S, B, ResBody> Service<Request<B>> for InjectHeaders<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
 {
-    type Response = S::Response;
+    type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -166,13 +363,21 @@ where
         let (mut parts, body) = req.into_parts();
         match &self.source {
             Source::Route => {
-                if let Some(route) = parts.extensions.get::<RouteMatch>() {
-                    apply(&mut parts.headers, route.target.headers());
+                let http::request::Parts {
+                    headers,
+                    extensions,
+                    ..
+                } = &mut parts;
+                if let Some(route) = extensions.get::<RouteMatch>() {
+                    apply(headers, route.target.headers());
+                    if let Err(err) = apply_templates(headers, extensions, &route.target) {
+                        return ResponseFuture::reject(err.into_response());
+                    }
                 }
             }
             Source::Fixed(headers) => apply(&mut parts.headers, headers),
         }
-        self.inner.call(Request::from_parts(parts, body))
+        ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)))
     }
 }
 
@@ -276,5 +481,128 @@ mod tests {
         fut.await.unwrap().unwrap();
         let layer = InjectHeadersLayer::fixed(map(&[("x-api-secret", "s3cret")]));
         assert!(!format!("{layer:?}").contains("s3cret"));
+    }
+
+    #[cfg(feature = "auth")]
+    mod templates {
+        use super::*;
+        use crate::auth::Principal;
+        use crate::error::X_GATEWAY_ERROR;
+        use http_body_util::BodyExt;
+
+        fn svc()
+        -> impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+        > + Clone {
+            let registry = Registry::from_accounts(vec![AccountSpec {
+                endpoints: vec![EndpointSpec {
+                    headers: map(&[
+                        ("authorization", "Bearer wandb-key"),
+                        ("openai-project", "{team}/inference"),
+                        ("x-caller", "{subject} via {key_id}"),
+                        ("x-braces", "{not-a-placeholder}"),
+                    ]),
+                    ..EndpointSpec::new("inference", "https://api.inference.wandb.ai/v1")
+                }],
+                ..AccountSpec::new("cw")
+            }])
+            .unwrap();
+            let ep = registry.endpoint("cw", "inference").unwrap();
+            assert_eq!(ep.header_templates().len(), 2);
+            assert!(
+                !format!("{ep:?}").contains("inference\"]"),
+                "literal parts are not shown"
+            );
+            ServiceBuilder::new()
+                .layer(CustomEndpointRouteLayer::new(registry.into()))
+                .layer(InjectHeadersLayer::from_route())
+                .service(service_fn(|req: Request<Full<Bytes>>| async move {
+                    let h = req.headers();
+                    let body = format!(
+                        "{}|{}|{}|{}",
+                        h["openai-project"].to_str().unwrap(),
+                        h["x-caller"].to_str().unwrap(),
+                        h["x-braces"].to_str().unwrap(),
+                        h.get_all("openai-project").iter().count(),
+                    );
+                    assert!(h["openai-project"].is_sensitive());
+                    Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(body)))
+                }))
+        }
+
+        async fn call(principal: Option<Principal>) -> (u16, String) {
+            let mut req = Request::post("/proxy-api/cw/inference/chat/completions")
+                .header("openai-project", "spoofed/project")
+                .body(Full::default())
+                .unwrap();
+            if let Some(p) = principal {
+                req.extensions_mut().insert(p);
+            }
+            let res = svc().oneshot(req).await.unwrap();
+            let status = res.status().as_u16();
+            if status == 403 {
+                assert_eq!(res.headers()[X_GATEWAY_ERROR], "permission_denied");
+            }
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+
+        #[tokio::test]
+        async fn placeholders_are_filled_per_caller() {
+            let alice = Principal::new("alice-laptop", "alice@example.com", ["research", "sales"]);
+            assert_eq!(
+                call(Some(alice)).await,
+                (
+                    200,
+                    "research/inference|alice@example.com via alice-laptop|{not-a-placeholder}|1"
+                        .to_owned()
+                )
+            );
+            let bob = Principal::new("bob-ci", "bob@example.com", ["platform"]);
+            assert_eq!(
+                call(Some(bob)).await.1,
+                "platform/inference|bob@example.com via bob-ci|{not-a-placeholder}|1"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_missing_variable_is_a_403_not_a_malformed_header() {
+            let loner = Principal::new("solo", "solo@example.com", [] as [&str; 0]);
+            let (status, body) = call(Some(loner)).await;
+            assert_eq!(status, 403);
+            assert!(
+                body.contains("`openai-project`") && body.contains("{team}"),
+                "{body}"
+            );
+            let (status, _) = call(None).await;
+            assert_eq!(status, 403);
+        }
+
+        #[test]
+        fn parsing() {
+            let t = |v: &'static str| HeaderTemplate::parse(&HeaderValue::from_static(v));
+            assert!(t("Bearer plain").is_none());
+            assert!(t("{teams}").is_none());
+            let vars: Vec<_> = t("{team}/{team}-{key_id}").unwrap().vars().collect();
+            assert_eq!(
+                vars,
+                [TemplateVar::Team, TemplateVar::Team, TemplateVar::KeyId]
+            );
+            let rendered = t("a{subject}b").unwrap().render(|_| Some("X")).unwrap();
+            assert_eq!(rendered, "aXb");
+            assert_eq!(
+                t("{subject}")
+                    .unwrap()
+                    .render(|_| Some("bad\nvalue"))
+                    .unwrap_err(),
+                TemplateVar::Subject
+            );
+            assert_eq!(
+                format!("{:?}", t("Bearer sk-secret {team}").unwrap()),
+                "[<literal>, {team}]"
+            );
+        }
     }
 }

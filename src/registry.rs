@@ -46,6 +46,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::uri::{Authority, Scheme, Uri};
 
 use crate::access::Grants;
+use crate::inject::HeaderTemplate;
 
 /// The parsed base URL of an endpoint: the upstream path is appended to `path`, and the
 /// scheme and authority can never change.
@@ -272,6 +273,7 @@ pub struct Endpoint {
     name: Arc<str>,
     base: UpstreamBase,
     headers: HeaderMap,
+    templates: Vec<(HeaderName, HeaderTemplate)>,
     access: Option<Grants>,
     grants: Arc<Grants>,
     timeouts: Timeouts,
@@ -308,6 +310,13 @@ impl Endpoint {
         &self.headers
     }
 
+    /// The headers whose values hold `{subject}`, `{team}` or `{key_id}`, filled per request
+    /// by [`InjectHeaders`](crate::inject::InjectHeaders). They are not in
+    /// [`headers`](Self::headers).
+    pub fn header_templates(&self) -> &[(HeaderName, HeaderTemplate)] {
+        &self.templates
+    }
+
     /// The per-endpoint grants as configured, if any override the account's.
     pub fn access(&self) -> Option<&Grants> {
         self.access.as_ref()
@@ -332,6 +341,7 @@ impl fmt::Debug for Endpoint {
             .field("name", &self.name)
             .field("base", &format_args!("{}", self.base))
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("header_templates", &self.templates)
             .field("access", &self.access)
             .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
@@ -470,6 +480,15 @@ impl Registry {
                 for value in headers.values_mut() {
                     value.set_sensitive(true);
                 }
+                let templates: Vec<(HeaderName, HeaderTemplate)> = headers
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        HeaderTemplate::parse(value).map(|t| (name.clone(), t))
+                    })
+                    .collect();
+                for (name, _) in &templates {
+                    headers.remove(name);
+                }
                 let grants = match &ep.access {
                     None => account_grants.clone(),
                     Some(own) => {
@@ -506,6 +525,7 @@ impl Registry {
                     name,
                     base,
                     headers,
+                    templates,
                     access: ep.access,
                     grants,
                     timeouts: ep.timeouts,
