@@ -4,7 +4,8 @@
 //! WANDB_API_KEY=... GATEWAY_KEY=gw-... cargo run --example axum_app -- [--listen ADDR]
 //! ```
 //!
-//! The app keeps its own routes (`/` and `/health`) and gains the proxy under `/proxy-api`:
+//! The app keeps its own routes (`/` and `/health`) and gains the proxy under `/proxy-api`
+//! and the management API under `/manage` (e.g. `GET /manage/accounts`):
 //! clients call `http://ADDR/proxy-api/coreweave-model/inference/chat/completions` with the
 //! gateway key, and the gateway forwards to W&B Inference with the W&B key. Without
 //! `WANDB_API_KEY` it still starts (the upstream will answer 401, which the gateway reports as
@@ -56,7 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Principal::new("axum-demo", "demo@example.com", ["research"]),
     )?;
     let gateway = Gateway::builder()
-        .key_store(keys)
+        .keys(keys)
         .registry(registry.into())
         .build();
 

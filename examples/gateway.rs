@@ -7,8 +7,10 @@
 //!
 //! With no arguments it starts a mock W&B Inference upstream on loopback and a gateway in front
 //! of it with a demo key, then prints the base URL, the key and ready-to-paste curl and Python
-//! snippets. With `--config` it serves a real configuration. Either way, once bound it prints
-//! `listening on http://ADDR`, and Ctrl-C or SIGTERM stops accepting and lets in-flight streams
+//! snippets. With `--config` it serves a real configuration, and SIGHUP reloads the file
+//! (a bad file is refused and the running configuration stays). Either way, once bound it
+//! prints `listening on http://ADDR`, serves the proxy under `/proxy-api` and the management
+//! API under `/manage`, and Ctrl-C or SIGTERM stops accepting and lets in-flight streams
 //! finish within 30 seconds.
 
 #[path = "support/mock_upstream.rs"]
@@ -22,8 +24,8 @@ use http::HeaderMap;
 use tokio::net::TcpListener;
 use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
-use tower_gateway::config::GatewayConfig;
 use tower_gateway::gateway::Gateway;
+use tower_gateway::manage::{EXAMPLE_MODEL, UsageSnippet};
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 
 const USAGE: &str = "\
@@ -35,6 +37,7 @@ usage: gateway [--config FILE] [--listen ADDR]
 ";
 
 const DEMO_GATEWAY_KEY: &str = "gw-demo-key";
+const DEMO_ADMIN_KEY: &str = "gw-demo-admin-key";
 const DEMO_UPSTREAM_KEY: &str = "demo-wandb-upstream-key";
 
 struct Args {
@@ -84,8 +87,11 @@ async fn main() -> ExitCode {
     };
 
     let (gateway, demo) = match &args.config {
-        Some(path) => match GatewayConfig::load(path) {
-            Ok(config) => (Gateway::from_config(config), false),
+        Some(path) => match Gateway::load(path) {
+            Ok(gateway) => {
+                reload_on_sighup(gateway.clone());
+                (gateway, false)
+            }
             Err(err) => {
                 eprintln!("error: {path}: {err}");
                 return ExitCode::FAILURE;
@@ -118,7 +124,7 @@ async fn main() -> ExitCode {
         print_demo_help(addr, gateway.path_prefix());
     }
 
-    match tower_gateway::server::serve(listener, gateway.service(), shutdown_signal()).await {
+    match tower_gateway::server::serve(listener, gateway.app(), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
@@ -142,10 +148,11 @@ async fn demo_gateway() -> std::io::Result<Gateway> {
             .parse()
             .expect("valid header value"),
     );
+    // The platform team manages the account; the research team may call it.
     let registry = Registry::from_accounts(vec![AccountSpec {
         access: Grants {
             managers: vec![Subject::Team("platform".into())],
-            users: vec![Subject::Everyone],
+            users: vec![Subject::Team("research".into())],
             viewers: vec![],
         },
         endpoints: vec![EndpointSpec {
@@ -162,42 +169,65 @@ async fn demo_gateway() -> std::io::Result<Gateway> {
         )
         .expect("one key");
     Ok(Gateway::builder()
-        .key_store(keys)
+        .keys(keys)
         .registry(registry.into())
         .build())
 }
 
 fn print_demo_help(addr: SocketAddr, prefix: &str) {
     let base = format!("http://{addr}{prefix}/coreweave-model/inference");
+    let snippet = UsageSnippet::new(&base, DEMO_GATEWAY_KEY, EXAMPLE_MODEL);
     println!(
         r#"
 tower-gateway demo: a gateway in front of a mock W&B Inference upstream
 
   base URL  {base}
-  API key   {DEMO_GATEWAY_KEY}
+  API key   {DEMO_GATEWAY_KEY}   (team research: may call the endpoint)
+  admin key {DEMO_ADMIN_KEY}   (team platform: may manage it)
 
 Stream a chat completion with curl:
 
-  curl -N {base}/chat/completions \
-    -H "Authorization: Bearer {DEMO_GATEWAY_KEY}" \
-    -H "Content-Type: application/json" \
-    -d '{{"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": true,
-         "messages": [{{"role": "user", "content": "Say hello"}}]}}'
+{curl}
 
 Or with the OpenAI Python client (pip install openai):
 
-  from openai import OpenAI
-  client = OpenAI(base_url="{base}", api_key="{DEMO_GATEWAY_KEY}")
-  stream = client.chat.completions.create(
-      model="meta-llama/Llama-3.1-8B-Instruct",
-      messages=[{{"role": "user", "content": "Say hello"}}],
-      stream=True,
-  )
-  for chunk in stream:
-      print(chunk.choices[0].delta.content or "", end="", flush=True)
+{python}
 
-Press Ctrl-C to stop."#
+Manage endpoints (list, create, update, delete, usage snippets):
+
+  curl http://{addr}/manage/accounts -H "Authorization: Bearer {DEMO_ADMIN_KEY}"
+
+Press Ctrl-C to stop."#,
+        curl = indent(&snippet.curl),
+        python = indent(&snippet.python),
     );
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reloads the configuration file on SIGHUP; a bad file is refused and the running
+/// configuration stays.
+fn reload_on_sighup(gateway: Gateway) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match gateway.reload() {
+                Ok(()) => eprintln!("reloaded the configuration"),
+                Err(err) => eprintln!("reload refused, the running configuration stays: {err}"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = gateway;
 }
 
 async fn shutdown_signal() {

@@ -207,7 +207,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             message: message.into(),
@@ -451,7 +451,7 @@ enum EndpointType {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawGrants {
+pub(crate) struct RawGrants {
     #[serde(default)]
     managers: Vec<String>,
     #[serde(default)]
@@ -477,13 +477,24 @@ struct RawEndpoint {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawTimeouts {
+pub(crate) struct RawTimeouts {
     #[serde(default)]
     connect_ms: Option<u64>,
     #[serde(default)]
     first_byte_ms: Option<u64>,
     #[serde(default)]
     idle_ms: Option<u64>,
+}
+
+impl RawTimeouts {
+    pub(crate) fn to_timeouts(&self) -> Timeouts {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        Timeouts {
+            connect: ms(self.connect_ms),
+            first_byte: ms(self.first_byte_ms),
+            idle: ms(self.idle_ms),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -695,7 +706,7 @@ fn build_headers(
     Ok(headers)
 }
 
-fn build_grants(raw: RawGrants, field: &str) -> Result<Grants, ConfigError> {
+pub(crate) fn build_grants(raw: RawGrants, field: &str) -> Result<Grants, ConfigError> {
     let subjects = |list: Vec<String>, role: &str| -> Result<Vec<Subject>, ConfigError> {
         list.iter()
             .enumerate()
@@ -744,12 +755,7 @@ fn build_endpoint(
         .access
         .map(|g| build_grants(g, &format!("{field}.access")))
         .transpose()?;
-    let ms = |v: Option<u64>| v.map(Duration::from_millis);
-    let timeouts = Timeouts {
-        connect: ms(raw.timeouts.connect_ms),
-        first_byte: ms(raw.timeouts.first_byte_ms),
-        idle: ms(raw.timeouts.idle_ms),
-    };
+    let timeouts = raw.timeouts.to_timeouts();
     let tls = raw
         .tls
         .map(|tls| {

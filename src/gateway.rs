@@ -1,7 +1,7 @@
 //! A builder that assembles the whole stack, in the right order.
 //!
 //! [`Gateway`] holds the key store, the [`SharedRegistry`] and the forwarder's connection
-//! pool; [`Gateway::service`] returns the full stack
+//! pool, and can [reload](Gateway::reload) its configuration file without a restart; [`Gateway::service`] returns the full stack
 //! (`Rescue → GatewayAuth → CustomEndpointRoute → AccessControl → InjectHeaders →
 //! IdentityEncoding → Forward`)
 //! as a tower `Service` with error type `Infallible`, to serve with hyper
@@ -10,12 +10,15 @@
 //! # Example: from a configuration file
 //!
 //! ```no_run
-//! use tower_gateway::config::GatewayConfig;
 //! use tower_gateway::gateway::Gateway;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let gateway = Gateway::from_config(GatewayConfig::load("gateway.toml")?);
+//! let gateway = Gateway::load("gateway.toml")?;
 //! let svc = gateway.service::<hyper::body::Incoming>();
+//! // Later, e.g. on SIGHUP: a bad file is refused and the running configuration stays.
+//! if let Err(err) = gateway.reload() {
+//!     eprintln!("reload refused: {err}");
+//! }
 //! # let _ = svc;
 //! # Ok(())
 //! # }
@@ -40,7 +43,7 @@
 //!     ..AccountSpec::new("coreweave-model")
 //! }])
 //! .unwrap();
-//! let gateway = Gateway::builder().key_store(keys).registry(registry.into()).build();
+//! let gateway = Gateway::builder().keys(keys).registry(registry.into()).build();
 //!
 //! let app: Router = Router::new()
 //!     .route("/health", axum::routing::get(|| async { "ok" }))
@@ -49,18 +52,21 @@
 //! ```
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper::body::Incoming;
 use tower_layer::Layer;
 
 use crate::access::{AccessControl, AccessControlLayer};
-use crate::auth::{GatewayAuth, GatewayAuthLayer, HashedKeyStore, KeyStore};
-use crate::config::GatewayConfig;
+use crate::auth::{GatewayAuth, GatewayAuthLayer, HashedKeyStore, KeyStore, SharedKeyStore};
+use crate::config::{ConfigError, GatewayConfig};
 use crate::encoding::{IdentityEncoding, IdentityEncodingLayer};
 use crate::error::{Rescue, RescueLayer};
 use crate::forward::{Forward, ForwardBuilder};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
+#[cfg(feature = "manage")]
+use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
 use crate::registry::SharedRegistry;
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 
@@ -69,34 +75,80 @@ pub type GatewayService<K, B> = Rescue<
     GatewayAuth<CustomEndpointRoute<AccessControl<InjectHeaders<IdentityEncoding<Forward<B>>>>>, K>,
 >;
 
-/// An assembled gateway: key store, registry and connection pool. Cheap to clone.
-pub struct Gateway<K = HashedKeyStore> {
+/// The management API behind authentication, as returned by [`Gateway::management_service`].
+#[cfg(feature = "manage")]
+pub type ManagementService<K> = Rescue<GatewayAuth<Management, K>>;
+
+/// An assembled gateway: key store, registry and connection pool. Cheap to clone; clones
+/// share everything.
+pub struct Gateway<K = SharedKeyStore> {
     keys: Arc<K>,
     registry: SharedRegistry,
     route: CustomEndpointRouteLayer,
     path_prefix: Arc<str>,
     forward: Forward<Incoming>,
+    #[cfg(feature = "manage")]
+    management: Management,
+    source: Option<Arc<Path>>,
 }
 
 impl Gateway {
-    /// A builder with an empty key store and registry, the `/proxy-api` prefix and default
-    /// timeouts.
+    /// A builder with no keys and no endpoints, the `/proxy-api` prefix and default timeouts.
     pub fn builder() -> GatewayBuilder {
         GatewayBuilder {
-            keys: HashedKeyStore::new(),
+            keys: SharedKeyStore::default(),
             registry: SharedRegistry::default(),
             path_prefix: DEFAULT_PATH_PREFIX.to_owned(),
+            #[cfg(feature = "manage")]
+            management_prefix: DEFAULT_MANAGEMENT_PREFIX.to_owned(),
+            public_url: None,
             forward: ForwardBuilder::default(),
+            source: None,
         }
     }
 
     /// A gateway for a loaded configuration.
     pub fn from_config(config: GatewayConfig) -> Self {
-        Self::builder()
-            .key_store(config.keys)
-            .registry(config.registry.into())
-            .path_prefix(&config.path_prefix)
-            .build()
+        Self::builder().config(config).build()
+    }
+
+    /// Loads the configuration file at `path`; [`reload`](Self::reload) reads it again.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let config = GatewayConfig::load(path)?;
+        let mut builder = Self::builder().config(config);
+        builder.source = Some(path.into());
+        Ok(builder.build())
+    }
+
+    /// Reads the configuration file again and applies it (see [`apply`](Self::apply)). A file
+    /// that fails to load changes nothing and the error says why.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let path = self.source.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "reload",
+                "this gateway was not loaded from a file (use Gateway::load)",
+            )
+        })?;
+        let config = GatewayConfig::load(path)?;
+        self.apply(config)?;
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Swaps in a new configuration's keys and endpoints while traffic flows: requests and
+    /// streams already in flight finish on the configuration they started with; the next
+    /// request sees the new one. The path prefix cannot change while running.
+    pub fn apply(&self, config: GatewayConfig) -> Result<(), ConfigError> {
+        if config.path_prefix != *self.path_prefix {
+            return Err(ConfigError::new(
+                "path_prefix",
+                "cannot change while the gateway runs; restart it to change the prefix",
+            ));
+        }
+        self.keys.store(config.keys);
+        self.registry.store(config.registry);
+        Ok(())
     }
 }
 
@@ -112,6 +164,30 @@ impl<K: KeyStore> Gateway<K> {
         let stack = self.route.layer(stack);
         let stack = GatewayAuthLayer::from_arc(self.keys.clone()).layer(stack);
         RescueLayer::new().layer(stack)
+    }
+
+    /// The [management API](crate::manage) behind the same authentication, answering under
+    /// [`GatewayBuilder::management_prefix`] (`/manage` by default). It serves any request body
+    /// type.
+    #[cfg(feature = "manage")]
+    pub fn management_service<B>(&self) -> ManagementService<K> {
+        let _ = std::marker::PhantomData::<B>;
+        RescueLayer::new()
+            .layer(GatewayAuthLayer::from_arc(self.keys.clone()).layer(self.management.clone()))
+    }
+}
+
+#[cfg(feature = "manage")]
+impl<K: KeyStore> Gateway<K> {
+    /// The proxy and the management API on one service: requests under the management prefix
+    /// go to [`management_service`](Self::management_service), all others to
+    /// [`service`](Self::service). This is what `examples/gateway.rs` serves.
+    pub fn app<B>(&self) -> GatewayApp<K, B> {
+        GatewayApp {
+            proxy: self.service(),
+            management: self.management_service::<B>(),
+            management_prefix: self.management.prefix_str().into(),
+        }
     }
 }
 
@@ -130,6 +206,11 @@ impl<K> Gateway<K> {
     pub fn path_prefix(&self) -> &str {
         &self.path_prefix
     }
+
+    /// The configuration file this gateway was loaded from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
 }
 
 impl<K> Clone for Gateway<K> {
@@ -140,6 +221,9 @@ impl<K> Clone for Gateway<K> {
             route: self.route.clone(),
             path_prefix: self.path_prefix.clone(),
             forward: self.forward.clone(),
+            #[cfg(feature = "manage")]
+            management: self.management.clone(),
+            source: self.source.clone(),
         }
     }
 }
@@ -149,27 +233,166 @@ impl<K> fmt::Debug for Gateway<K> {
         f.debug_struct("Gateway")
             .field("path_prefix", &self.path_prefix)
             .field("registry", &self.registry)
+            .field("source", &self.source)
             .finish_non_exhaustive()
+    }
+}
+
+/// The proxy and the management API on one service; see [`Gateway::app`].
+#[cfg(feature = "manage")]
+pub struct GatewayApp<K, B> {
+    proxy: GatewayService<K, B>,
+    management: ManagementService<K>,
+    management_prefix: Arc<str>,
+}
+
+#[cfg(feature = "manage")]
+impl<K, B> Clone for GatewayApp<K, B> {
+    fn clone(&self) -> Self {
+        Self {
+            proxy: self.proxy.clone(),
+            management: self.management.clone(),
+            management_prefix: self.management_prefix.clone(),
+        }
+    }
+}
+
+#[cfg(feature = "manage")]
+impl<K, B> fmt::Debug for GatewayApp<K, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayApp")
+            .field("management_prefix", &self.management_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "manage")]
+impl<K, B> tower_service::Service<http::Request<B>> for GatewayApp<K, B>
+where
+    K: KeyStore,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
+{
+    type Response = http::Response<crate::forward::ResponseBody>;
+    type Error = std::convert::Infallible;
+    type Future = AppFuture<
+        <GatewayService<K, B> as tower_service::Service<http::Request<B>>>::Future,
+        <ManagementService<K> as tower_service::Service<http::Request<B>>>::Future,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Both are always ready: `Rescue` turns readiness errors into responses and the
+        // forwarder and the management API never wait.
+        std::task::ready!(tower_service::Service::<http::Request<B>>::poll_ready(
+            &mut self.proxy,
+            cx
+        ))?;
+        tower_service::Service::<http::Request<B>>::poll_ready(&mut self.management, cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let to_management = !self.management_prefix.is_empty()
+            && path
+                .strip_prefix(&*self.management_prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if to_management {
+            AppFuture {
+                kind: AppKind::Management {
+                    future: self.management.call(req),
+                },
+            }
+        } else {
+            AppFuture {
+                kind: AppKind::Proxy {
+                    future: self.proxy.call(req),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(feature = "manage")]
+pin_project_lite::pin_project! {
+    /// Response future of [`GatewayApp`].
+    pub struct AppFuture<P, M> {
+        #[pin]
+        kind: AppKind<P, M>,
+    }
+}
+
+#[cfg(feature = "manage")]
+pin_project_lite::pin_project! {
+    #[project = AppKindProj]
+    enum AppKind<P, M> {
+        Proxy { #[pin] future: P },
+        Management { #[pin] future: M },
+    }
+}
+
+#[cfg(feature = "manage")]
+impl<P, M, T, E> std::future::Future for AppFuture<P, M>
+where
+    P: std::future::Future<Output = Result<T, E>>,
+    M: std::future::Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project().kind.project() {
+            AppKindProj::Proxy { future } => future.poll(cx),
+            AppKindProj::Management { future } => future.poll(cx),
+        }
     }
 }
 
 /// Builds a [`Gateway`].
 #[must_use]
-pub struct GatewayBuilder<K = HashedKeyStore> {
+pub struct GatewayBuilder<K = SharedKeyStore> {
     keys: K,
     registry: SharedRegistry,
     path_prefix: String,
+    #[cfg(feature = "manage")]
+    management_prefix: String,
+    public_url: Option<String>,
     forward: ForwardBuilder,
+    source: Option<PathBuf>,
+}
+
+impl GatewayBuilder {
+    /// The gateway keys, replaceable later by [`Gateway::apply`] and [`Gateway::reload`].
+    pub fn keys(mut self, keys: HashedKeyStore) -> Self {
+        self.keys = SharedKeyStore::new(keys);
+        self
+    }
+
+    /// Keys, endpoints and path prefix from a loaded configuration.
+    pub fn config(self, config: GatewayConfig) -> Self {
+        self.keys(config.keys)
+            .registry(config.registry.into())
+            .path_prefix(&config.path_prefix)
+    }
 }
 
 impl<K> GatewayBuilder<K> {
-    /// The key store that authenticates clients.
+    /// A key store of your own (a database, say). Such a gateway is not reloadable from a
+    /// file.
     pub fn key_store<K2: KeyStore>(self, keys: K2) -> GatewayBuilder<K2> {
         GatewayBuilder {
             keys,
             registry: self.registry,
             path_prefix: self.path_prefix,
+            #[cfg(feature = "manage")]
+            management_prefix: self.management_prefix,
+            public_url: self.public_url,
             forward: self.forward,
+            source: self.source,
         }
     }
 
@@ -189,6 +412,20 @@ impl<K> GatewayBuilder<K> {
         self
     }
 
+    /// Where the management API answers (default `/manage`).
+    #[cfg(feature = "manage")]
+    pub fn management_prefix(mut self, prefix: &str) -> Self {
+        prefix.clone_into(&mut self.management_prefix);
+        self
+    }
+
+    /// The gateway's public URL (e.g. `https://llm.example.com`), used in usage snippets.
+    /// By default the snippets use the request's `Host`.
+    pub fn public_url(mut self, url: &str) -> Self {
+        self.public_url = Some(url.to_owned());
+        self
+    }
+
     /// Timeouts and pool settings of the forwarder.
     pub fn forward(mut self, forward: ForwardBuilder) -> Self {
         self.forward = forward;
@@ -197,6 +434,16 @@ impl<K> GatewayBuilder<K> {
 
     /// Builds the gateway.
     pub fn build(self) -> Gateway<K> {
+        #[cfg(feature = "manage")]
+        let management = {
+            let m = Management::new(self.registry.clone())
+                .prefix(&self.management_prefix)
+                .proxy_prefix(&self.path_prefix);
+            match &self.public_url {
+                Some(url) => m.public_url(url),
+                None => m,
+            }
+        };
         Gateway {
             keys: Arc::new(self.keys),
             route: CustomEndpointRouteLayer::new(self.registry.clone())
@@ -204,6 +451,9 @@ impl<K> GatewayBuilder<K> {
             registry: self.registry,
             path_prefix: self.path_prefix.into(),
             forward: self.forward.build(),
+            #[cfg(feature = "manage")]
+            management,
+            source: self.source.map(Into::into),
         }
     }
 }

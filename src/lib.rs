@@ -62,6 +62,7 @@
 //! | `forward` | [`forward`]: the hyper-util client with rustls and timeouts |
 //! | `config` | [`config`]: the TOML configuration (serde, toml) |
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |
+//! | `manage` (default) | [`manage`]: the management API |
 //!
 //! [`route`], [`inject`], [`encoding`], [`registry`] and [`error`] are always available.
 
@@ -81,6 +82,8 @@ pub mod forward;
 pub mod gateway;
 mod hop;
 pub mod inject;
+#[cfg(feature = "manage")]
+pub mod manage;
 pub mod registry;
 pub mod route;
 #[cfg(feature = "gateway")]

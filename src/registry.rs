@@ -332,6 +332,14 @@ impl Endpoint {
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
     }
+
+    /// Whether the endpoint has TLS settings of its own (extra roots or a client certificate).
+    pub fn has_tls(&self) -> bool {
+        #[cfg(feature = "forward")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "forward"))]
+        return false;
+    }
 }
 
 impl fmt::Debug for Endpoint {

@@ -259,6 +259,17 @@ impl TlsUpstream {
     fn failed_handshakes(&self) -> usize {
         self.failed_handshakes.load(Ordering::SeqCst)
     }
+
+    /// Waits until the upstream has refused at least one handshake: proof that the gateway
+    /// reached it and TLS, not the network, failed.
+    async fn refused_a_handshake(&self) {
+        within("a refused handshake", async {
+            while self.failed_handshakes() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -377,6 +388,7 @@ async fn without_tls_settings_a_private_upstream_is_refused() {
     );
     assert!(!body.contains(UP_KEY), "{body}");
     assert!(up.requests().is_empty(), "{:?}", up.requests());
+    up.refused_a_handshake().await;
 }
 
 #[tokio::test]
@@ -411,6 +423,7 @@ async fn without_a_client_certificate_an_mtls_upstream_fails_with_502() {
     assert!(gateway_error(&headers).is_some(), "{headers:?} {body}");
     assert!(!body.contains(UP_KEY), "{body}");
     assert!(up.requests().is_empty(), "{:?}", up.requests());
+    up.refused_a_handshake().await;
 }
 
 #[tokio::test]

@@ -48,7 +48,9 @@ mod service;
 
 use std::sync::Arc;
 
-pub use self::key_store::{DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyStore};
+pub use self::key_store::{
+    DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyStore, SharedKeyStore,
+};
 pub use self::service::{GatewayAuth, GatewayAuthLayer, ResponseFuture};
 
 /// Who is calling: inserted into the request extensions by [`GatewayAuthLayer`].

@@ -95,7 +95,7 @@ pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGatew
         )
         .unwrap();
     let gateway = Gateway::builder()
-        .key_store(keys)
+        .keys(keys)
         .registry(registry.into())
         .forward(forward)
         .build();
