@@ -215,6 +215,11 @@ transport_error!(
     "the key store is unavailable"
 );
 transport_error!(
+    /// The request body is larger than the gateway forwards (413).
+    PayloadTooLarge,
+    "the request body is over the limit"
+);
+transport_error!(
     /// The request reached the forwarder without an absolute upstream URI (500): the route
     /// layer is missing from the stack.
     NoUpstream,
@@ -249,6 +254,13 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "key_store_unavailable",
                 "The gateway could not check the API key; try again later.",
+            );
+        }
+        if e.is::<PayloadTooLarge>() || e.is::<http_body_util::LengthLimitError>() {
+            return GatewayError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "The request body is larger than the gateway accepts.",
             );
         }
         if e.is::<NoUpstream>() {
@@ -296,7 +308,7 @@ impl<S> Layer<S> for RescueLayer {
     type Service = Rescue<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Rescue { inner }
+        Rescue::new(inner)
     }
 }
 
@@ -304,15 +316,20 @@ impl<S> Layer<S> for RescueLayer {
 ///
 /// Its error type is [`Infallible`], so the stack can be nested in an axum `Router`.
 /// See the [module docs](self) for an example.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Rescue<S> {
     inner: S,
+    /// A readiness failure of `inner`, answered by the next `call` without calling `inner`.
+    failed: Option<GatewayError>,
 }
 
 impl<S> Rescue<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            failed: None,
+        }
     }
 
     /// Returns a [`RescueLayer`].
@@ -344,16 +361,21 @@ where
 {
     type Response = Response<B>;
     type Error = Infallible;
-    type Future = RescueFuture<S::Future>;
+    type Future = RescueFuture<S::Future, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // A service that fails readiness is broken for every request; the error is answered
-        // on the next call instead of closing the connection.
+        if self.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        // A readiness failure is answered by the next call, without calling the inner service
+        // (which was not ready), instead of closing the connection.
         match self.inner.poll_ready(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Ready(Err(err)) => {
                 let err: BoxError = err.into();
-                tracing::error!(error = %err, "inner service failed readiness");
+                let mapped = classify(&*err);
+                tracing::error!(error = %err, status = mapped.status().as_u16(), "inner service failed readiness");
+                self.failed = Some(mapped);
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => Poll::Pending,
@@ -361,21 +383,35 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        RescueFuture {
-            inner: self.inner.call(req),
-        }
+        let kind = match self.failed.take() {
+            Some(err) => RescueKind::Failed {
+                response: Some(err.into_response()),
+            },
+            None => RescueKind::Inner {
+                future: self.inner.call(req),
+            },
+        };
+        RescueFuture { kind }
     }
 }
 
 pin_project! {
     /// Response future of [`Rescue`].
-    pub struct RescueFuture<F> {
+    pub struct RescueFuture<F, B> {
         #[pin]
-        inner: F,
+        kind: RescueKind<F, B>,
     }
 }
 
-impl<F, B, E> Future for RescueFuture<F>
+pin_project! {
+    #[project = RescueKindProj]
+    enum RescueKind<F, B> {
+        Inner { #[pin] future: F },
+        Failed { response: Option<Response<B>> },
+    }
+}
+
+impl<F, B, E> Future for RescueFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
@@ -384,7 +420,13 @@ where
     type Output = Result<Response<B>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match ready!(self.project().inner.poll(cx)) {
+        let future = match self.project().kind.project() {
+            RescueKindProj::Inner { future } => future,
+            RescueKindProj::Failed { response } => {
+                return Poll::Ready(Ok(response.take().expect("polled after completion")));
+            }
+        };
+        match ready!(future.poll(cx)) {
             Ok(res) => Poll::Ready(Ok(res)),
             Err(err) => {
                 let err: BoxError = err.into();
@@ -393,6 +435,12 @@ where
                 Poll::Ready(Ok(mapped.into_response()))
             }
         }
+    }
+}
+
+impl<F, B> fmt::Debug for RescueFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RescueFuture").finish_non_exhaustive()
     }
 }
 
@@ -455,7 +503,7 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
-    use tower::{ServiceExt, service_fn};
+    use tower::{Service, ServiceExt, service_fn};
 
     #[test]
     fn json_shape_and_header() {
@@ -513,6 +561,7 @@ mod tests {
                 "key_store_unavailable",
             ),
             (NoUpstream::new().into(), 500, "no_upstream"),
+            (PayloadTooLarge::new().into(), 413, "payload_too_large"),
             ("something else".into(), 502, "upstream_error"),
         ];
         for (err, status, code) in cases {
@@ -520,6 +569,50 @@ mod tests {
             assert_eq!(mapped.status().as_u16(), status, "{err}");
             assert_eq!(mapped.code(), code, "{err}");
         }
+    }
+
+    /// A service that fails readiness once and panics if called without being ready.
+    #[derive(Clone)]
+    struct FailsReadiness {
+        ready: bool,
+    }
+
+    impl Service<()> for FailsReadiness {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.ready = false;
+            Poll::Ready(Err(KeyStoreUnavailable::new().into()))
+        }
+
+        fn call(&mut self, _req: ()) -> Self::Future {
+            assert!(self.ready, "called without being ready");
+            std::future::ready(Ok(Response::new(Full::default())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_readiness_failure_is_answered_without_calling_the_inner_service() {
+        let svc = Rescue::new(FailsReadiness { ready: false });
+        let res = svc.oneshot(()).await.unwrap();
+        assert_eq!(res.status(), 503);
+        assert_eq!(res.headers()[X_GATEWAY_ERROR], "key_store_unavailable");
+    }
+
+    #[tokio::test]
+    async fn readiness_passes_through() {
+        let (mut svc, mut handle) =
+            tower_test::mock::spawn_layer::<(), Response<Full<Bytes>>, _>(RescueLayer::new());
+        handle.allow(0);
+        assert!(svc.poll_ready().is_pending());
+        handle.allow(1);
+        assert!(svc.poll_ready().is_ready());
+        let fut = tokio::spawn(svc.call(()));
+        let ((), send) = handle.next_request().await.unwrap();
+        send.send_error(UpstreamTimeout::new());
+        assert_eq!(fut.await.unwrap().unwrap().status(), 504);
     }
 
     #[tokio::test]

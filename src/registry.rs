@@ -439,8 +439,17 @@ impl Registry {
     /// Validates and compiles the accounts. Errors name the field, e.g.
     /// `accounts[0].endpoints[1].base_url`.
     pub fn from_accounts(accounts: Vec<AccountSpec>) -> Result<Self, RegistryError> {
+        let mut specs = accounts.clone();
+        for spec in &mut specs {
+            let endpoint_headers = spec.endpoints.iter_mut().map(|e| &mut e.headers);
+            for headers in std::iter::once(&mut spec.header_auth).chain(endpoint_headers) {
+                for value in headers.values_mut() {
+                    value.set_sensitive(true);
+                }
+            }
+        }
         let mut registry = Registry {
-            specs: accounts.clone(),
+            specs,
             ..Registry::default()
         };
         for (i, spec) in accounts.into_iter().enumerate() {

@@ -2,8 +2,9 @@
 //!
 //! [`serve`] accepts connections (HTTP/1.1 and HTTP/2, `TCP_NODELAY` on every socket so a
 //! small token event is never held back by Nagle), serves each with hyper-util's auto
-//! connection builder, and when `shutdown` completes stops accepting and lets in-flight
-//! requests and streams finish within a grace period.
+//! connection builder (a client has 30 s to send a request head), and when `shutdown`
+//! completes stops accepting, lets in-flight requests and streams finish within a grace
+//! period, then closes what is left.
 //!
 //! ```no_run
 //! use tower_gateway::gateway::Gateway;
@@ -29,7 +30,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -40,6 +41,9 @@ use crate::BoxError;
 
 /// How long in-flight requests may run on after shutdown begins, by default: 30 s.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// How long a client may take to send a request head: 30 s.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `service` on `listener` until `shutdown` completes, then drains for
 /// [`DEFAULT_GRACE_PERIOD`].
@@ -74,10 +78,22 @@ where
     B::Error: Into<BoxError>,
     F: Future<Output = ()>,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper has no header-read timeout at all (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // Reap finished connection tasks so the set stays as small as the open connections.
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -96,7 +112,7 @@ where
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
                     .into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(err) = conn.await {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
@@ -109,7 +125,11 @@ where
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, open = connections.len(), "grace period over; closing remaining connections");
+            connections.abort_all();
+        }
     }
+    while connections.join_next().await.is_some() {}
     Ok(())
 }

@@ -672,3 +672,170 @@ async fn http2_clients_are_served_too() {
     let text = String::from_utf8(read_to_end(&mut res.into_body()).await.unwrap()).unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
+
+/// A client's `Connection` header may name hop-by-hop headers of its own, but never strip
+/// what the gateway guarantees: the injected credential and `Accept-Encoding: identity`.
+#[tokio::test]
+async fn connection_cannot_strip_the_injected_credential() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
+    let raw = format!(
+        "GET /proxy-api/{ACCOUNT}/{ENDPOINT}/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {GW_KEY}\r\n\
+         Accept-Encoding: gzip\r\nX-Own-Hop: 1\r\nConnection: close, authorization, accept-encoding, x-own-hop\r\n\r\n"
+    );
+    let response = raw_exchange(gw.addr, raw.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.last();
+    let auth: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(auth, [format!("Bearer {UP_KEY}").as_str()]);
+    assert_eq!(seen.headers["accept-encoding"], "identity");
+    assert!(seen.headers.get("x-own-hop").is_none());
+}
+
+/// An upstream cannot separate a body from its `Content-Encoding` with `Connection`, nor pose
+/// as the gateway with `x-gateway-error`.
+#[tokio::test]
+async fn upstream_connection_cannot_strip_content_encoding() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read_head(&mut s).await;
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\nX-Gateway-Error: fake\r\n\
+              Connection: close, content-encoding, content-length\r\nContent-Length: 3\r\n\r\n\x1f\x8b\x08",
+        )
+        .await
+        .unwrap();
+        let _ = s.shutdown().await;
+    });
+    let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
+    let req = Request::get(gw.proxy_url("/models"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(Full::default())
+        .unwrap();
+    let res = within("response", client().request(req)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    assert!(res.headers().get("x-gateway-error").is_none());
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        &b"\x1f\x8b\x08"[..]
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_over_the_limit_are_refused() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let gw = start_gateway(
+        &upstream.base_url(),
+        ForwardBuilder::default().max_request_body(1024),
+    )
+    .await;
+    // Declared too large: refused before the upstream is contacted.
+    let req = Request::post(gw.proxy_url("/chat/completions"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(Full::from(vec![b'x'; 4096]))
+        .unwrap();
+    let res = within("response", client().request(req)).await.unwrap();
+    assert_gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &res);
+    assert_eq!(upstream.count(), 0);
+    // Streamed without a length and growing past the limit: cut, and a 413.
+    let (tx, body) = ChannelBody::channel(4);
+    tokio::spawn(async move {
+        for _ in 0..8 {
+            if tx.send(Ok(Bytes::from(vec![b'x'; 512]))).await.is_err() {
+                break;
+            }
+        }
+    });
+    let req = Request::post(gw.proxy_url("/chat/completions"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(body)
+        .unwrap();
+    let streaming: hyper_util::client::legacy::Client<_, ChannelBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let res = within("response", streaming.request(req)).await.unwrap();
+    assert_gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &res);
+    // Within the limit: forwarded.
+    let res = client()
+        .request(post_json(gw.proxy_url("/chat/completions"), CHAT))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn a_uri_that_would_grow_too_long_is_a_414() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    // The base path is longer than the `/proxy-api/{account}/{endpoint}` it replaces, so a
+    // target just under the URI limit grows past it.
+    let base = format!(
+        "http://{}/openai/deployments/gpt-4o-prod-east-us-2/extensions/v1",
+        upstream.addr
+    );
+    let gw = start_gateway(&base, ForwardBuilder::default()).await;
+    let query = "q".repeat(65_480);
+    let raw = format!(
+        "GET /proxy-api/{ACCOUNT}/{ENDPOINT}/models?{query} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {GW_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw_exchange(gw.addr, raw.as_bytes()).await;
+    assert!(
+        response.starts_with("HTTP/1.1 414"),
+        "{}",
+        &response[..response.len().min(200)]
+    );
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("x-gateway-error: uri_too_long")
+    );
+    assert_eq!(upstream.count(), 0);
+}
+
+/// The request body streams too: an upstream that echoes each request frame as it arrives,
+/// and a client that sends frame N+1 only after it got frame N back.
+#[tokio::test]
+async fn request_and_response_bodies_stream_in_lockstep() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+            // The response body is the request body, frame by frame.
+            Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
+    let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
+    let (tx, body) = ChannelBody::channel(1);
+    let req = Request::post(gw.proxy_url("/echo"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(body)
+        .unwrap();
+    let streaming: hyper_util::client::legacy::Client<_, ChannelBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let first = Bytes::from_static(b"frame-0;");
+    tx.send(Ok(first.clone())).await.unwrap();
+    let res = within("response head", streaming.request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    assert_eq!(next_data(&mut body).await.unwrap().unwrap(), first);
+    for i in 1..10 {
+        let frame = Bytes::from(format!("frame-{i};"));
+        tx.send(Ok(frame.clone())).await.unwrap();
+        assert_eq!(
+            next_data(&mut body).await.unwrap().unwrap(),
+            frame,
+            "frame {i}"
+        );
+    }
+    drop(tx);
+    assert!(next_data(&mut body).await.is_none());
+}

@@ -61,7 +61,7 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
+use http_body_util::Limited;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -76,7 +76,7 @@ pub use self::body::ResponseBody;
 pub use self::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
-use crate::error::{NoUpstream, UpstreamCredentialRejected, UpstreamTimeout};
+use crate::error::{NoUpstream, PayloadTooLarge, UpstreamCredentialRejected, UpstreamTimeout};
 use crate::hop::remove_hop_by_hop;
 use crate::registry::{Endpoint, Timeouts};
 use crate::route::RouteMatch;
@@ -85,7 +85,58 @@ use crate::route::RouteMatch;
 pub type UpstreamRequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The pooled upstream client.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
+pub type UpstreamClient =
+    Client<ConnectTimeout<HttpsConnector<HttpConnector>>, UpstreamRequestBody>;
+
+/// A connector whose whole connection setup, TCP and TLS handshake, has a deadline.
+#[derive(Clone, Debug)]
+pub struct ConnectTimeout<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> Service<http::Uri> for ConnectTimeout<C>
+where
+    C: Service<http::Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    // One allocation per new connection, not per request.
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_elapsed) => Err(ConnectTimedOut(timeout).into()),
+            }
+        })
+    }
+}
+
+/// The connection (TCP and TLS) was not set up within the connect timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectTimedOut(Duration);
+
+impl fmt::Display for ConnectTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "connecting to the upstream took longer than {:?}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ConnectTimedOut {}
 
 /// Default connect timeout: 10 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +144,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default idle timeout between body frames: 5 min.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default largest request body: 32 MiB (a chat request with a few large images).
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 32 * 1024 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 struct Resolved {
@@ -114,6 +167,7 @@ impl Resolved {
 struct Shared {
     client: UpstreamClient,
     defaults: Resolved,
+    max_request_body: u64,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
 }
@@ -146,12 +200,16 @@ fn build_client(
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
+    let connector = ConnectTimeout {
+        inner: https,
+        timeout: connect,
+    };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(pool_idle_timeout)
         .pool_max_idle_per_host(pool_max_idle_per_host)
-        .build(https)
+        .build(connector)
 }
 
 /// Builds a [`Forward`].
@@ -159,6 +217,7 @@ fn build_client(
 #[must_use]
 pub struct ForwardBuilder {
     defaults: Resolved,
+    max_request_body: u64,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
 }
@@ -171,6 +230,7 @@ impl Default for ForwardBuilder {
                 first_byte: DEFAULT_FIRST_BYTE_TIMEOUT,
                 idle: DEFAULT_IDLE_TIMEOUT,
             },
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 1024,
         }
@@ -193,6 +253,14 @@ impl ForwardBuilder {
     /// Default idle timeout between body frames, for endpoints that set none.
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.defaults.idle = d;
+        self
+    }
+
+    /// The largest request body forwarded (default 32 MiB). A larger `Content-Length` is
+    /// refused before the upstream is contacted; a streamed body that grows past it is cut.
+    /// Both become a 413 once rescued.
+    pub fn max_request_body(mut self, bytes: u64) -> Self {
+        self.max_request_body = bytes;
         self
     }
 
@@ -220,6 +288,7 @@ impl ForwardBuilder {
             shared: Arc::new(Shared {
                 client,
                 defaults: self.defaults,
+                max_request_body: self.max_request_body,
                 pool_idle_timeout: self.pool_idle_timeout,
                 pool_max_idle_per_host: self.pool_max_idle_per_host,
             }),
@@ -318,6 +387,15 @@ where
         if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
             return ResponseFuture::failed(NoUpstream::new().into());
         }
+        let max = self.shared.max_request_body;
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max) || body.size_hint().lower() > max {
+            return ResponseFuture::failed(PayloadTooLarge::new().into());
+        }
         // The endpoint is held by the request's `RouteMatch`, which moves upstream with it.
         let target = parts
             .extensions
@@ -330,7 +408,8 @@ where
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
         parts.version = Version::HTTP_11;
-        let body = UnsyncBoxBody::new(TimeoutBody::new(t.idle, body.map_err(Into::into)));
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        let body = UnsyncBoxBody::new(TimeoutBody::new(t.idle, Limited::new(body, limit)));
         let future = client.request(Request::from_parts(parts, body));
         ResponseFuture {
             state: State::Waiting {
@@ -393,6 +472,8 @@ impl Future for ResponseFuture {
                 }
                 let (mut parts, body) = res.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
+                // Only the gateway's own responses carry this header.
+                parts.headers.remove(crate::error::X_GATEWAY_ERROR);
                 let body = ResponseBody::upstream(TimeoutBody::new(*idle, body));
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }

@@ -39,12 +39,21 @@ pub enum PathError {
     DoubleEncoding,
     /// `%` not followed by two hexadecimal digits (400).
     BadPercentEncoding,
+    /// A raw byte outside ASCII, or a percent-encoded byte that can never occur in UTF-8 (such
+    /// as the overlong `%c0%ae` for `.`) (400).
+    NonAscii,
+    /// The upstream URI would be longer than an HTTP URI may be (414).
+    TooLong,
 }
 
 impl PathError {
-    /// Whether this is a 400 (unsafe or malformed) rather than a 404.
-    pub fn is_bad_request(self) -> bool {
-        self != PathError::NotFound
+    /// The HTTP status for this error: 404, 414 or 400.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            PathError::NotFound => http::StatusCode::NOT_FOUND,
+            PathError::TooLong => http::StatusCode::URI_TOO_LONG,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
     }
 
     /// A human sentence for the error body.
@@ -60,6 +69,10 @@ impl PathError {
             PathError::ControlCharacter => "The proxy path has a control character.",
             PathError::DoubleEncoding => "The proxy path is double-encoded (`%25`).",
             PathError::BadPercentEncoding => "The proxy path has a malformed percent-encoding.",
+            PathError::NonAscii => {
+                "The proxy path has a raw non-ASCII byte or an invalid UTF-8 escape."
+            }
+            PathError::TooLong => "The upstream URI would be too long.",
         }
     }
 }
@@ -86,8 +99,9 @@ fn check_segment(seg: &[u8]) -> Result<(), PathError> {
     if seg.is_empty() {
         return Err(PathError::EmptySegment);
     }
-    // Decoded length and dot count of the part before any `;params`.
+    // Decoded length, and dot and space counts, of the part before any `;params`.
     let mut dots = 0usize;
+    let mut spaces = 0usize;
     let mut decoded_len = 0usize;
     let mut in_params = false;
     let mut i = 0;
@@ -104,10 +118,15 @@ fn check_segment(seg: &[u8]) -> Result<(), PathError> {
             match c {
                 b'/' => return Err(PathError::EncodedSlash),
                 b'%' => return Err(PathError::DoubleEncoding),
+                // Bytes that never occur in UTF-8: overlong encodings of ASCII and beyond.
+                0xc0 | 0xc1 | 0xf5..=0xff => return Err(PathError::NonAscii),
                 _ => {}
             }
             i += 3;
         } else {
+            if c >= 0x80 {
+                return Err(PathError::NonAscii);
+            }
             i += 1;
         }
         match c {
@@ -119,9 +138,11 @@ fn check_segment(seg: &[u8]) -> Result<(), PathError> {
         if !in_params {
             decoded_len += 1;
             dots += usize::from(c == b'.');
+            spaces += usize::from(c == b' ');
         }
     }
-    if (decoded_len == 1 || decoded_len == 2) && dots == decoded_len {
+    // `.`, `..`, and what some servers normalise to them (`...`, `.. `, `. .`).
+    if dots > 0 && dots + spaces == decoded_len {
         return Err(PathError::DotSegment);
     }
     Ok(())
@@ -157,9 +178,17 @@ pub fn parse_proxy_path<'a>(prefix: &str, path: &'a str) -> Result<ProxyPath<'a>
     })
 }
 
+/// The longest path and query an `http::Uri` holds.
+const MAX_PATH_AND_QUERY: usize = u16::MAX as usize - 1;
+
 /// Builds the absolute upstream URI: the base URL, then the validated `rest`, then the query
-/// exactly as received. The scheme, authority and base path come only from `base`.
-pub fn upstream_uri(base: &UpstreamBase, rest: &str, query: Option<&str>) -> Uri {
+/// exactly as received. The scheme, authority and base path come only from `base`. The only
+/// failure is a URI grown too long by a base path longer than what it replaced.
+pub fn upstream_uri(
+    base: &UpstreamBase,
+    rest: &str,
+    query: Option<&str>,
+) -> Result<Uri, PathError> {
     let base_path = base.path();
     let mut pq =
         String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
@@ -172,20 +201,24 @@ pub fn upstream_uri(base: &UpstreamBase, rest: &str, query: Option<&str>) -> Uri
         pq.push('?');
         pq.push_str(q);
     }
+    if pq.len() >= MAX_PATH_AND_QUERY {
+        return Err(PathError::TooLong);
+    }
     let mut parts = Parts::default();
     parts.scheme = Some(base.scheme().clone());
     parts.authority = Some(base.authority().clone());
-    // Every byte here came from a parsed `Uri` or a validated base URL, so it is valid.
+    // Every byte here came from a parsed `Uri` or a validated base URL, and the length is
+    // checked, so this cannot fail; if it ever did, refusing is the safe answer.
     parts.path_and_query =
-        Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).expect("validated path and query"));
-    Uri::from_parts(parts).expect("scheme, authority and path are all present")
+        Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| PathError::TooLong)?);
+    Uri::from_parts(parts).map_err(|_| PathError::TooLong)
 }
 
 /// The whole rewrite for one endpoint: the request target (origin- or absolute-form; any
 /// authority in it is ignored) to the upstream URI, or why it is refused.
 pub fn rewrite(prefix: &str, target: &Uri, base: &UpstreamBase) -> Result<Uri, PathError> {
     let p = parse_proxy_path(prefix, target.path())?;
-    Ok(upstream_uri(base, p.rest, target.query()))
+    upstream_uri(base, p.rest, target.query())
 }
 
 #[cfg(test)]
@@ -252,10 +285,36 @@ mod tests {
                 "/proxy-api/cw/inference/files/a%20b",
                 ok(&format!("{up}/v1/files/a%20b")),
             ),
+            ("/proxy-api", "/proxy-api/cw/inference/...", Err(DotSegment)),
             (
                 "/proxy-api",
-                "/proxy-api/cw/inference/...",
-                ok(&format!("{up}/v1/...")),
+                "/proxy-api/cw/inference/..%20/admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/.%20./admin",
+                Err(DotSegment),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%c0%ae%c0%ae/admin",
+                Err(NonAscii),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/%C1%9C",
+                Err(NonAscii),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/caf%C3%A9",
+                ok(&format!("{up}/v1/caf%C3%A9")),
+            ),
+            (
+                "/proxy-api",
+                "/proxy-api/cw/inference/a.",
+                ok(&format!("{up}/v1/a.")),
             ),
             (
                 "/proxy-api",
@@ -491,9 +550,23 @@ mod tests {
             ("/p/a/e/x\ny", ControlCharacter),
             ("/p/a/e/x\0", ControlCharacter),
             ("/p/a\\b/e/x", Backslash),
+            ("/p/a/e/\u{ff0e}\u{ff0e}/admin", NonAscii),
+            ("/p/a/e/caf\u{e9}", NonAscii),
         ] {
             assert_eq!(parse_proxy_path("/p", path), Err(err), "{path:?}");
         }
+    }
+
+    #[test]
+    fn a_uri_grown_past_the_limit_is_refused_not_a_panic() {
+        let base = UpstreamBase::parse("http://up.example/openai/deployments/gpt-4o-prod").unwrap();
+        let query = "q".repeat(65_517);
+        let target: Uri = format!("/proxy-api/a/e/x?{query}").parse().unwrap();
+        assert_eq!(
+            rewrite("/proxy-api", &target, &base),
+            Err(PathError::TooLong)
+        );
+        assert_eq!(PathError::TooLong.status(), 414);
     }
 
     #[test]

@@ -3,11 +3,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{DEFAULT_PATH_PREFIX, RouteMatch, parse_proxy_path, upstream_uri};
+use super::{DEFAULT_PATH_PREFIX, PathError, RouteMatch, parse_proxy_path, upstream_uri};
 use crate::error::{GatewayError, ResponseFuture};
 use crate::registry::{SharedRegistry, is_valid_name};
 
@@ -119,6 +119,19 @@ fn quoted(name: &str) -> String {
 }
 
 impl<S> CustomEndpointRoute<S> {
+    fn path_error(&self, e: PathError) -> GatewayError {
+        match e.status() {
+            StatusCode::NOT_FOUND => GatewayError::not_found(format!(
+                "No route: use {}/{{providerAccountName}}/{{endpointName}}/{{path}}.",
+                self.prefix
+            )),
+            StatusCode::URI_TOO_LONG => {
+                GatewayError::new(StatusCode::URI_TOO_LONG, "uri_too_long", e.message())
+            }
+            _ => GatewayError::invalid_path(e.message()),
+        }
+    }
+
     fn route<B>(&self, req: &mut Request<B>) -> Result<(), GatewayError> {
         if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             return Err(GatewayError::method_not_allowed(format!(
@@ -126,16 +139,8 @@ impl<S> CustomEndpointRoute<S> {
                 req.method()
             )));
         }
-        let path = parse_proxy_path(&self.prefix, req.uri().path()).map_err(|e| {
-            if e.is_bad_request() {
-                GatewayError::invalid_path(e.message())
-            } else {
-                GatewayError::not_found(format!(
-                    "No route: use {}/{{providerAccountName}}/{{endpointName}}/{{path}}.",
-                    self.prefix
-                ))
-            }
-        })?;
+        let path =
+            parse_proxy_path(&self.prefix, req.uri().path()).map_err(|e| self.path_error(e))?;
         let registry = self.registry.load();
         let account = registry.account(path.account).ok_or_else(|| {
             GatewayError::not_found(format!("No provider account{}.", quoted(path.account)))
@@ -147,7 +152,8 @@ impl<S> CustomEndpointRoute<S> {
                 account.name()
             ))
         })?;
-        let uri = upstream_uri(target.base(), path.rest, req.uri().query());
+        let uri = upstream_uri(target.base(), path.rest, req.uri().query())
+            .map_err(|e| self.path_error(e))?;
         let route = RouteMatch {
             account: target.account().clone(),
             endpoint: target.name().clone(),
