@@ -9,8 +9,8 @@
 //! # The stack, in order
 //!
 //! ```text
-//! client ──▶ RescueLayer ──▶ GatewayAuthLayer ──▶ CustomEndpointRouteLayer
-//!            (Err → 502/504)  (key → Principal)    (path → RouteMatch, upstream URI)
+//! client ──▶ RescueLayer ──▶ GatewayAuthLayer ──▶ CustomEndpointRouteLayer ──▶ AccessControlLayer
+//!            (Err → 5xx)      (key → Principal)    (path → RouteMatch, URI)     (Principal × RouteMatch → allow)
 //!        ──▶ InjectHeadersLayer ──▶ IdentityEncodingLayer ──▶ Forward ──▶ upstream
 //!            (upstream secret)      (Accept-Encoding: identity) (hop-by-hop, timeouts, streaming)
 //! ```
@@ -19,17 +19,18 @@
 //! |---|---|---|
 //! | [`RescueLayer`](error::RescueLayer) | [`error`] | maps transport errors to 502/503/504 |
 //! | [`GatewayAuthLayer`](auth::GatewayAuthLayer) | [`auth`] | 401 |
-//! | [`CustomEndpointRouteLayer`](route::CustomEndpointRouteLayer) | [`route`] | 400, 404, 405 |
-//! | [`InjectHeadersLayer`](inject::InjectHeadersLayer) | [`inject`] | never |
+//! | [`CustomEndpointRouteLayer`](route::CustomEndpointRouteLayer) | [`route`] | 400, 404, 405, 414 |
+//! | [`AccessControlLayer`](access::AccessControlLayer) | [`access`] | 403 |
+//! | [`InjectHeadersLayer`](inject::InjectHeadersLayer) | [`inject`] | 403 (a header template without a value) |
 //! | [`IdentityEncodingLayer`](encoding::IdentityEncodingLayer) | [`encoding`] | never |
-//! | [`Forward`](forward::Forward) | [`forward`] | `Err` (mapped by `RescueLayer`) |
+//! | [`Forward`](forward::Forward) | [`forward`] | `Err` (mapped by `RescueLayer` to 413, 502, 504) |
 //!
 //! Layers talk only through typed request extensions:
 //!
 //! | extension | inserted by | read by |
 //! |---|---|---|
-//! | [`Principal`](auth::Principal) `{ key_id, subject, teams }` | `GatewayAuthLayer` | access control (next release), tracing, usage |
-//! | [`RouteMatch`](route::RouteMatch) `{ account, endpoint, upstream_path, target }` | `CustomEndpointRouteLayer` | `InjectHeadersLayer`, `Forward`, tracing |
+//! | [`Principal`](auth::Principal) `{ key_id, subject, teams }` | `GatewayAuthLayer` | `AccessControlLayer`, `InjectHeadersLayer` (templates), the management API |
+//! | [`RouteMatch`](route::RouteMatch) `{ account, endpoint, upstream_path, target }` | `CustomEndpointRouteLayer` | `AccessControlLayer`, `InjectHeadersLayer`, `Forward` |
 //!
 //! Each layer also works alone: a static header set
 //! ([`InjectHeadersLayer::fixed`](inject::InjectHeadersLayer::fixed)), a single fixed upstream
@@ -41,15 +42,14 @@
 //! # Example
 //!
 //! ```no_run
-//! use tower_gateway::config::GatewayConfig;
 //! use tower_gateway::gateway::Gateway;
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = GatewayConfig::load("gateway.toml")?;
-//! let gateway = Gateway::from_config(config);
+//! let gateway = Gateway::load("gateway.toml")?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! tower_gateway::server::serve(listener, gateway.service(), std::future::pending()).await?;
+//! // The proxy under /proxy-api and the management API under /manage.
+//! tower_gateway::server::serve(listener, gateway.app(), std::future::pending()).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -64,7 +64,8 @@
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |
 //! | `manage` (default) | [`manage`]: the management API |
 //!
-//! [`route`], [`inject`], [`encoding`], [`registry`] and [`error`] are always available.
+//! [`route`], [`inject`], [`encoding`], [`registry`], [`error`] and the grant types of
+//! [`access`] are always available; `AccessControlLayer` needs `auth`.
 
 #![deny(missing_docs, unsafe_code, rust_2018_idioms, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
