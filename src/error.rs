@@ -263,6 +263,15 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
                 "The request body is larger than the gateway accepts.",
             );
         }
+        #[cfg(feature = "forward")]
+        if e.is::<crate::forward::BodyIdleTimeout>() {
+            // Observable as a status only before the response head: the client's upload stalled.
+            return GatewayError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_body_timeout",
+                "The request body stalled for longer than the idle timeout.",
+            );
+        }
         if e.is::<NoUpstream>() {
             return GatewayError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -439,7 +439,16 @@ impl Management {
             Ok::<_, GatewayError>(())
         })?;
         tracing::info!(key_id = %principal.key_id, account, "account grants replaced");
-        self.get_account(principal, account)
+        // The change is done: answer with the new state even if it took the caller's own
+        // grant away.
+        let registry = self.registry.load();
+        let a = registry
+            .account(account)
+            .ok_or_else(|| no_account(account))?;
+        Ok((
+            StatusCode::OK,
+            account_view(a, principal, &self.proxy_prefix),
+        ))
     }
 
     fn put_endpoint(
@@ -505,7 +514,14 @@ impl Management {
             Ok::<_, GatewayError>(())
         })?;
         tracing::info!(key_id = %principal.key_id, account, endpoint, created = !exists, "endpoint saved");
-        let ep = self.viewable_endpoint(principal, account, endpoint)?;
+        // The change is done: answer with the new state even if it took the caller's own
+        // grant away.
+        let ep = self
+            .registry
+            .load()
+            .endpoint(account, endpoint)
+            .cloned()
+            .ok_or_else(|| no_endpoint(account, endpoint))?;
         let status = if exists {
             StatusCode::OK
         } else {
@@ -636,7 +652,18 @@ where
     })
 }
 
+/// The account as `principal` may see it, or `None` if it may see nothing of it.
 fn account_json(account: &Account, principal: &Principal, proxy_prefix: &str) -> Option<Value> {
+    let visible = account.access().role_of(principal).is_some()
+        || account
+            .endpoints()
+            .iter()
+            .any(|ep| ep.grants().allows(principal, Permission::View));
+    visible.then(|| account_view(account, principal, proxy_prefix))
+}
+
+/// The account with the endpoints `principal` may view.
+fn account_view(account: &Account, principal: &Principal, proxy_prefix: &str) -> Value {
     let role = account.access().role_of(principal);
     let endpoints: Vec<Value> = account
         .endpoints()
@@ -644,16 +671,13 @@ fn account_json(account: &Account, principal: &Principal, proxy_prefix: &str) ->
         .filter(|ep| ep.grants().allows(principal, Permission::View))
         .map(|ep| endpoint_json(ep, principal, proxy_prefix))
         .collect();
-    if role.is_none() && endpoints.is_empty() {
-        return None;
-    }
-    Some(json!({
+    json!({
         "name": &**account.name(),
         "header_names": account.header_names().iter().map(HeaderName::as_str).collect::<Vec<_>>(),
         "access": grants_json(account.access()),
         "your_role": role_json(role),
         "endpoints": endpoints,
-    }))
+    })
 }
 
 fn endpoint_json(ep: &Endpoint, principal: &Principal, proxy_prefix: &str) -> Value {

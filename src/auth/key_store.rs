@@ -24,6 +24,13 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Finds the principal for `key`, the secret exactly as the client sent it.
     fn lookup(&self, key: &str) -> Self::Future;
+
+    /// Answers at once, when the store can (an in-memory store does); `None`, the default,
+    /// means "use [`lookup`](Self::lookup)". It saves a future per request.
+    fn lookup_now(&self, key: &str) -> Option<Result<Option<Principal>, BoxError>> {
+        let _ = key;
+        None
+    }
 }
 
 impl<K: KeyStore + ?Sized> KeyStore for Arc<K> {
@@ -31,6 +38,10 @@ impl<K: KeyStore + ?Sized> KeyStore for Arc<K> {
 
     fn lookup(&self, key: &str) -> Self::Future {
         (**self).lookup(key)
+    }
+
+    fn lookup_now(&self, key: &str) -> Option<Result<Option<Principal>, BoxError>> {
+        (**self).lookup_now(key)
     }
 }
 
@@ -215,6 +226,10 @@ impl KeyStore for HashedKeyStore {
     fn lookup(&self, key: &str) -> Self::Future {
         ready(Ok(self.get(&KeyDigest::of(key)).cloned()))
     }
+
+    fn lookup_now(&self, key: &str) -> Option<Result<Option<Principal>, BoxError>> {
+        Some(Ok(self.get(&KeyDigest::of(key)).cloned()))
+    }
 }
 
 /// A [`HashedKeyStore`] that can be replaced while traffic flows (on a configuration reload).
@@ -263,6 +278,10 @@ impl KeyStore for SharedKeyStore {
 
     fn lookup(&self, key: &str) -> Self::Future {
         self.current.load().lookup(key)
+    }
+
+    fn lookup_now(&self, key: &str) -> Option<Result<Option<Principal>, BoxError>> {
+        self.current.load().lookup_now(key)
     }
 }
 

@@ -179,16 +179,28 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let lookup = match credential(req.headers()) {
-            Ok(key) => self.store.lookup(key),
-            Err(message) => {
-                return ResponseFuture {
-                    state: State::Reject {
-                        response: Some(GatewayError::unauthorized(message).into_response()),
-                    },
-                };
-            }
+        let key = match credential(req.headers()) {
+            Ok(key) => key,
+            Err(message) => return ResponseFuture::unauthorized(message),
         };
+        // A store that can answer at once (the in-memory one) saves the future and the clone
+        // of the inner service.
+        if let Some(answer) = self.store.lookup_now(key) {
+            return match answer {
+                Ok(Some(principal)) => {
+                    strip_credentials(req.headers_mut());
+                    req.extensions_mut().insert(principal);
+                    ResponseFuture {
+                        state: State::Inner {
+                            future: self.inner.call(req),
+                        },
+                    }
+                }
+                Ok(None) => ResponseFuture::unauthorized(INVALID_KEY),
+                Err(err) => ResponseFuture::store_failed(err),
+            };
+        }
+        let lookup = self.store.lookup(key);
         strip_credentials(req.headers_mut());
         // The instance that was polled ready is the one that will be called.
         let clone = self.inner.clone();
@@ -233,6 +245,34 @@ pin_project! {
         Reject {
             response: Option<Response<ResBody>>,
         },
+        Failed {
+            error: Option<BoxError>,
+        },
+    }
+}
+
+const INVALID_KEY: &str = "Invalid gateway API key.";
+
+impl<L, S, ReqBody, ResBody> ResponseFuture<L, S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>>,
+    ResBody: From<Bytes>,
+{
+    fn unauthorized(message: &'static str) -> Self {
+        Self {
+            state: State::Reject {
+                response: Some(GatewayError::unauthorized(message).into_response()),
+            },
+        }
+    }
+
+    fn store_failed(err: BoxError) -> Self {
+        tracing::error!(error = %err, "key store lookup failed");
+        Self {
+            state: State::Failed {
+                error: Some(KeyStoreUnavailable::new().into()),
+            },
+        }
     }
 }
 
@@ -258,7 +298,7 @@ where
                         state.set(State::Inner { future });
                     }
                     Ok(None) => {
-                        let err = GatewayError::unauthorized("Invalid gateway API key.");
+                        let err = GatewayError::unauthorized(INVALID_KEY);
                         return Poll::Ready(Ok(err.into_response()));
                     }
                     Err(err) => {
@@ -269,6 +309,9 @@ where
                 StateProj::Inner { future } => return future.poll(cx).map_err(Into::into),
                 StateProj::Reject { response } => {
                     return Poll::Ready(Ok(response.take().expect("polled after completion")));
+                }
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
             }
         }
@@ -432,6 +475,38 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is::<KeyStoreUnavailable>());
+    }
+
+    /// A store that only answers asynchronously, like a database would.
+    struct SlowStore(HashedKeyStore);
+    impl KeyStore for SlowStore {
+        type Future =
+            std::pin::Pin<Box<dyn Future<Output = Result<Option<Principal>, BoxError>> + Send>>;
+        fn lookup(&self, key: &str) -> Self::Future {
+            let answer = self.0.get(&crate::auth::KeyDigest::of(key)).cloned();
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                Ok(answer)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn asynchronous_stores_work_too() {
+        for (key, status) in [("gw-alice-key", 200), ("nope", 401)] {
+            let svc = ServiceBuilder::new()
+                .layer(GatewayAuthLayer::new(SlowStore(store())))
+                .service(service_fn(|req: Request<Full<Bytes>>| async move {
+                    assert!(req.extensions().get::<Principal>().is_some());
+                    assert!(req.headers().get("authorization").is_none());
+                    Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+                }));
+            let res = svc
+                .oneshot(request(&[("authorization", &format!("Bearer {key}"))]))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), status);
+        }
     }
 
     #[test]

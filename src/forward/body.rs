@@ -6,7 +6,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tower_http::timeout::TimeoutBody;
+
+use super::IdleTimeoutBody;
 
 use crate::BoxError;
 
@@ -26,13 +27,13 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind {
-        Upstream { #[pin] body: TimeoutBody<Incoming> },
+        Upstream { #[pin] body: IdleTimeoutBody<Incoming> },
         Full { data: Option<Bytes> },
     }
 }
 
 impl ResponseBody {
-    pub(crate) fn upstream(body: TimeoutBody<Incoming>) -> Self {
+    pub(crate) fn upstream(body: IdleTimeoutBody<Incoming>) -> Self {
         Self {
             kind: Kind::Upstream { body },
         }

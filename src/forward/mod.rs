@@ -47,6 +47,7 @@
 //! ```
 
 mod body;
+mod idle;
 mod tls;
 
 use std::fmt;
@@ -69,10 +70,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
-use tower_http::timeout::TimeoutBody;
 use tower_service::Service;
 
 pub use self::body::ResponseBody;
+pub use self::idle::BodyIdleTimeout;
+use self::idle::IdleTimeoutBody;
 pub use self::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
@@ -409,7 +411,7 @@ where
         parts.headers.remove(HOST);
         parts.version = Version::HTTP_11;
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
-        let body = UnsyncBoxBody::new(TimeoutBody::new(t.idle, Limited::new(body, limit)));
+        let body = UnsyncBoxBody::new(IdleTimeoutBody::new(t.idle, Limited::new(body, limit)));
         let future = client.request(Request::from_parts(parts, body));
         ResponseFuture {
             state: State::Waiting {
@@ -474,7 +476,7 @@ impl Future for ResponseFuture {
                 remove_hop_by_hop(&mut parts.headers);
                 // Only the gateway's own responses carry this header.
                 parts.headers.remove(crate::error::X_GATEWAY_ERROR);
-                let body = ResponseBody::upstream(TimeoutBody::new(*idle, body));
+                let body = ResponseBody::upstream(IdleTimeoutBody::new(*idle, body));
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
         }
