@@ -349,19 +349,31 @@ impl SecretSource {
                     .to_owned(),
             );
         }
+        // A conventional name (UPPER_CASE) is shown; anything else may be a key pasted
+        // between the braces, so it is not.
+        let shown = |name: &str| {
+            if name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                name.to_owned()
+            } else {
+                "(its name is not shown: it is not UPPER_CASE)".to_owned()
+            }
+        };
         match &self.vars {
             Vars::Process => std::env::var(name).map_err(|e| match e {
                 std::env::VarError::NotPresent => {
-                    format!("environment variable {name} is not set")
+                    format!("environment variable {} is not set", shown(name))
                 }
                 std::env::VarError::NotUnicode(_) => {
-                    format!("environment variable {name} is not valid UTF-8")
+                    format!("environment variable {} is not valid UTF-8", shown(name))
                 }
             }),
             Vars::Fixed(map) => map
                 .get(name)
                 .cloned()
-                .ok_or_else(|| format!("environment variable {name} is not set")),
+                .ok_or_else(|| format!("environment variable {} is not set", shown(name))),
         }
     }
 
@@ -516,9 +528,31 @@ fn parse(text: &str) -> Result<RawConfig, ConfigError> {
     // literal secret: only its message (redacted) and position are used.
     let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, None, &e))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+        let path = e
+            .path()
+            .iter()
+            .map(|segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => format!("[{index}]"),
+                serde_path_to_error::Segment::Map { key }
+                | serde_path_to_error::Segment::Enum { variant: key } => {
+                    format!(".{}", shown_name(key))
+                }
+                serde_path_to_error::Segment::Unknown => ".?".to_owned(),
+            })
+            .collect::<String>();
+        let path = path.strip_prefix('.').unwrap_or(&path).to_owned();
         toml_error(text, Some(path), e.inner())
     })
+}
+
+/// A name from the file (a field or header name) as an error may show it: names with digits or
+/// over 40 characters are hidden, since a key pasted in the wrong place looks like that.
+fn shown_name(name: &str) -> &str {
+    let plain = name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'-');
+    if plain { name } else { "<name hidden>" }
 }
 
 fn toml_error(text: &str, path: Option<String>, err: &toml::de::Error) -> ConfigError {
@@ -555,12 +589,19 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 /// character named as an expected token (`` `"` ``) is kept.
 fn redact_quoted(message: &str) -> String {
     const VARIANT: &str = "unknown variant `";
+    const FIELD: &str = "unknown field `";
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(c) = rest.chars().next() {
         if rest.starts_with("`\"`") {
             out.push_str("`\"`");
             rest = &rest[3..];
+        } else if let Some(after) = rest.strip_prefix(FIELD) {
+            let end = after.find('`').unwrap_or(after.len());
+            out.push_str(FIELD);
+            out.push_str(shown_name(&after[..end]));
+            out.push('`');
+            rest = after.get(end + 1..).unwrap_or("");
         } else if let Some(after) = rest.strip_prefix(VARIANT) {
             out.push_str(VARIANT);
             out.push_str("<redacted>`");
@@ -878,6 +919,10 @@ mod tests {
                 "trailing backslash \"<redacted>\"",
             ),
             ("unknown field `kye`", "unknown field `kye`"),
+            (
+                "unknown field `sk_9f8e7d6c5b4a`, expected one of `name`",
+                "unknown field `<name hidden>`, expected one of `name`",
+            ),
             (
                 "invalid basic string, expected `\"`",
                 "invalid basic string, expected `\"`",

@@ -19,7 +19,10 @@
 //! Header values are write-only: responses list header *names*, never values. A `PUT` of an
 //! endpoint takes `{"base_url": …, "headers": {…}, "access": {…}, "timeouts": {…}}`; leaving
 //! out `headers` keeps the endpoint's current ones, so a client never needs to hold the
-//! secrets to change a grant. Values are taken literally: `${VAR}` is not expanded here (it
+//! secrets to change a grant. Credentials never silently follow an endpoint to another host:
+//! changing the scheme, host or port of `base_url` needs Manage on the account and the
+//! `headers` sent again. Account managers are trusted with the account's credentials (an
+//! endpoint they create inherits `header_auth`). Values are taken literally: `${VAR}` is not expanded here (it
 //! would let a manager read the gateway's environment). Invalid input is a 400 naming the
 //! field, and nothing changes. A change swaps the registry atomically: streams in flight
 //! finish on the configuration they started with, the next request sees the change.
@@ -62,7 +65,7 @@ use crate::config::{RawGrants, RawTimeouts, build_grants};
 use crate::error::GatewayError;
 use crate::forward::ResponseBody;
 use crate::registry::{
-    Account, Endpoint, EndpointSpec, RegistryError, SharedRegistry, is_valid_name,
+    Account, Endpoint, EndpointSpec, RegistryError, SharedRegistry, UpstreamBase, is_valid_name,
 };
 use crate::route::DEFAULT_PATH_PREFIX;
 
@@ -483,7 +486,27 @@ impl Management {
                 Some(ep) if !ep.grants().allows(principal, Permission::Manage) => {
                     return Err(denied(principal, Permission::Manage, "this endpoint"));
                 }
-                Some(_) => true,
+                Some(ep) => {
+                    // The endpoint's credentials (and the account's) must not follow it to a
+                    // host its manager picked: moving it needs the account's managers and the
+                    // headers sent again.
+                    let moves = UpstreamBase::parse(&body.base_url).is_ok_and(|new| {
+                        new.scheme() != ep.base().scheme()
+                            || new.authority() != ep.base().authority()
+                    });
+                    if moves && !a.access().allows(principal, Permission::Manage) {
+                        return Err(GatewayError::forbidden(format!(
+                            "The key \"{}\" may not move this endpoint to another host: that needs Manage on the account.",
+                            principal.key_id
+                        )));
+                    }
+                    if moves && headers.is_none() {
+                        return Err(bad_request(
+                            "headers: required when base_url changes host; the current headers are not sent to a new host",
+                        ));
+                    }
+                    true
+                }
                 None if !a.access().allows(principal, Permission::Manage) => {
                     return Err(denied(principal, Permission::Manage, "this account"));
                 }
@@ -567,22 +590,14 @@ impl Management {
     }
 }
 
-fn no_account(name: &str) -> GatewayError {
-    if is_valid_name(name) {
-        GatewayError::not_found(format!("No provider account \"{name}\"."))
-    } else {
-        GatewayError::not_found("No such provider account.")
-    }
+// Error messages never repeat names the registry does not know: a caller who pasted a key into
+// the path must not get it echoed back.
+fn no_account(_name: &str) -> GatewayError {
+    GatewayError::not_found("No such provider account.")
 }
 
-fn no_endpoint(account: &str, endpoint: &str) -> GatewayError {
-    if is_valid_name(account) && is_valid_name(endpoint) {
-        GatewayError::not_found(format!(
-            "No endpoint \"{endpoint}\" in provider account \"{account}\"."
-        ))
-    } else {
-        GatewayError::not_found("No such endpoint.")
-    }
+fn no_endpoint(_account: &str, _endpoint: &str) -> GatewayError {
+    GatewayError::not_found("No such endpoint in this provider account.")
 }
 
 fn headers_from_json(raw: &BTreeMap<String, String>) -> Result<HeaderMap, GatewayError> {

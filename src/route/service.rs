@@ -109,15 +109,6 @@ impl<S: fmt::Debug> fmt::Debug for CustomEndpointRoute<S> {
     }
 }
 
-/// Names echoed in error messages only when they are plain names.
-fn quoted(name: &str) -> String {
-    if is_valid_name(name) && name.len() <= 64 {
-        format!(" \"{name}\"")
-    } else {
-        String::new()
-    }
-}
-
 impl<S> CustomEndpointRoute<S> {
     fn path_error(&self, e: PathError) -> GatewayError {
         match e.status() {
@@ -142,13 +133,14 @@ impl<S> CustomEndpointRoute<S> {
         let path =
             parse_proxy_path(&self.prefix, req.uri().path()).map_err(|e| self.path_error(e))?;
         let registry = self.registry.load();
-        let account = registry.account(path.account).ok_or_else(|| {
-            GatewayError::not_found(format!("No provider account{}.", quoted(path.account)))
-        })?;
+        // Error messages name only what the registry knows: a client that pasted a key into
+        // the path must not get it echoed back.
+        let account = registry
+            .account(path.account)
+            .ok_or_else(|| GatewayError::not_found("No such provider account."))?;
         let target = account.endpoint(path.endpoint).ok_or_else(|| {
             GatewayError::not_found(format!(
-                "No endpoint{} in provider account \"{}\".",
-                quoted(path.endpoint),
+                "No such endpoint in provider account \"{}\".",
                 account.name()
             ))
         })?;

@@ -270,3 +270,140 @@ pub async fn read_to_end(body: &mut Incoming) -> Result<Vec<u8>, hyper::Error> {
     }
     Ok(out)
 }
+
+/// Serves `gateway.app()`: the proxy and the management API (under `/manage`) on one port.
+pub async fn serve_app(gateway: Gateway) -> TestGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let svc = gateway.app::<Incoming>();
+    tokio::spawn(async move {
+        tower_gateway::server::serve_with_grace(
+            listener,
+            svc,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    });
+    TestGateway {
+        addr,
+        gateway,
+        _stop: stop,
+    }
+}
+
+/// What a call answered: status, headers and the whole body as text.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON; panics if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The message of a gateway error body.
+    pub fn error_message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not an error body: {}", self.body))
+            .to_owned()
+    }
+}
+
+/// Sends `method uri` with `Authorization: Bearer key` (if any) and a JSON body (if any), and
+/// reads the whole answer, all within [`WAIT`].
+pub async fn send_json(method: Method, uri: Uri, key: Option<&str>, body: Option<&str>) -> Answer {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(Full::from(body.unwrap_or_default().to_owned()))
+        .unwrap();
+    within("an answer", async {
+        let res = client().request(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8(bytes.to_vec()).unwrap(),
+        }
+    })
+    .await
+}
+
+/// Where a [`sse_upstream`] hands over each stream it opens: the request path and the sender
+/// that feeds the response body (drop it for a clean end).
+pub type StreamFeeds = tokio::sync::mpsc::UnboundedReceiver<(
+    String,
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+)>;
+
+/// A [`RecordingUpstream`] that answers `POST …/chat/completions` with an SSE body fed by
+/// the test (through [`StreamFeeds`]) and anything else with a small JSON body
+/// `{"upstream_path": PATH}`.
+pub async fn sse_upstream() -> (RecordingUpstream, StreamFeeds) {
+    let (feed_tx, feed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = RecordingUpstream::start(move |seen: Seen| {
+        let feed_tx = feed_tx.clone();
+        async move {
+            let path = seen.uri.path().to_owned();
+            if seen.method == Method::POST && path.ends_with("/chat/completions") {
+                let (events, body) = ChannelBody::channel(8);
+                let _ = feed_tx.send((path, events));
+                let mut res = Response::new(MockBody::Stream(body));
+                res.headers_mut().insert(
+                    "content-type",
+                    HeaderValue::from_static("text/event-stream"),
+                );
+                res
+            } else {
+                let body = serde_json::json!({ "upstream_path": path }).to_string();
+                let mut res = Response::new(MockBody::Full(Some(Bytes::from(body))));
+                res.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
+                res
+            }
+        }
+    })
+    .await;
+    (upstream, feed_rx)
+}
+
+/// The `i`th token event of a test stream.
+pub fn sse_event(i: usize) -> String {
+    format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"token{i} \"}}}}]}}\n\n")
+}
+
+/// The last event of an OpenAI stream.
+pub const SSE_DONE: &str = "data: [DONE]\n\n";
+
+/// `POST`s a streaming chat request with `key` and returns the body once the head is 200.
+pub async fn open_stream(uri: Uri, key: &str) -> Incoming {
+    let req = Request::post(uri)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Full::from(
+            r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#,
+        ))
+        .unwrap();
+    let res = within("a stream's response head", client().request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "the stream did not open");
+    res.into_body()
+}
