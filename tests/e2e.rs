@@ -839,3 +839,27 @@ async fn request_and_response_bodies_stream_in_lockstep() {
     drop(tx);
     assert!(next_data(&mut body).await.is_none());
 }
+
+#[tokio::test]
+async fn cookies_pass_only_when_configured() {
+    for pass in [false, true] {
+        let upstream = RecordingUpstream::start(|_| async {
+            full(200, &[("set-cookie", "session=up; Path=/")], "ok")
+        })
+        .await;
+        let gw = start_gateway(
+            &upstream.base_url(),
+            ForwardBuilder::default().pass_cookies(pass),
+        )
+        .await;
+        let req = Request::get(gw.proxy_url("/models"))
+            .header("authorization", format!("Bearer {GW_KEY}"))
+            .header("cookie", "gateway_session=abc")
+            .body(Full::default())
+            .unwrap();
+        let res = client().request(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers().contains_key("set-cookie"), pass);
+        assert_eq!(upstream.last().headers.contains_key("cookie"), pass);
+    }
+}

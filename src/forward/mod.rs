@@ -8,7 +8,8 @@
 //! - the request is sent in absolute form with the upstream's own `Host`, as HTTP/1.1 (or h2);
 //! - hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
 //!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
-//!   `Proxy-Authorization`, `Proxy-Authenticate`) are removed both ways;
+//!   `Proxy-Authorization`, `Proxy-Authenticate`) are removed both ways, and so are `Cookie`
+//!   and `Set-Cookie` unless [`ForwardBuilder::pass_cookies`] says otherwise;
 //! - bodies stream both ways frame by frame, never collected;
 //! - redirects are passed to the client, never followed;
 //! - timeouts: connect, first byte (the response head), and idle (the longest silence between
@@ -170,6 +171,7 @@ struct Shared {
     client: UpstreamClient,
     defaults: Resolved,
     max_request_body: u64,
+    pass_cookies: bool,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
 }
@@ -220,6 +222,7 @@ fn build_client(
 pub struct ForwardBuilder {
     defaults: Resolved,
     max_request_body: u64,
+    pass_cookies: bool,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
 }
@@ -233,6 +236,7 @@ impl Default for ForwardBuilder {
                 idle: DEFAULT_IDLE_TIMEOUT,
             },
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            pass_cookies: false,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 1024,
         }
@@ -266,6 +270,14 @@ impl ForwardBuilder {
         self
     }
 
+    /// Whether `Cookie` goes upstream and `Set-Cookie` comes back (default: neither). A
+    /// client's cookies are credentials for the gateway's own domain, not the upstream's, and
+    /// an upstream's cookies would be set on the gateway's domain.
+    pub fn pass_cookies(mut self, pass: bool) -> Self {
+        self.pass_cookies = pass;
+        self
+    }
+
     /// How long an idle pooled connection is kept (default 90 s).
     pub fn pool_idle_timeout(mut self, d: Duration) -> Self {
         self.pool_idle_timeout = d;
@@ -291,6 +303,7 @@ impl ForwardBuilder {
                 client,
                 defaults: self.defaults,
                 max_request_body: self.max_request_body,
+                pass_cookies: self.pass_cookies,
                 pool_idle_timeout: self.pool_idle_timeout,
                 pool_max_idle_per_host: self.pool_max_idle_per_host,
             }),
@@ -409,6 +422,9 @@ where
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
+        if !self.shared.pass_cookies {
+            parts.headers.remove(http::header::COOKIE);
+        }
         parts.version = Version::HTTP_11;
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let body = UnsyncBoxBody::new(IdleTimeoutBody::new(t.idle, Limited::new(body, limit)));
@@ -417,6 +433,7 @@ where
             state: State::Waiting {
                 future: tokio::time::timeout(t.first_byte, future),
                 idle: t.idle,
+                pass_cookies: self.shared.pass_cookies,
             },
         }
     }
@@ -437,6 +454,7 @@ pin_project! {
             #[pin]
             future: tokio::time::Timeout<hyper_util::client::legacy::ResponseFuture>,
             idle: Duration,
+            pass_cookies: bool,
         },
         Failed { error: Option<BoxError> },
     }
@@ -458,7 +476,11 @@ impl Future for ResponseFuture {
             StateProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion")))
             }
-            StateProj::Waiting { future, idle } => {
+            StateProj::Waiting {
+                future,
+                idle,
+                pass_cookies,
+            } => {
                 let res = match ready!(future.poll(cx)) {
                     Err(_elapsed) => return Poll::Ready(Err(UpstreamTimeout::new().into())),
                     Ok(Err(err)) => return Poll::Ready(Err(err.into())),
@@ -476,6 +498,9 @@ impl Future for ResponseFuture {
                 remove_hop_by_hop(&mut parts.headers);
                 // Only the gateway's own responses carry this header.
                 parts.headers.remove(crate::error::X_GATEWAY_ERROR);
+                if !*pass_cookies {
+                    parts.headers.remove(http::header::SET_COOKIE);
+                }
                 let body = ResponseBody::upstream(IdleTimeoutBody::new(*idle, body));
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
