@@ -33,9 +33,13 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(up.port_u16(), Some(8443));
             assert!(up.path() == "/v1" || up.path().starts_with("/v1/"), "{up}");
             for seg in up.path().split('/') {
-                let decoded = seg.to_ascii_lowercase().replace("%2e", ".").replace("%20", " ");
+                let decoded = seg
+                    .to_ascii_lowercase()
+                    .replace("%2e", ".")
+                    .replace("%20", " ");
                 let before_params = decoded.split(';').next().unwrap_or("");
-                let dot_like = before_params.contains('.') && before_params.chars().all(|c| c == '.' || c == ' ');
+                let dot_like = before_params.contains('.')
+                    && before_params.chars().all(|c| c == '.' || c == ' ');
                 assert!(!dot_like, "dot segment in {up}");
             }
             assert!(!up.path().contains("//"), "{up}");
