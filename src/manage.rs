@@ -65,7 +65,8 @@ use crate::config::{RawGrants, RawTimeouts, build_grants};
 use crate::error::GatewayError;
 use crate::forward::ResponseBody;
 use crate::registry::{
-    Account, Endpoint, EndpointSpec, RegistryError, SharedRegistry, UpstreamBase, is_valid_name,
+    Account, AccountSpec, Endpoint, EndpointSpec, RegistryError, SharedRegistry, UpstreamBase,
+    is_valid_name,
 };
 use crate::route::DEFAULT_PATH_PREFIX;
 
@@ -291,6 +292,21 @@ impl From<RegistryError> for GatewayError {
 }
 
 impl Management {
+    /// Changes one account's spec and swaps in the new registry; nothing changes on error.
+    fn update_account(
+        &self,
+        account: &str,
+        change: impl FnOnce(&mut AccountSpec) -> Result<(), GatewayError>,
+    ) -> Result<(), GatewayError> {
+        self.registry.update(|specs| {
+            let spec = specs
+                .iter_mut()
+                .find(|s| s.name == account)
+                .ok_or_else(|| no_account(account))?;
+            change(spec)
+        })
+    }
+
     async fn handle<B>(&self, req: Request<B>) -> Result<(StatusCode, Value), GatewayError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -433,11 +449,7 @@ impl Management {
                 return Err(denied(principal, Permission::Manage, "this account"));
             }
         }
-        self.registry.update(|specs| {
-            let spec = specs
-                .iter_mut()
-                .find(|s| s.name == account)
-                .ok_or_else(|| no_account(account))?;
+        self.update_account(account, |spec| {
             spec.access = grants;
             Ok::<_, GatewayError>(())
         })?;
@@ -513,11 +525,7 @@ impl Management {
                 None => false,
             }
         };
-        self.registry.update(|specs| {
-            let spec = specs
-                .iter_mut()
-                .find(|s| s.name == account)
-                .ok_or_else(|| no_account(account))?;
+        self.update_account(account, |spec| {
             match spec.endpoints.iter_mut().find(|e| e.name == endpoint) {
                 Some(ep) => {
                     ep.base_url = body.base_url.clone();
@@ -570,11 +578,7 @@ impl Management {
                 return Err(denied(principal, Permission::Manage, "this endpoint"));
             }
         }
-        self.registry.update(|specs| {
-            let spec = specs
-                .iter_mut()
-                .find(|s| s.name == account)
-                .ok_or_else(|| no_account(account))?;
+        self.update_account(account, |spec| {
             let before = spec.endpoints.len();
             spec.endpoints.retain(|e| e.name != endpoint);
             if spec.endpoints.len() == before {
