@@ -175,6 +175,23 @@ impl fmt::Display for GatewayError {
 
 impl StdError for GatewayError {}
 
+/// The client's request body was malformed (a bad chunk, say) (400): the client's fault, not
+/// the upstream's.
+#[derive(Debug)]
+pub struct InvalidRequestBody(pub BoxError);
+
+impl fmt::Display for InvalidRequestBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the request body is malformed: {}", self.0)
+    }
+}
+
+impl StdError for InvalidRequestBody {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
+}
+
 macro_rules! transport_error {
     ($(#[$doc:meta])* $name:ident, $display:literal) => {
         $(#[$doc])*
@@ -218,6 +235,12 @@ transport_error!(
     /// The request body is larger than the gateway forwards (413).
     PayloadTooLarge,
     "the request body is over the limit"
+);
+transport_error!(
+    /// The request's `Transfer-Encoding` is not plain `chunked` (501): forwarding it would
+    /// hand the upstream a body framed differently from what the gateway read.
+    UnsupportedTransferEncoding,
+    "the request's Transfer-Encoding is not supported"
 );
 transport_error!(
     /// The request reached the forwarder without an absolute upstream URI (500): the route
@@ -270,6 +293,20 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
                 StatusCode::REQUEST_TIMEOUT,
                 "request_body_timeout",
                 "The request body stalled for longer than the idle timeout.",
+            );
+        }
+        if e.is::<InvalidRequestBody>() {
+            return GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_body",
+                "The request body is malformed.",
+            );
+        }
+        if e.is::<UnsupportedTransferEncoding>() {
+            return GatewayError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported_transfer_encoding",
+                "Only `Transfer-Encoding: chunked` is supported.",
             );
         }
         if e.is::<NoUpstream>() {
@@ -571,6 +608,16 @@ mod tests {
             ),
             (NoUpstream::new().into(), 500, "no_upstream"),
             (PayloadTooLarge::new().into(), 413, "payload_too_large"),
+            (
+                Box::new(InvalidRequestBody("bad chunk".into())),
+                400,
+                "invalid_request_body",
+            ),
+            (
+                UnsupportedTransferEncoding::new().into(),
+                501,
+                "unsupported_transfer_encoding",
+            ),
             ("something else".into(), 502, "upstream_error"),
         ];
         for (err, status, code) in cases {

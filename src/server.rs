@@ -1,8 +1,8 @@
 //! Serving a gateway (or any tower HTTP service) on a TCP listener, with graceful shutdown.
 //!
 //! [`serve`] accepts connections (HTTP/1.1 and HTTP/2, `TCP_NODELAY` on every socket so a
-//! small token event is never held back by Nagle), serves each with hyper-util's auto
-//! connection builder (a client has 30 s to send a request head), and when `shutdown`
+//! small token event is never held back by Nagle), refuses an HTTP/1.1 request without exactly
+//! one `Host` (400), serves each with hyper-util's auto connection builder (a client has 30 s to send a request head), and when `shutdown`
 //! completes stops accepting, lets in-flight requests and streams finish within a grace
 //! period, then closes what is left.
 //!
@@ -38,6 +38,44 @@ use tokio::net::TcpListener;
 use tower_service::Service;
 
 use crate::BoxError;
+use crate::error::{GatewayError, ResponseFuture};
+
+/// Refuses what RFC 9112 §3.2 says a server must refuse: an HTTP/1.1 request without exactly
+/// one `Host`, and any request with several.
+#[derive(Clone)]
+struct HostGuard<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<Incoming>> for HostGuard<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    B: From<Bytes>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, B>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let hosts = req.headers().get_all(http::header::HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && req.version() == http::Version::HTTP_11) {
+            let err = GatewayError::new(
+                http::StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "An HTTP/1.1 request needs exactly one Host header.",
+            );
+            return ResponseFuture::reject(err.into_response());
+        }
+        ResponseFuture::inner(self.inner.call(req))
+    }
+}
 
 /// How long in-flight requests may run on after shutdown begins, by default: 30 s.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -54,7 +92,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     F: Future<Output = ()>,
 {
@@ -74,7 +112,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     F: Future<Output = ()>,
 {
@@ -108,8 +146,9 @@ where
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "could not set TCP_NODELAY");
                 }
+                let svc = HostGuard { inner: service.clone() };
                 let conn = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                     .into_owned();
                 let conn = graceful.watch(conn);
                 connections.spawn(async move {

@@ -63,8 +63,8 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body;
-use http_body_util::Limited;
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -79,7 +79,10 @@ use self::idle::IdleTimeoutBody;
 pub use self::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
-use crate::error::{NoUpstream, PayloadTooLarge, UpstreamCredentialRejected, UpstreamTimeout};
+use crate::error::{
+    InvalidRequestBody, NoUpstream, PayloadTooLarge, UnsupportedTransferEncoding,
+    UpstreamCredentialRejected, UpstreamTimeout,
+};
 use crate::hop::remove_hop_by_hop;
 use crate::registry::{Endpoint, Timeouts};
 use crate::route::RouteMatch;
@@ -411,6 +414,21 @@ where
         if declared.is_some_and(|len| len > max) || body.size_hint().lower() > max {
             return ResponseFuture::failed(PayloadTooLarge::new().into());
         }
+        // Only plain chunked framing, which the server has already decoded, may be re-framed;
+        // `gzip, chunked` or `chunked, chunked` would reach the upstream as something else.
+        let mut codings = parts
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter();
+        if let Some(first) = codings.next()
+            && (codings.next().is_some()
+                || !first
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked"))
+        {
+            return ResponseFuture::failed(UnsupportedTransferEncoding::new().into());
+        }
         // The endpoint is held by the request's `RouteMatch`, which moves upstream with it.
         let target = parts
             .extensions
@@ -427,6 +445,8 @@ where
         }
         parts.version = Version::HTTP_11;
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        // A broken client body is the client's fault (400), not the upstream's.
+        let body = body.map_err(|e| InvalidRequestBody(e.into()));
         let body = UnsyncBoxBody::new(IdleTimeoutBody::new(t.idle, Limited::new(body, limit)));
         let future = client.request(Request::from_parts(parts, body));
         ResponseFuture {
