@@ -515,6 +515,11 @@ impl Future for ResponseFuture {
                     return Poll::Ready(Err(UpstreamCredentialRejected::new().into()));
                 }
                 let (mut parts, body) = res.into_parts();
+                // RFC 9112 §6.3: a message with both framings was read as chunked; its
+                // `Content-Length` is stale and would make the server cut the body short.
+                if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                }
                 remove_hop_by_hop(&mut parts.headers);
                 // Only the gateway's own responses carry this header.
                 parts.headers.remove(crate::error::X_GATEWAY_ERROR);
