@@ -1,0 +1,639 @@
+//! Streaming over loopback TCP: the full gateway against a bare forwarder and no proxy at all.
+//!
+//! Every group has three arms, so ratios read from one run:
+//!
+//! - `direct`: client → upstream;
+//! - `bare_forward`: client → a hyper server running only [`Forward`] (behind [`RescueLayer`],
+//!   with a one-line service that makes the URI absolute) → upstream;
+//! - `gateway`: client → [`Gateway::service`] (rescue, auth, route, access, inject, identity
+//!   encoding, forward) with one key and one endpoint → upstream.
+//!
+//! The upstream is a hyper server that answers from canned frames (static `Bytes`, no
+//! per-request work beyond draining the request body); the proxies run under
+//! [`tower_gateway::server::serve`]; the client is hyper-util's pooled legacy client with
+//! keep-alive and `TCP_NODELAY`. By default client, proxies and upstream share one tokio
+//! multi-thread runtime (a worker per core), so on a small machine they compete for the same
+//! cores: read ratios, not absolute numbers. `BENCH_LAYOUT=pinned` instead runs the proxies on
+//! a one-worker runtime pinned to core 0 and the client and upstream on one pinned to core 1,
+//! the layout of the issue's nginx baselines: the proxy's core is then the bottleneck of the
+//! throughput workloads, but on a virtual machine an idle core is slow to wake (tens of µs per
+//! cross-core hand-off), which dominates the latency workloads.
+//!
+//! | group | workload | throughput |
+//! |---|---|---|
+//! | `sse_1000_events` | one request, 1,000 SSE events of ~150 B (an OpenAI chunk each), one frame per event, sent as fast as possible | events/s |
+//! | `sse_1000_events_x64` | the same, 64 streams at once | events/s |
+//! | `bytes_16MiB` | a 16 MiB response in 16 KiB frames | bytes/s |
+//! | `completions_c1` | small non-streaming completions (~400 B of JSON), one at a time | requests/s |
+//! | `completions_c64` | the same, 64 clients at once, 16 requests each | requests/s |
+//! | `first_event` | the upstream answers one event; time from sending the request to that event | time |
+//!
+//! ```text
+//! cargo bench --bench streaming
+//! cargo bench --bench streaming -- sse_1000_events/   # one group
+//! BENCH_LAYOUT=pinned cargo bench --bench streaming
+//! ```
+
+use std::convert::Infallible;
+use std::future::pending;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{
+    BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+    measurement::WallTime,
+};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tower::Layer;
+use tower::util::MapRequest;
+use tower_gateway::access::{Grants, Subject};
+use tower_gateway::auth::{HashedKeyStore, Principal};
+use tower_gateway::error::RescueLayer;
+use tower_gateway::forward::Forward;
+use tower_gateway::gateway::Gateway;
+use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+
+/// The gateway key every arm's client sends (the other arms ignore it).
+const CLIENT_AUTHORIZATION: &str = "Bearer gw-bench-0123456789abcdef0123456789abcdef";
+/// The upstream credential the gateway injects.
+const UPSTREAM_AUTHORIZATION: &str = "Bearer wandb-0123456789abcdef";
+
+/// What every client sends: an OpenAI chat request.
+const REQUEST_BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Explain in two sentences why streaming responses token by token improves perceived latency."}],"stream":true,"temperature":0.7,"max_tokens":512}"#;
+
+/// A non-streaming completion, ~400 bytes.
+const COMPLETION: &str = r#"{"id":"chatcmpl-bench-0001","object":"chat.completion","created":1741570283,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Streaming shows the first words as soon as they exist, so the reader starts sooner; the trade-off is more, smaller writes."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":31,"total_tokens":73}}"#;
+
+const SSE_EVENTS: usize = 1_000;
+const STREAMS: usize = 64;
+const BIG_LEN: usize = 16 << 20;
+const BIG_FRAME: usize = 16 << 10;
+const CLIENTS: usize = 64;
+const REQUESTS_PER_CLIENT: usize = 16;
+
+const PATH_SSE: &str = "sse";
+const PATH_BIG: &str = "bytes";
+const PATH_COMPLETION: &str = "completions";
+const PATH_FIRST: &str = "first";
+
+/// The `i`th token event: an OpenAI `chat.completion.chunk`, 157 bytes.
+fn sse_event(i: usize) -> String {
+    format!(
+        "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"llama-3.1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i:05}\"}},\"finish_reason\":null}}]}}\n\n"
+    )
+}
+
+fn leak(data: Vec<u8>) -> Bytes {
+    Bytes::from_static(Box::leak(data.into_boxed_slice()))
+}
+
+/// The upstream's answers, built once. Every frame is a `Bytes` over static memory, so
+/// serving one costs neither an allocation nor a copy.
+struct Canned {
+    sse: Arc<[Bytes]>,
+    big: Arc<[Bytes]>,
+    completion: Arc<[Bytes]>,
+    first: Arc<[Bytes]>,
+}
+
+impl Canned {
+    fn new() -> Self {
+        let mut sse: Vec<Bytes> = (0..SSE_EVENTS - 1)
+            .map(|i| leak(sse_event(i).into_bytes()))
+            .collect();
+        sse.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        let frame = leak(vec![b'x'; BIG_FRAME]);
+        Self {
+            sse: sse.into(),
+            big: vec![frame; BIG_LEN / BIG_FRAME].into(),
+            completion: vec![Bytes::from_static(COMPLETION.as_bytes())].into(),
+            first: vec![leak(sse_event(0).into_bytes())].into(),
+        }
+    }
+
+    fn len(frames: &[Bytes]) -> usize {
+        frames.iter().map(Bytes::len).sum()
+    }
+}
+
+/// A response body that hands out canned frames, one per poll, each at once. With `exact`
+/// its size hint is exact, so hyper sends a `Content-Length`; otherwise it is chunked.
+struct Frames {
+    frames: Arc<[Bytes]>,
+    next: usize,
+    exact: bool,
+}
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(frame) = self.frames.get(self.next).cloned() else {
+            return Poll::Ready(None);
+        };
+        self.next += 1;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next >= self.frames.len()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact {
+            SizeHint::with_exact(Canned::len(&self.frames[self.next..]) as u64)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+/// Drains the request body, then answers the canned response for the last path segment.
+async fn answer(
+    req: Request<Incoming>,
+    canned: Arc<Canned>,
+) -> Result<Response<Frames>, Infallible> {
+    let (parts, mut body) = req.into_parts();
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            break;
+        }
+    }
+    let path = parts.uri.path();
+    let (frames, exact, content_type) = match path.rsplit('/').next() {
+        Some(PATH_SSE) => (&canned.sse, false, "text/event-stream"),
+        Some(PATH_BIG) => (&canned.big, true, "application/octet-stream"),
+        Some(PATH_COMPLETION) => (&canned.completion, true, "application/json"),
+        Some(PATH_FIRST) => (&canned.first, false, "text/event-stream"),
+        _ => {
+            let mut res = Response::new(Frames {
+                frames: Arc::new([]),
+                next: 0,
+                exact: true,
+            });
+            *res.status_mut() = StatusCode::NOT_FOUND;
+            return Ok(res);
+        }
+    };
+    let mut res = Response::new(Frames {
+        frames: frames.clone(),
+        next: 0,
+        exact,
+    });
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(res)
+}
+
+async fn spawn_upstream(canned: Arc<Canned>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            stream.set_nodelay(true).unwrap();
+            let canned = canned.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| answer(req, canned.clone()));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `Forward` alone (behind `RescueLayer`, which `serve` needs for an infallible service),
+/// with the upstream's scheme and authority set on the request URI.
+async fn spawn_bare_forward(upstream: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let authority: Authority = upstream.to_string().parse().unwrap();
+    let absolute = move |mut req: Request<Incoming>| {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+        *req.uri_mut() = Uri::from_parts(parts).expect("origin-form URI made absolute");
+        req
+    };
+    let svc = RescueLayer::new().layer(MapRequest::new(Forward::<Incoming>::new(), absolute));
+    tokio::spawn(tower_gateway::server::serve(listener, svc, pending()));
+    addr
+}
+
+/// The full stack: one key, one account with one endpoint that injects a credential.
+async fn spawn_gateway(upstream: SocketAddr) -> SocketAddr {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static(UPSTREAM_AUTHORIZATION),
+    );
+    let registry = Registry::from_accounts(vec![AccountSpec {
+        endpoints: vec![EndpointSpec {
+            headers,
+            ..EndpointSpec::new("inference", format!("http://{upstream}/v1"))
+        }],
+        access: Grants {
+            users: vec![Subject::Everyone],
+            ..Grants::default()
+        },
+        ..AccountSpec::new("coreweave-model")
+    }])
+    .unwrap();
+    let key = CLIENT_AUTHORIZATION.strip_prefix("Bearer ").unwrap();
+    let keys = HashedKeyStore::new()
+        .with_key(
+            key,
+            Principal::new("bench", "bench@example.com", ["research"]),
+        )
+        .unwrap();
+    let gateway = Gateway::builder()
+        .keys(keys)
+        .registry(registry.into())
+        .build();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tower_gateway::server::serve(
+        listener,
+        gateway.service(),
+        pending(),
+    ));
+    addr
+}
+
+type BenchClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> BenchClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(http)
+}
+
+/// One arm: a client of its own and the URI of each workload.
+struct Arm {
+    name: &'static str,
+    client: BenchClient,
+    sse: Uri,
+    big: Uri,
+    completion: Uri,
+    first: Uri,
+}
+
+impl Arm {
+    fn new(name: &'static str, base: String) -> Self {
+        let uri = |path: &str| format!("{base}/{path}").parse::<Uri>().unwrap();
+        Self {
+            name,
+            client: client(),
+            sse: uri(PATH_SSE),
+            big: uri(PATH_BIG),
+            completion: uri(PATH_COMPLETION),
+            first: uri(PATH_FIRST),
+        }
+    }
+}
+
+fn request(uri: &Uri) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(Bytes::from_static(REQUEST_BODY.as_bytes())));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = uri.clone();
+    let headers = req.headers_mut();
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static(CLIENT_AUTHORIZATION),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    req
+}
+
+async fn send(client: &BenchClient, uri: &Uri) -> Incoming {
+    let res = client.request(request(uri)).await.expect("request failed");
+    assert_eq!(res.status(), StatusCode::OK, "{uri}");
+    res.into_body()
+}
+
+/// Reads a body to its end; returns how many bytes it carried.
+async fn drain(mut body: Incoming) -> usize {
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("response body failed").into_data() {
+            n += data.len();
+        }
+    }
+    n
+}
+
+async fn fetch(client: &BenchClient, uri: &Uri) -> usize {
+    drain(send(client, uri).await).await
+}
+
+/// Runs `per_task` fetches of `uri` on each of `tasks` spawned tasks; returns the bytes each
+/// task read, summed.
+async fn fetch_concurrently(arm: &Arm, uri: &Uri, tasks: usize, per_task: usize) -> usize {
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let client = arm.client.clone();
+            let uri = uri.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                for _ in 0..per_task {
+                    n += fetch(&client, &uri).await;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for handle in handles {
+        n += handle.await.unwrap();
+    }
+    n
+}
+
+/// Time from sending the request to the first data frame; the rest is read untimed.
+async fn time_to_first_event(arm: &Arm) -> Duration {
+    let req = request(&arm.first);
+    let start = Instant::now();
+    let res = arm.client.request(req).await.expect("request failed");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    loop {
+        let frame = body
+            .frame()
+            .await
+            .expect("the stream ended before its event")
+            .expect("response body failed");
+        if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    drain(body).await;
+    elapsed
+}
+
+struct Expected {
+    sse: usize,
+    big: usize,
+    completion: usize,
+    first: usize,
+}
+
+/// Where the bench runs: the load (client and upstream) and the proxies, on one runtime or on
+/// two, each pinned to a core of its own.
+struct Layout {
+    /// Runs the clients (criterion's `block_on`) and the upstream.
+    load: Runtime,
+    /// Runs the proxies; `None` when they share `load`.
+    proxies: Option<Runtime>,
+    description: String,
+}
+
+impl Layout {
+    /// By default everything shares one multi-thread runtime with a worker per core.
+    /// `BENCH_LAYOUT=pinned` (with two cores or more) gives the proxies a one-worker runtime
+    /// pinned to core 0 and the client and upstream one pinned to core 1, as the issue's nginx
+    /// baselines were measured.
+    fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pinned = std::env::var("BENCH_LAYOUT").is_ok_and(|v| v == "pinned");
+        if !pinned || cores < 2 {
+            let load = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            return Self {
+                load,
+                proxies: None,
+                description: format!(
+                    "shared: client, upstream and proxies on one runtime, {cores} workers, \
+                     unpinned (BENCH_LAYOUT=pinned for a core each)"
+                ),
+            };
+        }
+        let pinned = |core: usize| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .on_thread_start(move || pin_to(core))
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        // Criterion drives the clients from this thread (`block_on`): it belongs to the load.
+        pin_to(1);
+        Self {
+            load: pinned(1),
+            proxies: Some(pinned(0)),
+            description: "pinned: proxies on core 0 (one worker), client and upstream on core 1 \
+                          (one worker and the bench thread)"
+                .to_owned(),
+        }
+    }
+
+    fn proxies(&self) -> &Runtime {
+        self.proxies.as_ref().unwrap_or(&self.load)
+    }
+}
+
+/// Pins the calling thread to `core`.
+#[allow(unsafe_code)]
+fn pin_to(core: usize) {
+    // SAFETY: `set` is a zeroed, then filled, `cpu_set_t` that outlives the call.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(pinned, 0, "could not pin a thread to core {core}");
+}
+
+fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
+    let canned = Arc::new(Canned::new());
+    let expected = Expected {
+        sse: Canned::len(&canned.sse),
+        big: Canned::len(&canned.big),
+        completion: Canned::len(&canned.completion),
+        first: Canned::len(&canned.first),
+    };
+    eprintln!("layout: {}", layout.description);
+    let upstream = layout.load.block_on(spawn_upstream(canned));
+    let bare = layout.proxies().block_on(spawn_bare_forward(upstream));
+    let gateway = layout.proxies().block_on(spawn_gateway(upstream));
+    let arms = layout.load.block_on(async {
+        let arms = vec![
+            Arm::new("direct", format!("http://{upstream}/v1")),
+            Arm::new("bare_forward", format!("http://{bare}/v1")),
+            Arm::new(
+                "gateway",
+                format!("http://{gateway}/proxy-api/coreweave-model/inference"),
+            ),
+        ];
+        // Every arm answers every workload in full before anything is timed.
+        for arm in &arms {
+            assert_eq!(
+                fetch(&arm.client, &arm.sse).await,
+                expected.sse,
+                "{}",
+                arm.name
+            );
+            assert_eq!(
+                fetch(&arm.client, &arm.big).await,
+                expected.big,
+                "{}",
+                arm.name
+            );
+            assert_eq!(
+                fetch(&arm.client, &arm.completion).await,
+                expected.completion,
+                "{}",
+                arm.name
+            );
+            assert_eq!(
+                fetch(&arm.client, &arm.first).await,
+                expected.first,
+                "{}",
+                arm.name
+            );
+        }
+        arms
+    });
+    (arms, expected)
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    throughput: Throughput,
+) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.throughput(throughput);
+    g
+}
+
+fn streaming(c: &mut Criterion) {
+    let layout = Layout::new();
+    let (arms, expected) = setup(&layout);
+    let rt = &layout.load;
+    let expected = &expected;
+
+    let mut g = group(
+        c,
+        "sse_1000_events",
+        Throughput::Elements(SSE_EVENTS as u64),
+    );
+    for arm in &arms {
+        g.bench_function(arm.name, |b| {
+            b.to_async(rt).iter(|| async move {
+                assert_eq!(fetch(&arm.client, &arm.sse).await, expected.sse);
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = group(
+        c,
+        "sse_1000_events_x64",
+        Throughput::Elements((SSE_EVENTS * STREAMS) as u64),
+    );
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .measurement_time(Duration::from_secs(5));
+    for arm in &arms {
+        g.bench_function(arm.name, |b| {
+            b.to_async(rt).iter(|| async move {
+                let n = fetch_concurrently(arm, &arm.sse, STREAMS, 1).await;
+                assert_eq!(n, expected.sse * STREAMS);
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = group(c, "bytes_16MiB", Throughput::Bytes(BIG_LEN as u64));
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
+    for arm in &arms {
+        g.bench_function(arm.name, |b| {
+            b.to_async(rt).iter(|| async move {
+                assert_eq!(fetch(&arm.client, &arm.big).await, expected.big);
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = group(c, "completions_c1", Throughput::Elements(1));
+    for arm in &arms {
+        g.bench_function(arm.name, |b| {
+            b.to_async(rt).iter(|| async move {
+                assert_eq!(
+                    fetch(&arm.client, &arm.completion).await,
+                    expected.completion
+                );
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = group(
+        c,
+        "completions_c64",
+        Throughput::Elements((CLIENTS * REQUESTS_PER_CLIENT) as u64),
+    );
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
+    for arm in &arms {
+        g.bench_function(arm.name, |b| {
+            b.to_async(rt).iter(|| async move {
+                let n =
+                    fetch_concurrently(arm, &arm.completion, CLIENTS, REQUESTS_PER_CLIENT).await;
+                assert_eq!(n, expected.completion * CLIENTS * REQUESTS_PER_CLIENT);
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("first_event");
+    for arm in &arms {
+        g.bench_function(arm.name, |b| {
+            b.to_async(rt).iter_custom(|iters| async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += time_to_first_event(arm).await;
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = streaming
+}
+criterion_main!(benches);
