@@ -45,6 +45,7 @@
 //! | field | type | default | meaning |
 //! |---|---|---|---|
 //! | `path_prefix` | string | `"/proxy-api"` | prefix of every proxy path: empty, or `/name[/name…]` with no trailing slash |
+//! | `limits.max_request_body_bytes` | integer > 0 | 33554432 (32 MiB) | largest request body forwarded; larger is a 413 |
 //! | `keys` | array of tables | `[]` | the gateway API keys |
 //! | `keys[].id` | string | required | a unique label for logs; never the secret |
 //! | `keys[].subject` | string | required | who holds the key, e.g. an email; no spaces |
@@ -169,6 +170,9 @@ pub struct GatewayConfig {
     pub keys: HashedKeyStore,
     /// The accounts and endpoints.
     pub registry: Registry,
+    /// `limits.max_request_body_bytes`: the largest request body forwarded, if set (the
+    /// forwarder's default, 32 MiB, otherwise).
+    pub max_request_body: Option<u64>,
 }
 
 impl GatewayConfig {
@@ -420,6 +424,15 @@ struct RawConfig {
     keys: Vec<RawKey>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    max_request_body_bytes: Option<u64>,
 }
 
 fn default_path_prefix() -> String {
@@ -646,10 +659,17 @@ fn build(raw: RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, Config
         .map(|(i, account)| build_account(i, account, secrets))
         .collect::<Result<Vec<_>, _>>()?;
     let registry = Registry::from_accounts(accounts)?;
+    if raw.limits.max_request_body_bytes == Some(0) {
+        return Err(ConfigError::new(
+            "limits.max_request_body_bytes",
+            "must be greater than zero",
+        ));
+    }
     Ok(GatewayConfig {
         path_prefix: raw.path_prefix,
         keys,
         registry,
+        max_request_body: raw.limits.max_request_body_bytes,
     })
 }
 

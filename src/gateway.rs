@@ -90,6 +90,7 @@ pub struct Gateway<K = SharedKeyStore> {
     #[cfg(feature = "manage")]
     management: Management,
     source: Option<Arc<Path>>,
+    max_request_body: Option<u64>,
 }
 
 impl Gateway {
@@ -104,6 +105,7 @@ impl Gateway {
             public_url: None,
             forward: ForwardBuilder::default(),
             source: None,
+            max_request_body: None,
         }
     }
 
@@ -144,6 +146,12 @@ impl Gateway {
             return Err(ConfigError::new(
                 "path_prefix",
                 "cannot change while the gateway runs; restart it to change the prefix",
+            ));
+        }
+        if config.max_request_body != self.max_request_body {
+            return Err(ConfigError::new(
+                "limits.max_request_body_bytes",
+                "cannot change while the gateway runs; restart it to change the limit",
             ));
         }
         self.keys.store(config.keys);
@@ -224,6 +232,7 @@ impl<K> Clone for Gateway<K> {
             #[cfg(feature = "manage")]
             management: self.management.clone(),
             source: self.source.clone(),
+            max_request_body: self.max_request_body,
         }
     }
 }
@@ -363,6 +372,7 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
     public_url: Option<String>,
     forward: ForwardBuilder,
     source: Option<PathBuf>,
+    max_request_body: Option<u64>,
 }
 
 impl GatewayBuilder {
@@ -372,8 +382,9 @@ impl GatewayBuilder {
         self
     }
 
-    /// Keys, endpoints and path prefix from a loaded configuration.
-    pub fn config(self, config: GatewayConfig) -> Self {
+    /// Keys, endpoints, path prefix and limits from a loaded configuration.
+    pub fn config(mut self, config: GatewayConfig) -> Self {
+        self.max_request_body = config.max_request_body;
         self.keys(config.keys)
             .registry(config.registry.into())
             .path_prefix(&config.path_prefix)
@@ -393,6 +404,7 @@ impl<K> GatewayBuilder<K> {
             public_url: self.public_url,
             forward: self.forward,
             source: self.source,
+            max_request_body: self.max_request_body,
         }
     }
 
@@ -450,10 +462,16 @@ impl<K> GatewayBuilder<K> {
                 .path_prefix(&self.path_prefix),
             registry: self.registry,
             path_prefix: self.path_prefix.into(),
-            forward: self.forward.build(),
+            // The configuration file's limit wins over the forwarder's settings.
+            forward: match self.max_request_body {
+                Some(max) => self.forward.max_request_body(max),
+                None => self.forward,
+            }
+            .build(),
             #[cfg(feature = "manage")]
             management,
             source: self.source.map(Into::into),
+            max_request_body: self.max_request_body,
         }
     }
 }

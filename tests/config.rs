@@ -677,3 +677,31 @@ fn the_example_config_stays_valid() {
         "keys[0].key: environment variable GATEWAY_KEY is not set"
     );
 }
+
+#[test]
+fn the_body_limit_is_read_and_validated() {
+    let secrets = SecretSource::from_vars(Vec::<(String, String)>::new(), std::env::temp_dir());
+    let cfg =
+        GatewayConfig::from_toml("[limits]\nmax_request_body_bytes = 1048576\n", &secrets).unwrap();
+    assert_eq!(cfg.max_request_body, Some(1_048_576));
+    assert_eq!(
+        GatewayConfig::from_toml("", &secrets)
+            .unwrap()
+            .max_request_body,
+        None
+    );
+    for (text, field) in [
+        (
+            "[limits]\nmax_request_body_bytes = 0\n",
+            "limits.max_request_body_bytes",
+        ),
+        ("[limits]\nmax_body = 1\n", "limits.max_body"),
+        (
+            "[limits]\nmax_request_body_bytes = -1\n",
+            "limits.max_request_body_bytes",
+        ),
+    ] {
+        let err = GatewayConfig::from_toml(text, &secrets).unwrap_err();
+        assert_eq!(err.field(), field, "{err}");
+    }
+}

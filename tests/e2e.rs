@@ -863,3 +863,39 @@ async fn cookies_pass_only_when_configured() {
         assert_eq!(upstream.last().headers.contains_key("cookie"), pass);
     }
 }
+
+#[tokio::test]
+async fn the_config_files_body_limit_applies_and_cannot_change_on_reload() {
+    use tower_gateway::config::{GatewayConfig, SecretSource};
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let toml = |limit: u64| {
+        format!(
+            "[limits]\nmax_request_body_bytes = {limit}\n[[keys]]\nid = \"k\"\nsubject = \"s\"\nkey = \"{GW_KEY}\"\n\
+             [[accounts]]\nname = \"{ACCOUNT}\"\naccess = {{ users = [\"everyone\"] }}\n\
+             [[accounts.endpoints]]\nname = \"{ENDPOINT}\"\nbase_url = \"{}\"\n",
+            upstream.base_url()
+        )
+    };
+    let secrets = SecretSource::from_vars(Vec::<(String, String)>::new(), std::env::temp_dir());
+    let config = GatewayConfig::from_toml(&toml(1024), &secrets).unwrap();
+    let gateway = tower_gateway::gateway::Gateway::builder()
+        .config(config)
+        .forward(ForwardBuilder::default())
+        .build();
+    let gw = serve_gateway(gateway).await;
+    let req = Request::post(gw.proxy_url("/chat/completions"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .body(Full::from(vec![b'x'; 2048]))
+        .unwrap();
+    let res = client().request(req).await.unwrap();
+    assert_gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &res);
+    assert_eq!(upstream.count(), 0);
+    let err = gw
+        .gateway
+        .apply(GatewayConfig::from_toml(&toml(4096), &secrets).unwrap())
+        .unwrap_err();
+    assert_eq!(err.field(), "limits.max_request_body_bytes");
+    gw.gateway
+        .apply(GatewayConfig::from_toml(&toml(1024), &secrets).unwrap())
+        .unwrap();
+}
