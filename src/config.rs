@@ -155,7 +155,7 @@ use serde::Deserialize;
 use crate::access::{Grants, Subject};
 use crate::auth::{HashedKeyStore, KeyDigest, Principal};
 use crate::forward::TlsSettings;
-use crate::registry::{AccountSpec, EndpointSpec, Registry, RegistryError, Timeouts};
+use crate::registry::{AccountSpec, EndpointSpec, FieldError, Registry, Timeouts};
 use crate::route::{DEFAULT_PATH_PREFIX, is_valid_prefix};
 
 /// A loaded, validated gateway configuration: the path prefix, key store and registry the
@@ -200,49 +200,12 @@ impl GatewayConfig {
     }
 }
 
-/// A configuration that failed to load: the field (`accounts[0].endpoints[1].base_url`) and
-/// the problem.
+/// A configuration that failed to load: the field (`accounts[0].endpoints[1].base_url`, `line N`
+/// for a TOML syntax error, or the file's path when it cannot be read) and the problem. The
+/// same type as a registry's validation error.
 ///
 /// Neither its `Display` nor its `Debug` output ever contains a secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    field: String,
-    message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-
-    /// The field in error, as a path into the configuration (`keys[1].id`), or `line N` for
-    /// a TOML syntax error, or the file's path when it cannot be read.
-    pub fn field(&self) -> &str {
-        &self.field
-    }
-
-    /// The problem.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-impl From<RegistryError> for ConfigError {
-    fn from(e: RegistryError) -> Self {
-        Self::new(e.field(), e.message())
-    }
-}
+pub type ConfigError = FieldError;
 
 /// A resolved secret: `Debug` prints `Secret(<redacted>)`.
 #[derive(Clone)]

@@ -178,8 +178,7 @@ impl<K: KeyStore> Gateway<K> {
     /// [`GatewayBuilder::management_prefix`] (`/manage` by default). It serves any request body
     /// type.
     #[cfg(feature = "manage")]
-    pub fn management_service<B>(&self) -> ManagementService<K> {
-        let _ = std::marker::PhantomData::<B>;
+    pub fn management_service(&self) -> ManagementService<K> {
         RescueLayer::new()
             .layer(GatewayAuthLayer::from_arc(self.keys.clone()).layer(self.management.clone()))
     }
@@ -193,7 +192,7 @@ impl<K: KeyStore> Gateway<K> {
     pub fn app<B>(&self) -> GatewayApp<K, B> {
         GatewayApp {
             proxy: self.service(),
-            management: self.management_service::<B>(),
+            management: self.management_service(),
             management_prefix: self.management.prefix_str().into(),
         }
     }

@@ -36,7 +36,7 @@
 //!
 //! let gateway = Gateway::builder().build();
 //! let app: Router = Router::new()
-//!     .route_service("/manage/{*rest}", gateway.management_service::<axum::body::Body>())
+//!     .route_service("/manage/{*rest}", gateway.management_service())
 //!     .fallback_service(gateway.service::<axum::body::Body>());
 //! # let _ = app;
 //! ```
@@ -302,7 +302,7 @@ impl Management {
             let spec = specs
                 .iter_mut()
                 .find(|s| s.name == account)
-                .ok_or_else(|| no_account(account))?;
+                .ok_or_else(no_account)?;
             change(spec)
         })
     }
@@ -408,7 +408,7 @@ impl Management {
         name: &str,
     ) -> Result<(StatusCode, Value), GatewayError> {
         let registry = self.registry.load();
-        let account = registry.account(name).ok_or_else(|| no_account(name))?;
+        let account = registry.account(name).ok_or_else(no_account)?;
         account_json(account, principal, &self.proxy_prefix)
             .map(|v| (StatusCode::OK, v))
             .ok_or_else(|| denied(principal, Permission::View, "this account"))
@@ -423,9 +423,9 @@ impl Management {
         let registry = self.registry.load();
         let ep = registry
             .account(account)
-            .ok_or_else(|| no_account(account))?
+            .ok_or_else(no_account)?
             .endpoint(endpoint)
-            .ok_or_else(|| no_endpoint(account, endpoint))?;
+            .ok_or_else(no_endpoint)?;
         if ep.grants().allows(principal, Permission::View) {
             Ok(ep.clone())
         } else {
@@ -442,9 +442,7 @@ impl Management {
         let grants = build_grants(body, "access").map_err(|e| bad_request(e.to_string()))?;
         {
             let registry = self.registry.load();
-            let a = registry
-                .account(account)
-                .ok_or_else(|| no_account(account))?;
+            let a = registry.account(account).ok_or_else(no_account)?;
             if !a.access().allows(principal, Permission::Manage) {
                 return Err(denied(principal, Permission::Manage, "this account"));
             }
@@ -457,9 +455,7 @@ impl Management {
         // The change is done: answer with the new state even if it took the caller's own
         // grant away.
         let registry = self.registry.load();
-        let a = registry
-            .account(account)
-            .ok_or_else(|| no_account(account))?;
+        let a = registry.account(account).ok_or_else(no_account)?;
         Ok((
             StatusCode::OK,
             account_view(a, principal, &self.proxy_prefix),
@@ -491,9 +487,7 @@ impl Management {
             .unwrap_or_default();
         let exists = {
             let registry = self.registry.load();
-            let a = registry
-                .account(account)
-                .ok_or_else(|| no_account(account))?;
+            let a = registry.account(account).ok_or_else(no_account)?;
             match a.endpoint(endpoint) {
                 Some(ep) if !ep.grants().allows(principal, Permission::Manage) => {
                     return Err(denied(principal, Permission::Manage, "this endpoint"));
@@ -552,7 +546,7 @@ impl Management {
             .load()
             .endpoint(account, endpoint)
             .cloned()
-            .ok_or_else(|| no_endpoint(account, endpoint))?;
+            .ok_or_else(no_endpoint)?;
         let status = if exists {
             StatusCode::OK
         } else {
@@ -571,9 +565,9 @@ impl Management {
             let registry = self.registry.load();
             let ep = registry
                 .account(account)
-                .ok_or_else(|| no_account(account))?
+                .ok_or_else(no_account)?
                 .endpoint(endpoint)
-                .ok_or_else(|| no_endpoint(account, endpoint))?;
+                .ok_or_else(no_endpoint)?;
             if !ep.grants().allows(principal, Permission::Manage) {
                 return Err(denied(principal, Permission::Manage, "this endpoint"));
             }
@@ -582,7 +576,7 @@ impl Management {
             let before = spec.endpoints.len();
             spec.endpoints.retain(|e| e.name != endpoint);
             if spec.endpoints.len() == before {
-                return Err(no_endpoint(account, endpoint));
+                return Err(no_endpoint());
             }
             Ok::<_, GatewayError>(())
         })?;
@@ -596,11 +590,11 @@ impl Management {
 
 // Error messages never repeat names the registry does not know: a caller who pasted a key into
 // the path must not get it echoed back.
-fn no_account(_name: &str) -> GatewayError {
+fn no_account() -> GatewayError {
     GatewayError::not_found("No such provider account.")
 }
 
-fn no_endpoint(_account: &str, _endpoint: &str) -> GatewayError {
+fn no_endpoint() -> GatewayError {
     GatewayError::not_found("No such endpoint in this provider account.")
 }
 

@@ -232,15 +232,16 @@ impl fmt::Debug for AccountSpec {
     }
 }
 
-/// A registry that failed validation: the field (`accounts[0].endpoints[1].base_url`) and the
-/// problem. It never contains a header value.
+/// A field that failed validation: its path (`accounts[0].endpoints[1].base_url`) and the
+/// problem. It never contains a header value or any other secret. Both the registry and the
+/// [configuration](crate::config) report errors with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RegistryError {
+pub struct FieldError {
     field: String,
     message: String,
 }
 
-impl RegistryError {
+impl FieldError {
     pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),
@@ -259,13 +260,16 @@ impl RegistryError {
     }
 }
 
-impl fmt::Display for RegistryError {
+impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.field, self.message)
     }
 }
 
-impl std::error::Error for RegistryError {}
+impl std::error::Error for FieldError {}
+
+/// A registry that failed validation.
+pub type RegistryError = FieldError;
 
 /// A compiled endpoint: what the route, inject and forward layers need, precomputed.
 pub struct Endpoint {

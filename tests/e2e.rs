@@ -899,3 +899,69 @@ async fn the_config_files_body_limit_applies_and_cannot_change_on_reload() {
         .apply(GatewayConfig::from_toml(&toml(1024), &secrets).unwrap())
         .unwrap();
 }
+
+/// The connect timeout covers the TLS handshake: an upstream that accepts TCP and then says
+/// nothing is unreachable after `connect`, not a 504 after the (much longer) first-byte timeout.
+#[tokio::test]
+async fn a_silent_tls_handshake_is_bounded_by_the_connect_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await; // accept, never answer the ClientHello
+        drop(s);
+    });
+    let gw = start_gateway(
+        &format!("https://{addr}/v1"),
+        ForwardBuilder::default()
+            .connect_timeout(Duration::from_millis(300))
+            .first_byte_timeout(Duration::from_secs(20)),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let res = within(
+        "response",
+        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
+    )
+    .await
+    .unwrap();
+    assert_gateway_error(StatusCode::BAD_GATEWAY, "upstream_unreachable", &res);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A client whose upload stalls past the idle timeout gets a 408, and the upstream never
+/// receives a complete request.
+#[tokio::test]
+async fn a_stalled_request_body_is_a_408() {
+    let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
+    let gw = start_gateway(
+        &upstream.base_url(),
+        ForwardBuilder::default().idle_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {GW_KEY}\r\nContent-Length: 100\r\n\r\n{{\"model\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let response = read_head(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("x-gateway-error: request_body_timeout"),
+        "{response}"
+    );
+    assert!(
+        upstream
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.body_len < 100)
+    );
+}

@@ -170,32 +170,20 @@ impl Resolved {
     }
 }
 
+/// What every clone of a [`Forward`] shares: the default pool and the settings it was built with.
 struct Shared {
     client: UpstreamClient,
-    defaults: Resolved,
-    max_request_body: u64,
-    pass_cookies: bool,
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
+    settings: ForwardBuilder,
 }
 
-impl Shared {
-    fn build_client(&self, tls: rustls::ClientConfig, connect: Duration) -> UpstreamClient {
-        build_client(
-            tls,
-            connect,
-            self.pool_idle_timeout,
-            self.pool_max_idle_per_host,
-        )
-    }
-}
-
+/// A pooled client over `tls`, with the pool settings of `settings`.
 fn build_client(
     tls: rustls::ClientConfig,
     connect: Duration,
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
+    settings: &ForwardBuilder,
 ) -> UpstreamClient {
+    let (pool_idle_timeout, pool_max_idle_per_host) =
+        (settings.pool_idle_timeout, settings.pool_max_idle_per_host);
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -295,20 +283,11 @@ impl ForwardBuilder {
 
     /// Builds the service. The system trust roots are loaded on first use, once per process.
     pub fn build<B>(self) -> Forward<B> {
-        let client = build_client(
-            tls::default_client_config(),
-            self.defaults.connect,
-            self.pool_idle_timeout,
-            self.pool_max_idle_per_host,
-        );
+        let client = build_client(tls::default_client_config(), self.defaults.connect, &self);
         Forward {
             shared: Arc::new(Shared {
                 client,
-                defaults: self.defaults,
-                max_request_body: self.max_request_body,
-                pass_cookies: self.pass_cookies,
-                pool_idle_timeout: self.pool_idle_timeout,
-                pool_max_idle_per_host: self.pool_max_idle_per_host,
+                settings: self,
             }),
             _body: PhantomData,
         }
@@ -347,8 +326,9 @@ impl<B> Forward<B> {
     /// connect timeout get their own pool, created on first use and dropped with the registry
     /// snapshot; the others share this forwarder's pool.
     fn client_for<'a>(&'a self, ep: &'a Endpoint) -> (&'a UpstreamClient, Resolved) {
-        let t = self.shared.defaults.with(ep.timeouts());
-        let own_connect = t.connect != self.shared.defaults.connect;
+        let defaults = self.shared.settings.defaults;
+        let t = defaults.with(ep.timeouts());
+        let own_connect = t.connect != defaults.connect;
         if ep.tls.is_none() && !own_connect {
             return (&self.shared.client, t);
         }
@@ -357,7 +337,7 @@ impl<B> Forward<B> {
                 .tls
                 .as_ref()
                 .map_or_else(tls::default_client_config, |s| s.client_config());
-            self.shared.build_client(tls, t.connect)
+            build_client(tls, t.connect, &self.shared.settings)
         });
         (client, t)
     }
@@ -381,7 +361,7 @@ impl<B> Clone for Forward<B> {
 impl<B> fmt::Debug for Forward<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Forward")
-            .field("defaults", &self.shared.defaults)
+            .field("settings", &self.shared.settings)
             .finish_non_exhaustive()
     }
 }
@@ -405,7 +385,8 @@ where
         if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
             return ResponseFuture::failed(NoUpstream::new().into());
         }
-        let max = self.shared.max_request_body;
+        let settings = &self.shared.settings;
+        let max = settings.max_request_body;
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -436,11 +417,11 @@ where
             .map(|r| r.target.clone());
         let (client, t) = match &target {
             Some(ep) => self.client_for(ep),
-            None => (&self.shared.client, self.shared.defaults),
+            None => (&self.shared.client, settings.defaults),
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
-        if !self.shared.pass_cookies {
+        if !settings.pass_cookies {
             parts.headers.remove(http::header::COOKIE);
         }
         parts.version = Version::HTTP_11;
@@ -453,7 +434,7 @@ where
             state: State::Waiting {
                 future: tokio::time::timeout(t.first_byte, future),
                 idle: t.idle,
-                pass_cookies: self.shared.pass_cookies,
+                pass_cookies: settings.pass_cookies,
             },
         }
     }

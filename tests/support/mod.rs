@@ -103,10 +103,27 @@ pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGatew
 }
 
 pub async fn serve_gateway(gateway: Gateway) -> TestGateway {
+    let svc = gateway.service();
+    serve_with(gateway, svc).await
+}
+
+/// Serves `svc` on 127.0.0.1:0 until the returned `TestGateway` is dropped.
+async fn serve_with<S, B>(gateway: Gateway, svc: S) -> TestGateway
+where
+    S: tower::Service<
+            Request<Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    B::Error: Into<tower_gateway::BoxError>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let svc = gateway.service();
     tokio::spawn(async move {
         tower_gateway::server::serve_with_grace(
             listener,
@@ -273,27 +290,8 @@ pub async fn read_to_end(body: &mut Incoming) -> Result<Vec<u8>, hyper::Error> {
 
 /// Serves `gateway.app()`: the proxy and the management API (under `/manage`) on one port.
 pub async fn serve_app(gateway: Gateway) -> TestGateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
     let svc = gateway.app::<Incoming>();
-    tokio::spawn(async move {
-        tower_gateway::server::serve_with_grace(
-            listener,
-            svc,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
-    });
-    TestGateway {
-        addr,
-        gateway,
-        _stop: stop,
-    }
+    serve_with(gateway, svc).await
 }
 
 /// What a call answered: status, headers and the whole body as text.
