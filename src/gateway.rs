@@ -63,21 +63,73 @@ use crate::auth::{GatewayAuth, GatewayAuthLayer, HashedKeyStore, KeyStore, Share
 use crate::config::{ConfigError, GatewayConfig};
 use crate::encoding::{IdentityEncoding, IdentityEncodingLayer};
 use crate::error::{Rescue, RescueLayer};
-use crate::forward::{Forward, ForwardBuilder};
+use crate::forward::{Forward, ForwardBuilder, ResponseBody};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
+use crate::trace::{AcceptRequestId, AcceptRequestIdLayer, GatewayRequestId, GatewayTrace};
+use crate::usage::{TapRequestBody, UsageBody, UsageTap, UsageTapLayer};
+use tower_http::map_response_body::{MapResponseBody, MapResponseBodyLayer};
+use tower_http::request_id::{PropagateRequestId, SetRequestId};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
 use crate::registry::SharedRegistry;
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 
 /// The full stack for request body `B`, as returned by [`Gateway::service`].
-pub type GatewayService<K, B> = Rescue<
-    GatewayAuth<CustomEndpointRoute<AccessControl<InjectHeaders<IdentityEncoding<Forward<B>>>>>, K>,
+pub type GatewayService<K, B> = Traced<
+    Rescue<
+        GatewayAuth<
+            CustomEndpointRoute<
+                UsageTap<
+                    AccessControl<InjectHeaders<IdentityEncoding<Forward<TapRequestBody<B>>>>>,
+                >,
+            >,
+            K,
+        >,
+    >,
+    UsageBody<ResponseBody>,
 >;
 
 /// The management API behind authentication, as returned by [`Gateway::management_service`].
 #[cfg(feature = "manage")]
-pub type ManagementService<K> = Rescue<GatewayAuth<Management, K>>;
+pub type ManagementService<K> = Traced<Rescue<GatewayAuth<Management, K>>, ResponseBody>;
+
+/// The [`trace`](crate::trace) layers around a service `S` whose responses have body `B`:
+/// request ids, the request span, and the body boxed into a [`ResponseBody`].
+pub type Traced<S, B> = AcceptRequestId<
+    SetRequestId<
+        MapResponseBody<GatewayTrace<PropagateRequestId<S>>, fn(TracedBody<B>) -> ResponseBody>,
+        GatewayRequestId,
+    >,
+>;
+
+/// A response body under [`GatewayTrace`].
+pub type TracedBody<B> = tower_http::trace::ResponseBody<
+    B,
+    tower_http::classify::NeverClassifyEos<tower_http::classify::ServerErrorsFailureClass>,
+    (),
+    (),
+    crate::trace::RecordFailure,
+>;
+
+fn boxed<B>(body: TracedBody<B>) -> ResponseBody
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError> + fmt::Display,
+{
+    ResponseBody::new(body)
+}
+
+fn traced<S, B>(service: &'static str, metrics: bool, inner: S) -> Traced<S, B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError> + fmt::Display,
+{
+    let stack = crate::trace::propagate_request_id().layer(inner);
+    let stack = crate::trace::layer(service, metrics).layer(stack);
+    let stack = MapResponseBodyLayer::new(boxed::<B> as fn(TracedBody<B>) -> ResponseBody).layer(stack);
+    let stack = crate::trace::set_request_id().layer(stack);
+    AcceptRequestIdLayer::new().layer(stack)
+}
 
 /// An assembled gateway: key store, registry and connection pool. Cheap to clone; clones
 /// share everything.
@@ -91,6 +143,8 @@ pub struct Gateway<K = SharedKeyStore> {
     management: Management,
     source: Option<Arc<Path>>,
     max_request_body: Option<u64>,
+    usage: UsageTapLayer,
+    metrics: bool,
 }
 
 impl Gateway {
@@ -106,6 +160,8 @@ impl Gateway {
             forward: ForwardBuilder::default(),
             source: None,
             max_request_body: None,
+            usage: UsageTapLayer::new(),
+            metrics: true,
         }
     }
 
@@ -165,13 +221,14 @@ impl<K: KeyStore> Gateway<K> {
     /// `axum::body::Body` under axum). Every service shares this gateway's key store,
     /// registry and connection pool.
     pub fn service<B>(&self) -> GatewayService<K, B> {
-        let forward = self.forward.for_body::<B>();
+        let forward = self.forward.for_body::<TapRequestBody<B>>();
         let stack = IdentityEncodingLayer::new().layer(forward);
         let stack = InjectHeadersLayer::from_route().layer(stack);
         let stack = AccessControlLayer::new().layer(stack);
+        let stack = self.usage.layer(stack);
         let stack = self.route.layer(stack);
         let stack = GatewayAuthLayer::from_arc(self.keys.clone()).layer(stack);
-        RescueLayer::new().layer(stack)
+        traced("proxy", self.metrics, RescueLayer::new().layer(stack))
     }
 
     /// The [management API](crate::manage) behind the same authentication, answering under
@@ -179,8 +236,9 @@ impl<K: KeyStore> Gateway<K> {
     /// type.
     #[cfg(feature = "manage")]
     pub fn management_service(&self) -> ManagementService<K> {
-        RescueLayer::new()
-            .layer(GatewayAuthLayer::from_arc(self.keys.clone()).layer(self.management.clone()))
+        let stack =
+            GatewayAuthLayer::from_arc(self.keys.clone()).layer(self.management.clone());
+        traced("manage", self.metrics, RescueLayer::new().layer(stack))
     }
 }
 
@@ -232,6 +290,8 @@ impl<K> Clone for Gateway<K> {
             management: self.management.clone(),
             source: self.source.clone(),
             max_request_body: self.max_request_body,
+            usage: self.usage.clone(),
+            metrics: self.metrics,
         }
     }
 }
@@ -372,6 +432,8 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
     forward: ForwardBuilder,
     source: Option<PathBuf>,
     max_request_body: Option<u64>,
+    usage: UsageTapLayer,
+    metrics: bool,
 }
 
 impl GatewayBuilder {
@@ -404,6 +466,8 @@ impl<K> GatewayBuilder<K> {
             forward: self.forward,
             source: self.source,
             max_request_body: self.max_request_body,
+            usage: self.usage,
+            metrics: self.metrics,
         }
     }
 
@@ -443,6 +507,21 @@ impl<K> GatewayBuilder<K> {
         self
     }
 
+    /// The usage tap (default: [`UsageTapLayer::new`], records to
+    /// [`TracingUsageSink`](crate::usage::TracingUsageSink), does not ask for usage). Give it
+    /// a sink of your own, or [`include_usage`](UsageTapLayer::include_usage).
+    pub fn usage(mut self, usage: UsageTapLayer) -> Self {
+        self.usage = usage;
+        self
+    }
+
+    /// Whether to record [metrics](crate::usage::metric) through the `metrics` facade (default
+    /// on; nothing is recorded until the application installs a recorder).
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
+    }
+
     /// Builds the gateway.
     pub fn build(self) -> Gateway<K> {
         #[cfg(feature = "manage")]
@@ -471,6 +550,8 @@ impl<K> GatewayBuilder<K> {
             management,
             source: self.source.map(Into::into),
             max_request_body: self.max_request_body,
+            usage: self.usage.metrics(self.metrics),
+            metrics: self.metrics,
         }
     }
 }

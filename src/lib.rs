@@ -89,6 +89,10 @@ pub mod registry;
 pub mod route;
 #[cfg(feature = "gateway")]
 pub mod server;
+#[cfg(feature = "trace")]
+pub mod trace;
+#[cfg(feature = "trace")]
+pub mod usage;
 
 /// A boxed error, the error type of the stack below [`RescueLayer`](error::RescueLayer).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

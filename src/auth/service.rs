@@ -189,6 +189,7 @@ where
             return match answer {
                 Ok(Some(principal)) => {
                     strip_credentials(req.headers_mut());
+                    record_principal(&principal);
                     req.extensions_mut().insert(principal);
                     ResponseFuture {
                         state: State::Inner {
@@ -293,6 +294,7 @@ where
                     Ok(Some(principal)) => {
                         let mut req = req.take().expect("polled after completion");
                         let mut inner = inner.take().expect("polled after completion");
+                        record_principal(&principal);
                         req.extensions_mut().insert(principal);
                         let future = inner.call(req);
                         state.set(State::Inner { future });
@@ -526,5 +528,15 @@ mod tests {
         );
         assert!(credential(&h(&[])).is_err());
         assert!(credential(&h(&[("authorization", "Token k1")])).is_err());
+    }
+}
+
+/// Records who called on the current span (the request span of
+/// [`trace`](crate::trace), when there is one): the key's label and its subject, never the key.
+fn record_principal(principal: &Principal) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("gateway.key_id", &*principal.key_id);
+        span.record("gateway.subject", &*principal.subject);
     }
 }

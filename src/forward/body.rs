@@ -4,6 +4,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
@@ -29,6 +31,7 @@ pin_project! {
     enum Kind {
         Upstream { #[pin] body: IdleTimeoutBody<Incoming> },
         Full { data: Option<Bytes> },
+        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
@@ -36,6 +39,22 @@ impl ResponseBody {
     pub(crate) fn upstream(body: IdleTimeoutBody<Incoming>) -> Self {
         Self {
             kind: Kind::Upstream { body },
+        }
+    }
+}
+
+impl ResponseBody {
+    /// Boxes any other body (the gateway's traced and tapped response bodies), so every
+    /// service of the gateway answers with one body type.
+    pub fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: Kind::Boxed {
+                body: UnsyncBoxBody::new(body.map_err(Into::into)),
+            },
         }
     }
 }
@@ -73,6 +92,7 @@ impl Body for ResponseBody {
                 other => Poll::Ready(other),
             },
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Boxed { body } => body.poll_frame(cx),
         }
     }
 
@@ -80,6 +100,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Upstream { body } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
+            Kind::Boxed { body } => body.is_end_stream(),
         }
     }
 
@@ -89,6 +110,7 @@ impl Body for ResponseBody {
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Kind::Boxed { body } => body.size_hint(),
         }
     }
 }
@@ -98,6 +120,7 @@ impl fmt::Debug for ResponseBody {
         let kind = match &self.kind {
             Kind::Upstream { .. } => "Upstream",
             Kind::Full { .. } => "Full",
+            Kind::Boxed { .. } => "Boxed",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
     }

@@ -1,0 +1,429 @@
+//! Incremental readers of `model` and `usage` in OpenAI-compatible responses.
+//!
+//! [`SseParser`] reads a `text/event-stream` as its frames pass: it keeps only the line and the
+//! event being read (capped), never a frame, and reports every event boundary so a caller can
+//! cut an event out without holding anything else. [`JsonCollector`] keeps the frames of a
+//! small `application/json` body (as `Bytes`, no copy) and reads them once at the end.
+
+use bytes::Bytes;
+use memchr::memmem;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// The longest line or event (bytes) the SSE parser reads; longer ones are skipped whole.
+pub(crate) const MAX_EVENT: usize = 1 << 20;
+
+/// The largest JSON body (bytes) whose usage is read; larger bodies pass unread.
+pub(crate) const MAX_JSON: usize = 4 << 20;
+
+/// What a response told about its model and token counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Observed {
+    pub(crate) model: Option<Box<str>>,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<TokenCounts>,
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+#[derive(Deserialize)]
+struct TokenCounts {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+}
+
+impl Observed {
+    /// Reads one JSON document (an SSE event's data or a whole body). Returns whether it was a
+    /// usage-only chunk (`usage` set and `choices` empty, the chunk `stream_options.include_usage`
+    /// adds at the end of a stream), or `None` if it is not a JSON object.
+    fn read(&mut self, json: &[u8]) -> Option<bool> {
+        let chunk: Chunk<'_> = serde_json::from_slice(json).ok()?;
+        if self.model.is_none()
+            && let Some(model) = chunk.model
+        {
+            self.model = Some(model.into());
+        }
+        let usage_only = match chunk.usage {
+            Some(usage) => {
+                self.input_tokens = usage.prompt_tokens.or(self.input_tokens);
+                self.output_tokens = usage.completion_tokens.or(self.output_tokens);
+                chunk.choices.is_some_and(|c| c.is_empty())
+            }
+            None => false,
+        };
+        Some(usage_only)
+    }
+}
+
+/// Whether `json` has a `"usage"` key followed by an object (not `null`): the only events worth
+/// parsing once the model is known.
+fn has_usage_object(json: &[u8]) -> bool {
+    let finder = memmem::Finder::new(b"\"usage\"");
+    let mut from = 0;
+    while let Some(at) = finder.find(&json[from..]) {
+        let rest = &json[from + at + 7..];
+        let rest = rest.trim_ascii_start();
+        if let Some(rest) = rest.strip_prefix(b":")
+            && rest.trim_ascii_start().first() == Some(&b'{')
+        {
+            return true;
+        }
+        from += at + 7;
+    }
+    false
+}
+
+/// An event boundary reported by [`SseParser::feed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Boundary {
+    /// Offset in the fed chunk just past the blank line that ended the event.
+    pub(crate) end: usize,
+    /// The event was a usage-only chunk.
+    pub(crate) usage_only: bool,
+}
+
+/// Reads `model` and `usage` from a Server-Sent Events stream, frame by frame.
+///
+/// Lines end with `\n`, `\r\n` or `\r` (also when split across frames); an event's `data:`
+/// lines are joined with `\n` and read when the blank line ending the event arrives. `[DONE]`,
+/// comments, other fields and malformed JSON are skipped; they never stop the stream.
+#[derive(Debug, Default)]
+pub(crate) struct SseParser {
+    /// The current line, when it started in an earlier frame.
+    line: Vec<u8>,
+    /// The data of the current event.
+    data: Vec<u8>,
+    has_data: bool,
+    /// The current line or event outgrew [`MAX_EVENT`]: skip it.
+    overflow_line: bool,
+    overflow_event: bool,
+    /// The last frame ended with `\r`: a `\n` opening the next one belongs to it.
+    after_cr: bool,
+    pub(crate) observed: Observed,
+    /// Events whose data was not a JSON object (besides `[DONE]`).
+    pub(crate) malformed: u32,
+}
+
+impl SseParser {
+    /// Reads `chunk`, calling `on_boundary` at the end of every event (a blank line).
+    pub(crate) fn feed(&mut self, chunk: &[u8], mut on_boundary: impl FnMut(Boundary)) {
+        let mut pos = 0;
+        if std::mem::take(&mut self.after_cr) && chunk.first() == Some(&b'\n') {
+            pos = 1;
+        }
+        while pos < chunk.len() {
+            let Some(i) = memchr::memchr2(b'\n', b'\r', &chunk[pos..]) else {
+                self.carry(&chunk[pos..]);
+                return;
+            };
+            let end = pos + i;
+            let mut next = end + 1;
+            if chunk[end] == b'\r' {
+                match chunk.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            let blank = if self.line.is_empty() && !self.overflow_line {
+                self.line_done(&chunk[pos..end])
+            } else {
+                self.carry(&chunk[pos..end]);
+                let line = std::mem::take(&mut self.line);
+                let blank = if self.overflow_line {
+                    false
+                } else {
+                    self.line_done(&line)
+                };
+                self.line = line;
+                self.line.clear();
+                self.overflow_line = false;
+                blank
+            };
+            if blank {
+                let usage_only = self.dispatch();
+                on_boundary(Boundary {
+                    end: next,
+                    usage_only,
+                });
+            }
+            pos = next;
+        }
+    }
+
+    fn carry(&mut self, part: &[u8]) {
+        if self.overflow_line {
+            return;
+        }
+        if self.line.len() + part.len() > MAX_EVENT {
+            self.overflow_line = true;
+            self.line = Vec::new();
+        } else {
+            self.line.extend_from_slice(part);
+        }
+    }
+
+    /// Takes one complete line; returns whether it was blank (the end of an event).
+    fn line_done(&mut self, line: &[u8]) -> bool {
+        if line.is_empty() {
+            return true;
+        }
+        if let Some(value) = line.strip_prefix(b"data") {
+            let value = match value {
+                [] => value,
+                [b':', b' ', rest @ ..] | [b':', rest @ ..] => rest,
+                // `dataX: …` is another field.
+                _ => return false,
+            };
+            if self.overflow_event {
+                return false;
+            }
+            if self.data.len() + value.len() + 1 > MAX_EVENT {
+                self.overflow_event = true;
+                self.data = Vec::new();
+                return false;
+            }
+            if self.has_data {
+                self.data.push(b'\n');
+            }
+            self.data.extend_from_slice(value);
+            self.has_data = true;
+        }
+        false
+    }
+
+    /// Reads the event just ended; returns whether it was a usage-only chunk.
+    fn dispatch(&mut self) -> bool {
+        let overflow = std::mem::take(&mut self.overflow_event);
+        if !std::mem::take(&mut self.has_data) || overflow {
+            self.data.clear();
+            return false;
+        }
+        let data = self.data.trim_ascii();
+        let mut usage_only = false;
+        if data != b"[DONE]" && (self.observed.model.is_none() || has_usage_object(data)) {
+            match self.observed.read(data) {
+                Some(only) => usage_only = only,
+                None => self.malformed += 1,
+            }
+        }
+        self.data.clear();
+        usage_only
+    }
+}
+
+/// Keeps a small JSON body's frames (refcounted, not copied) to read its usage at the end.
+#[derive(Debug, Default)]
+pub(crate) struct JsonCollector {
+    parts: Vec<Bytes>,
+    len: usize,
+    overflow: bool,
+}
+
+impl JsonCollector {
+    pub(crate) fn push(&mut self, frame: &Bytes) {
+        if self.overflow {
+            return;
+        }
+        self.len += frame.len();
+        if self.len > MAX_JSON {
+            self.overflow = true;
+            self.parts = Vec::new();
+        } else {
+            self.parts.push(frame.clone());
+        }
+    }
+
+    /// Reads the body; `None` if it was too large or not a JSON object.
+    pub(crate) fn finish(&mut self) -> Option<Observed> {
+        if self.overflow {
+            return None;
+        }
+        let parts = std::mem::take(&mut self.parts);
+        let mut observed = Observed::default();
+        match parts.as_slice() {
+            [one] => observed.read(one)?,
+            _ => observed.read(&parts.concat())?,
+        };
+        Some(observed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        ": keep-alive comment\n\n",
+        "data: {\"broken\": \n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"meta-llama/Llama-3.1-8B-Instruct\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"model\":\"meta-llama/Llama-3.1-8B-Instruct\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\r\n\r\n",
+        "event: message\ndata: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo \\\"usage\\\": {\"}}]}\n\n",
+        "data: not json at all\n\n",
+        "data: {\"id\":\"c1\",\"choices\":[],\n",
+        "data:\"usage\":{\"prompt_tokens\":17,\"completion_tokens\":42,\"total_tokens\":59}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn expected() -> Observed {
+        Observed {
+            model: Some("meta-llama/Llama-3.1-8B-Instruct".into()),
+            input_tokens: Some(17),
+            output_tokens: Some(42),
+        }
+    }
+
+    /// Boundaries match, but one that falls between the `\r` and the `\n` of a split `\r\n`
+    /// may come one byte early: the `\n` then opens the next segment as an empty line.
+    fn same_boundaries(got: &[(usize, bool)], whole: &[(usize, bool)], bytes: &[u8]) -> bool {
+        got.len() == whole.len()
+            && got.iter().zip(whole).all(|(g, w)| {
+                g.1 == w.1 && (g.0 == w.0 || (g.0 + 1 == w.0 && bytes[g.0 - 1..=g.0] == *b"\r\n"))
+            })
+    }
+
+    fn run(frames: &[&[u8]]) -> (SseParser, Vec<(usize, bool)>) {
+        let mut parser = SseParser::default();
+        let mut boundaries = Vec::new();
+        let mut offset = 0;
+        for frame in frames {
+            parser.feed(frame, |b| boundaries.push((offset + b.end, b.usage_only)));
+            offset += frame.len();
+        }
+        (parser, boundaries)
+    }
+
+    #[test]
+    fn whole_stream_in_one_frame() {
+        let (parser, boundaries) = run(&[STREAM.as_bytes()]);
+        assert_eq!(parser.observed, expected());
+        assert_eq!(
+            parser.malformed, 1,
+            "the malformed event read while looking for the model is skipped"
+        );
+        assert_eq!(boundaries.len(), 8);
+        assert_eq!(
+            boundaries.iter().filter(|(_, u)| *u).count(),
+            1,
+            "one usage-only event"
+        );
+        assert_eq!(boundaries.last().unwrap().0, STREAM.len());
+    }
+
+    #[test]
+    fn cut_at_every_byte_gives_the_same_usage_and_boundaries() {
+        let bytes = STREAM.as_bytes();
+        let (_, whole) = run(&[bytes]);
+        for cut in 0..=bytes.len() {
+            let (parser, boundaries) = run(&[&bytes[..cut], &bytes[cut..]]);
+            assert_eq!(parser.observed, expected(), "cut at {cut}");
+            assert!(same_boundaries(&boundaries, &whole, bytes), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn cut_into_three_at_every_pair_of_positions() {
+        let bytes = STREAM.as_bytes();
+        let (_, whole) = run(&[bytes]);
+        for a in (0..bytes.len()).step_by(7) {
+            for b in a..=bytes.len() {
+                let (parser, boundaries) = run(&[&bytes[..a], &bytes[a..b], &bytes[b..]]);
+                assert_eq!(parser.observed, expected(), "cuts at {a}, {b}");
+                assert!(
+                    same_boundaries(&boundaries, &whole, bytes),
+                    "cuts at {a}, {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn byte_by_byte() {
+        let bytes = STREAM.as_bytes();
+        let frames: Vec<&[u8]> = bytes.chunks(1).collect();
+        let (parser, boundaries) = run(&frames);
+        assert_eq!(parser.observed, expected());
+        assert!(same_boundaries(&boundaries, &run(&[bytes]).1, bytes));
+    }
+
+    #[test]
+    fn lone_cr_line_endings() {
+        let stream = STREAM.replace("\r\n", "\n").replace('\n', "\r");
+        let bytes = stream.as_bytes();
+        for cut in 0..=bytes.len() {
+            let (parser, boundaries) = run(&[&bytes[..cut], &bytes[cut..]]);
+            assert_eq!(parser.observed, expected(), "cut at {cut}");
+            assert_eq!(boundaries.len(), 8, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn the_first_model_and_the_last_usage_win() {
+        let stream = concat!(
+            "data: {\"model\":\"a\",\"choices\":[]}\n\n",
+            "data: {\"model\":\"b\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4},\"choices\":[{}]}\n\n",
+        );
+        let (parser, boundaries) = run(&[stream.as_bytes()]);
+        assert_eq!(parser.observed.model.as_deref(), Some("a"));
+        assert_eq!(parser.observed.input_tokens, Some(3));
+        assert_eq!(parser.observed.output_tokens, Some(4));
+        assert!(
+            boundaries.iter().all(|(_, u)| !u),
+            "no event here is usage-only"
+        );
+    }
+
+    #[test]
+    fn an_oversized_event_is_skipped_and_the_stream_goes_on() {
+        let big = "x".repeat(MAX_EVENT + 10);
+        let stream = format!(
+            "data: {{\"model\":\"{big}\"}}\n\ndata: {{\"model\":\"m\",\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":6}}}}\n\n"
+        );
+        let bytes = stream.as_bytes();
+        let frames: Vec<&[u8]> = bytes.chunks(4096).collect();
+        let (parser, boundaries) = run(&frames);
+        assert_eq!(parser.observed.model.as_deref(), Some("m"));
+        assert_eq!(parser.observed.input_tokens, Some(5));
+        assert_eq!(boundaries.len(), 2);
+        assert!(parser.line.capacity() <= MAX_EVENT && parser.data.capacity() <= MAX_EVENT);
+    }
+
+    #[test]
+    fn anthropic_style_names_are_read_too() {
+        let mut json = JsonCollector::default();
+        json.push(&Bytes::from_static(b"{\"model\":\"m\",\"usage\":{\"input_tokens\":"));
+        json.push(&Bytes::from_static(b"3,\"output_tokens\":9}}"));
+        let observed = json.finish().unwrap();
+        assert_eq!(observed.input_tokens, Some(3));
+        assert_eq!(observed.output_tokens, Some(9));
+    }
+
+    #[test]
+    fn json_body_over_the_cap_or_malformed_reads_nothing() {
+        let mut json = JsonCollector::default();
+        json.push(&Bytes::from(vec![b' '; MAX_JSON + 1]));
+        assert_eq!(json.finish(), None);
+        let mut json = JsonCollector::default();
+        json.push(&Bytes::from_static(b"[1,2,3]"));
+        assert_eq!(json.finish(), None);
+    }
+
+    #[test]
+    fn usage_key_detection() {
+        assert!(has_usage_object(b"{\"usage\" :  {\"a\":1}}"));
+        assert!(!has_usage_object(b"{\"usage\":null}"));
+        assert!(has_usage_object(b"{\"x\":\"\\\"usage\\\"\",\"usage\":{}}"));
+        assert!(!has_usage_object(b"{\"usages\":{}}"));
+    }
+}
