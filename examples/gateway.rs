@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --example gateway                                   # offline demo
 //! cargo run --release --example gateway -- --config gateway.toml [--listen ADDR]
+//!     [--metrics ADDR] [--include-usage] [--log-format json]
 //! ```
 //!
 //! With no arguments it starts a mock W&B Inference upstream on loopback and a gateway in front
@@ -12,6 +13,12 @@
 //! prints `listening on http://ADDR`, serves the proxy under `/proxy-api` and the management
 //! API under `/manage`, and Ctrl-C or SIGTERM stops accepting and lets in-flight streams
 //! finish within 30 seconds.
+//!
+//! Every call logs (stderr) its `gateway.request` span when it closes, with who called, what,
+//! the status, the time to first byte, the tokens; and one `usage` event. `--metrics ADDR`
+//! serves Prometheus metrics at `http://ADDR/metrics`; `--include-usage` asks streaming chat
+//! completions for their usage (the demo always does); `--log-format json` logs one JSON
+//! object per line.
 
 #[path = "support/mock_upstream.rs"]
 mod mock_upstream;
@@ -27,13 +34,19 @@ use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::gateway::Gateway;
 use tower_gateway::manage::{EXAMPLE_MODEL, UsageSnippet};
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+use tower_gateway::usage::UsageTapLayer;
 
 const USAGE: &str = "\
-usage: gateway [--config FILE] [--listen ADDR]
+usage: gateway [--config FILE] [--listen ADDR] [--metrics ADDR] [--include-usage]
+               [--log-format text|json]
 
-  (no arguments)   offline demo: a mock W&B Inference upstream and a gateway in front of it
-  --config FILE    serve the gateway described by FILE (TOML; see the README)
-  --listen ADDR    address to listen on (default 127.0.0.1:8080; 127.0.0.1:0 picks a free port)
+  (no arguments)     offline demo: a mock W&B Inference upstream and a gateway in front of it
+  --config FILE      serve the gateway described by FILE (TOML; see the README)
+  --listen ADDR      address to listen on (default 127.0.0.1:8080; 127.0.0.1:0 picks a free port)
+  --metrics ADDR     serve Prometheus metrics at http://ADDR/metrics
+  --include-usage    ask streaming chat completions for their usage (stream_options.include_usage),
+                     hiding the extra event from clients that did not ask (the demo always does)
+  --log-format FMT   text (default) or json, one object per line; RUST_LOG filters
 ";
 
 const DEMO_GATEWAY_KEY: &str = "gw-demo-key";
@@ -43,38 +56,62 @@ const DEMO_UPSTREAM_KEY: &str = "demo-wandb-upstream-key";
 struct Args {
     config: Option<String>,
     listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    include_usage: bool,
+    json_logs: bool,
+}
+
+fn parse_addr(flag: &str, addr: Option<String>) -> Result<SocketAddr, String> {
+    let addr = addr.ok_or_else(|| format!("{flag} needs an address"))?;
+    addr.parse()
+        .map_err(|_| format!("{flag}: {addr:?} is not an address like 127.0.0.1:8080"))
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut config = None;
-    let mut listen: SocketAddr = "127.0.0.1:8080".parse().expect("static address");
+    let mut parsed = Args {
+        config: None,
+        listen: "127.0.0.1:8080".parse().expect("static address"),
+        metrics: None,
+        include_usage: false,
+        json_logs: false,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--config" => config = Some(args.next().ok_or("--config needs a file")?),
-            "--listen" => {
-                let addr = args.next().ok_or("--listen needs an address")?;
-                listen = addr.parse().map_err(|_| {
-                    format!("--listen: {addr:?} is not an address like 127.0.0.1:8080")
-                })?;
-            }
+            "--config" => parsed.config = Some(args.next().ok_or("--config needs a file")?),
+            "--listen" => parsed.listen = parse_addr("--listen", args.next())?,
+            "--metrics" => parsed.metrics = Some(parse_addr("--metrics", args.next())?),
+            "--include-usage" => parsed.include_usage = true,
+            "--log-format" => match args.next().as_deref() {
+                Some("text") => parsed.json_logs = false,
+                Some("json") => parsed.json_logs = true,
+                _ => return Err("--log-format needs text or json".into()),
+            },
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(Args { config, listen })
+    Ok(parsed)
+}
+
+/// Logs to stderr: each request's span when it closes (with all its fields) and every event.
+fn init_logging(json: bool) {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_gateway=info".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json().flatten_event(true).init();
+    } else {
+        fmt.init();
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_gateway=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
@@ -85,10 +122,28 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(args.json_logs);
+
+    if let Some(addr) = args.metrics {
+        let exporter = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install();
+        match exporter {
+            Ok(()) => eprintln!("metrics on http://{addr}/metrics"),
+            Err(err) => {
+                eprintln!("error: cannot serve metrics on {addr}: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
 
     let (gateway, demo) = match &args.config {
-        Some(path) => match Gateway::load(path) {
-            Ok(gateway) => {
+        Some(path) => match Gateway::builder()
+            .usage(UsageTapLayer::new().include_usage(args.include_usage))
+            .config_file(path)
+        {
+            Ok(builder) => {
+                let gateway = builder.build();
                 reload_on_sighup(gateway.clone());
                 (gateway, false)
             }
@@ -171,6 +226,8 @@ async fn demo_gateway() -> std::io::Result<Gateway> {
     Ok(Gateway::builder()
         .keys(keys)
         .registry(registry.into())
+        // The demo's stream carries its usage, so every call logs its tokens.
+        .usage(UsageTapLayer::new().include_usage(true))
         .build())
 }
 

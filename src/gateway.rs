@@ -172,11 +172,7 @@ impl Gateway {
 
     /// Loads the configuration file at `path`; [`reload`](Self::reload) reads it again.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let config = GatewayConfig::load(path)?;
-        let mut builder = Self::builder().config(config);
-        builder.source = Some(path.into());
-        Ok(builder.build())
+        Ok(Self::builder().config_file(path)?.build())
     }
 
     /// Reads the configuration file again and applies it (see [`apply`](Self::apply)). A file
@@ -449,6 +445,18 @@ impl GatewayBuilder {
         self.keys(config.keys)
             .registry(config.registry.into())
             .path_prefix(&config.path_prefix)
+    }
+}
+
+impl GatewayBuilder {
+    /// Loads the configuration file at `path` (see [`config`](Self::config)); the gateway
+    /// built can [`reload`](Gateway::reload) it. [`Gateway::load`] is this with the other
+    /// settings left at their defaults.
+    pub fn config_file(self, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let mut builder = self.config(GatewayConfig::load(path)?);
+        builder.source = Some(path.into());
+        Ok(builder)
     }
 }
 
