@@ -1,12 +1,17 @@
 //! Streaming over loopback TCP: the full gateway against a bare forwarder and no proxy at all.
 //!
-//! Every group has three arms, so ratios read from one run:
+//! Every group has four arms, so ratios read from one run:
 //!
 //! - `direct`: client → upstream;
 //! - `bare_forward`: client → a hyper server running only [`Forward`] (behind [`RescueLayer`],
 //!   with a one-line service that makes the URI absolute) → upstream;
-//! - `gateway`: client → [`Gateway::service`] (rescue, auth, route, access, inject, identity
-//!   encoding, forward) with one key and one endpoint → upstream.
+//! - `gateway`: client → [`Gateway::service`] (request ids, trace, rescue, auth, route, access,
+//!   inject, identity encoding, forward) with one key and one endpoint → upstream, with
+//!   telemetry off: no tracing subscriber, the usage tap disabled, no metrics;
+//! - `gateway_telemetry`: the same gateway with telemetry on, as in production: the usage tap
+//!   reading every event (and a usage record per call), metrics into a Prometheus recorder, and
+//!   a `tracing` fmt subscriber at `INFO` that formats each request's span when it closes and
+//!   each usage event (written to `io::sink`).
 //!
 //! The upstream is a hyper server that answers from canned frames (static `Bytes`, no
 //! per-request work beyond draining the request body); the proxies run under
@@ -35,7 +40,7 @@
 //! ```
 
 use std::convert::Infallible;
-use std::future::pending;
+use std::future::{Future, pending};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -63,9 +68,12 @@ use tower::util::MapRequest;
 use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::error::RescueLayer;
-use tower_gateway::forward::Forward;
+use tower_gateway::forward::{Forward, ResponseBody};
 use tower_gateway::gateway::Gateway;
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+use tower_gateway::usage::UsageTapLayer;
+use tracing::Dispatch;
+use tracing::instrument::WithSubscriber;
 
 /// The gateway key every arm's client sends (the other arms ignore it).
 const CLIENT_AUTHORIZATION: &str = "Bearer gw-bench-0123456789abcdef0123456789abcdef";
@@ -90,6 +98,9 @@ const PATH_BIG: &str = "bytes";
 const PATH_COMPLETION: &str = "completions";
 const PATH_FIRST: &str = "first";
 
+/// The last event before `[DONE]`: the usage chunk of `stream_options.include_usage`.
+const SSE_USAGE: &str = "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"llama-3.1\",\"choices\":[],\"usage\":{\"prompt_tokens\":57,\"completion_tokens\":998,\"total_tokens\":1055}}\n\n";
+
 /// The `i`th token event: an OpenAI `chat.completion.chunk`, 157 bytes.
 fn sse_event(i: usize) -> String {
     format!(
@@ -112,9 +123,10 @@ struct Canned {
 
 impl Canned {
     fn new() -> Self {
-        let mut sse: Vec<Bytes> = (0..SSE_EVENTS - 1)
+        let mut sse: Vec<Bytes> = (0..SSE_EVENTS - 2)
             .map(|i| leak(sse_event(i).into_bytes()))
             .collect();
+        sse.push(Bytes::from_static(SSE_USAGE.as_bytes()));
         sse.push(Bytes::from_static(b"data: [DONE]\n\n"));
         let frame = leak(vec![b'x'; BIG_FRAME]);
         Self {
@@ -242,8 +254,10 @@ async fn spawn_bare_forward(upstream: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// The full stack: one key, one account with one endpoint that injects a credential.
-async fn spawn_gateway(upstream: SocketAddr) -> SocketAddr {
+/// The full stack: one key, one account with one endpoint that injects a credential. With
+/// `telemetry`, the default usage tap and metrics, and every call under that subscriber;
+/// without, the tap disabled and no metrics.
+async fn spawn_gateway(upstream: SocketAddr, telemetry: Option<Dispatch>) -> SocketAddr {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::AUTHORIZATION,
@@ -268,18 +282,117 @@ async fn spawn_gateway(upstream: SocketAddr) -> SocketAddr {
             Principal::new("bench", "bench@example.com", ["research"]),
         )
         .unwrap();
-    let gateway = Gateway::builder()
-        .keys(keys)
-        .registry(registry.into())
-        .build();
+    let builder = Gateway::builder().keys(keys).registry(registry.into());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(tower_gateway::server::serve(
-        listener,
-        gateway.service(),
-        pending(),
-    ));
+    match telemetry {
+        None => {
+            let gateway = builder
+                .usage(UsageTapLayer::disabled())
+                .metrics(false)
+                .build();
+            tokio::spawn(tower_gateway::server::serve(
+                listener,
+                gateway.service(),
+                pending(),
+            ));
+        }
+        Some(dispatch) => {
+            let gateway = builder.build();
+            let svc = Dispatched {
+                inner: gateway.service(),
+                dispatch,
+            };
+            tokio::spawn(tower_gateway::server::serve(listener, svc, pending()));
+        }
+    }
     addr
+}
+
+/// What `gateway_telemetry` logs with: the fmt subscriber a production gateway would run,
+/// writing to `io::sink`, spans logged when they close.
+fn telemetry_subscriber() -> Dispatch {
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::sink)
+        .with_max_level(tracing::Level::INFO)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .finish();
+    Dispatch::new(subscriber)
+}
+
+/// Runs a service, and polls its response bodies, with `dispatch` as the default subscriber:
+/// a process-wide subscriber would also trace the other arms.
+#[derive(Clone)]
+struct Dispatched<S> {
+    inner: S,
+    dispatch: Dispatch,
+}
+
+impl<S> tower::Service<Request<Incoming>> for Dispatched<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<DispatchedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let dispatch = self.dispatch.clone();
+        let future = tracing::dispatcher::with_default(&dispatch, || self.inner.call(req));
+        Box::pin(async move {
+            let res = future.with_subscriber(dispatch.clone()).await?;
+            Ok(res.map(|body| DispatchedBody {
+                body,
+                dispatch: Some(dispatch),
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct DispatchedBody {
+        #[pin]
+        body: ResponseBody,
+        dispatch: Option<Dispatch>,
+    }
+}
+
+impl From<Bytes> for DispatchedBody {
+    fn from(data: Bytes) -> Self {
+        Self {
+            body: ResponseBody::from(data),
+            dispatch: None,
+        }
+    }
+}
+
+impl Body for DispatchedBody {
+    type Data = Bytes;
+    type Error = tower_gateway::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        match this.dispatch {
+            Some(d) => tracing::dispatcher::with_default(d, || this.body.poll_frame(cx)),
+            None => this.body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 type BenchClient = Client<HttpConnector, Full<Bytes>>;
@@ -472,6 +585,10 @@ fn pin_to(core: usize) {
 }
 
 fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
+    // Only `gateway_telemetry` records metrics (the other gateway has them off).
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("one recorder per process");
     let canned = Arc::new(Canned::new());
     let expected = Expected {
         sse: Canned::len(&canned.sse),
@@ -482,7 +599,10 @@ fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
     eprintln!("layout: {}", layout.description);
     let upstream = layout.load.block_on(spawn_upstream(canned));
     let bare = layout.proxies().block_on(spawn_bare_forward(upstream));
-    let gateway = layout.proxies().block_on(spawn_gateway(upstream));
+    let gateway = layout.proxies().block_on(spawn_gateway(upstream, None));
+    let traced = layout
+        .proxies()
+        .block_on(spawn_gateway(upstream, Some(telemetry_subscriber())));
     let arms = layout.load.block_on(async {
         let arms = vec![
             Arm::new("direct", format!("http://{upstream}/v1")),
@@ -490,6 +610,10 @@ fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
             Arm::new(
                 "gateway",
                 format!("http://{gateway}/proxy-api/coreweave-model/inference"),
+            ),
+            Arm::new(
+                "gateway_telemetry",
+                format!("http://{traced}/proxy-api/coreweave-model/inference"),
             ),
         ];
         // Every arm answers every workload in full before anything is timed.
@@ -521,6 +645,15 @@ fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
         }
         arms
     });
+    // The telemetry arm did read the usage of its four calls: the SSE stream's (998 output
+    // tokens) and the completion's (31), and saw every body to its end.
+    let metrics = prometheus.render();
+    assert!(
+        metrics.contains("type=\"output\"} 1029")
+            && metrics.contains("outcome=\"complete\"} 4")
+            && !metrics.contains("cancelled"),
+        "the telemetry arm did not read its calls' usage:\n{metrics}"
+    );
     (arms, expected)
 }
 

@@ -65,14 +65,17 @@ use crate::encoding::{IdentityEncoding, IdentityEncodingLayer};
 use crate::error::{Rescue, RescueLayer};
 use crate::forward::{Forward, ForwardBuilder, ResponseBody};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
-use crate::trace::{AcceptRequestId, AcceptRequestIdLayer, GatewayRequestId, GatewayTrace};
-use crate::usage::{TapRequestBody, UsageBody, UsageTap, UsageTapLayer};
-use tower_http::map_response_body::{MapResponseBody, MapResponseBodyLayer};
-use tower_http::request_id::{PropagateRequestId, SetRequestId};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
 use crate::registry::SharedRegistry;
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
+use crate::trace::{
+    AcceptRequestId, AcceptRequestIdLayer, GatewayRequestId, GatewayTrace, UpstreamRequestId,
+    UpstreamRequestIdLayer,
+};
+use crate::usage::{TapRequestBody, UsageBody, UsageTap, UsageTapLayer};
+use tower_http::map_response_body::{MapResponseBody, MapResponseBodyLayer};
+use tower_http::request_id::{PropagateRequestId, SetRequestId};
 
 /// The full stack for request body `B`, as returned by [`Gateway::service`].
 pub type GatewayService<K, B> = Traced<
@@ -97,7 +100,10 @@ pub type ManagementService<K> = Traced<Rescue<GatewayAuth<Management, K>>, Respo
 /// request ids, the request span, and the body boxed into a [`ResponseBody`].
 pub type Traced<S, B> = AcceptRequestId<
     SetRequestId<
-        MapResponseBody<GatewayTrace<PropagateRequestId<S>>, fn(TracedBody<B>) -> ResponseBody>,
+        MapResponseBody<
+            GatewayTrace<PropagateRequestId<UpstreamRequestId<S>>>,
+            fn(TracedBody<B>) -> ResponseBody,
+        >,
         GatewayRequestId,
     >,
 >;
@@ -124,9 +130,11 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::BoxError> + fmt::Display,
 {
-    let stack = crate::trace::propagate_request_id().layer(inner);
+    let stack = UpstreamRequestIdLayer::new().layer(inner);
+    let stack = crate::trace::propagate_request_id().layer(stack);
     let stack = crate::trace::layer(service, metrics).layer(stack);
-    let stack = MapResponseBodyLayer::new(boxed::<B> as fn(TracedBody<B>) -> ResponseBody).layer(stack);
+    let stack =
+        MapResponseBodyLayer::new(boxed::<B> as fn(TracedBody<B>) -> ResponseBody).layer(stack);
     let stack = crate::trace::set_request_id().layer(stack);
     AcceptRequestIdLayer::new().layer(stack)
 }
@@ -232,8 +240,7 @@ impl<K: KeyStore> Gateway<K> {
     /// type.
     #[cfg(feature = "manage")]
     pub fn management_service(&self) -> ManagementService<K> {
-        let stack =
-            GatewayAuthLayer::from_arc(self.keys.clone()).layer(self.management.clone());
+        let stack = GatewayAuthLayer::from_arc(self.keys.clone()).layer(self.management.clone());
         traced("manage", self.metrics, RescueLayer::new().layer(stack))
     }
 }
@@ -558,7 +565,12 @@ impl<K> GatewayBuilder<K> {
             management,
             source: self.source.map(Into::into),
             max_request_body: self.max_request_body,
-            usage: self.usage.metrics(self.metrics),
+            // `metrics(false)` here turns the tap's off too; the tap's own setting stays otherwise.
+            usage: if self.metrics {
+                self.usage
+            } else {
+                self.usage.metrics(false)
+            },
             metrics: self.metrics,
         }
     }

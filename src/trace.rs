@@ -4,8 +4,8 @@
 //! [`Gateway::service`](crate::gateway::Gateway::service) puts these above everything else:
 //!
 //! ```text
-//! AcceptRequestId ──▶ SetRequestId ──▶ Trace ──▶ PropagateRequestId ──▶ Rescue ──▶ …
-//! (drop a bad id)     (x-request-id)   (span)    (id back to the client)
+//! AcceptRequestId ──▶ SetRequestId ──▶ Trace ──▶ PropagateRequestId ──▶ UpstreamRequestId ──▶ Rescue ──▶ …
+//! (drop a bad id)     (x-request-id)   (span)    (id back to the client)  (the upstream's aside)
 //! ```
 //!
 //! - **Request ids.** A client's `x-request-id` is kept if it is 1 to 128 visible ASCII
@@ -61,6 +61,7 @@
 //!     .layer(trace::set_request_id())
 //!     .layer(trace::layer("proxy", true))
 //!     .layer(trace::propagate_request_id())
+//!     .layer(trace::UpstreamRequestIdLayer::new())
 //!     .service(service_fn(|req: Request<Full<Bytes>>| async move {
 //!         // The request id travels with the request…
 //!         assert!(req.headers().contains_key("x-request-id"));
@@ -73,8 +74,10 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
@@ -89,7 +92,7 @@ use tracing::Span;
 use tracing::field::Empty;
 
 use crate::error::X_GATEWAY_ERROR;
-use crate::usage::{X_REQUEST_ID, metric};
+use crate::usage::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, metric};
 
 /// The [`TraceLayer`] the gateway uses: [`MakeGatewaySpan`], [`RecordResponse`] and
 /// [`RecordFailure`], failures being 5xx responses.
@@ -145,7 +148,10 @@ pub struct MakeGatewaySpan {
 
 impl<B> MakeSpan<B> for MakeGatewaySpan {
     fn make_span(&mut self, req: &Request<B>) -> Span {
-        let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok());
+        let request_id = req
+            .headers()
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok());
         tracing::info_span!(
             target: "tower_gateway::trace",
             "gateway.request",
@@ -186,7 +192,10 @@ pub struct RecordResponse {
 
 impl<B> OnResponse<B> for RecordResponse {
     fn on_response(self, res: &Response<B>, latency: Duration, span: &Span) {
-        let code = res.headers().get(X_GATEWAY_ERROR).and_then(|v| v.to_str().ok());
+        let code = res
+            .headers()
+            .get(X_GATEWAY_ERROR)
+            .and_then(|v| v.to_str().ok());
         let source = if code.is_some() || self.service != "proxy" {
             "gateway"
         } else {
@@ -302,6 +311,93 @@ impl MakeRequestId for GatewayRequestId {
     }
 }
 
+/// Moves an upstream's own `x-request-id` aside, to `x-upstream-request-id`, when it differs
+/// from the request's, so [`propagate_request_id`] (which keeps an id already on the response)
+/// returns the gateway's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpstreamRequestIdLayer(());
+
+impl UpstreamRequestIdLayer {
+    /// Creates the layer.
+    pub fn new() -> Self {
+        Self(())
+    }
+}
+
+impl<S> Layer<S> for UpstreamRequestIdLayer {
+    type Service = UpstreamRequestId<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UpstreamRequestId { inner }
+    }
+}
+
+/// See [`UpstreamRequestIdLayer`].
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamRequestId<S> {
+    inner: S,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for UpstreamRequestId<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = UpstreamRequestIdFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let ours = req.headers().get(X_REQUEST_ID).cloned();
+        UpstreamRequestIdFuture {
+            future: self.inner.call(req),
+            ours,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`UpstreamRequestId`].
+    pub struct UpstreamRequestIdFuture<F> {
+        #[pin]
+        future: F,
+        ours: Option<HeaderValue>,
+    }
+}
+
+impl<F, ResBody, E> Future for UpstreamRequestIdFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = ready!(this.future.poll(cx))?;
+        if let Some(ours) = this.ours.as_ref() {
+            let headers = res.headers_mut();
+            if headers
+                .get(X_REQUEST_ID)
+                .is_some_and(|theirs| theirs != ours)
+                && let Some(theirs) = headers.remove(X_REQUEST_ID)
+            {
+                headers.insert(X_UPSTREAM_REQUEST_ID, theirs);
+            }
+        }
+        Poll::Ready(Ok(res))
+    }
+}
+
+impl<F> fmt::Debug for UpstreamRequestIdFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamRequestIdFuture")
+            .finish_non_exhaustive()
+    }
+}
+
 /// Whether a client's request id may be kept: 1 to 128 characters from
 /// `A–Z a–z 0–9 - _ . : / + =`. Anything else could smuggle text into logs.
 pub fn is_valid_request_id(value: &HeaderValue) -> bool {
@@ -392,12 +488,55 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_upstream_request_id_moves_aside_for_the_gateways() {
+        use tower::{ServiceExt, service_fn};
+        let upstream = |id: &'static str| {
+            UpstreamRequestIdLayer::new().layer(service_fn(move |req: Request<()>| async move {
+                assert_eq!(
+                    req.headers()["x-request-id"],
+                    "req-1",
+                    "the id goes upstream"
+                );
+                let mut res = Response::new(());
+                res.headers_mut()
+                    .insert(X_REQUEST_ID, HeaderValue::from_static(id));
+                Ok::<_, std::convert::Infallible>(res)
+            }))
+        };
+        let request = || {
+            Request::builder()
+                .header(X_REQUEST_ID, "req-1")
+                .body(())
+                .unwrap()
+        };
+        let res = upstream("upstream-7").oneshot(request()).await.unwrap();
+        assert_eq!(res.headers()[X_UPSTREAM_REQUEST_ID], "upstream-7");
+        assert!(
+            !res.headers().contains_key(X_REQUEST_ID),
+            "left for PropagateRequestId to fill in"
+        );
+        let res = upstream("req-1").oneshot(request()).await.unwrap();
+        assert_eq!(res.headers()[X_REQUEST_ID], "req-1", "the same id stays");
+        assert!(!res.headers().contains_key(X_UPSTREAM_REQUEST_ID));
+    }
+
     #[test]
     fn request_id_validation() {
         for ok in ["a", "req-123", "0f2e:ab/cd+ef=", &"x".repeat(128)] {
-            assert!(is_valid_request_id(&HeaderValue::from_str(ok).unwrap()), "{ok}");
+            assert!(
+                is_valid_request_id(&HeaderValue::from_str(ok).unwrap()),
+                "{ok}"
+            );
         }
-        for bad in ["", "has space", "quote\"", "new\tline", &"x".repeat(129), "é"] {
+        for bad in [
+            "",
+            "has space",
+            "quote\"",
+            "new\tline",
+            &"x".repeat(129),
+            "é",
+        ] {
             let v = HeaderValue::from_bytes(bad.as_bytes()).unwrap();
             assert!(!is_valid_request_id(&v), "{bad:?}");
         }

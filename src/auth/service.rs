@@ -329,6 +329,16 @@ where
     }
 }
 
+/// Records who called on the current span (the request span of
+/// [`trace`](crate::trace), when there is one): the key's label and its subject, never the key.
+fn record_principal(principal: &Principal) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("gateway.key_id", &*principal.key_id);
+        span.record("gateway.subject", &*principal.subject);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,15 +538,5 @@ mod tests {
         );
         assert!(credential(&h(&[])).is_err());
         assert!(credential(&h(&[("authorization", "Token k1")])).is_err());
-    }
-}
-
-/// Records who called on the current span (the request span of
-/// [`trace`](crate::trace), when there is one): the key's label and its subject, never the key.
-fn record_principal(principal: &Principal) {
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
-        span.record("gateway.key_id", &*principal.key_id);
-        span.record("gateway.subject", &*principal.subject);
     }
 }

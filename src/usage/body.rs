@@ -37,7 +37,12 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    pub(crate) fn new(info: CallInfo, settings: Arc<Settings>, status: StatusCode, mode: Mode) -> Self {
+    pub(crate) fn new(
+        info: CallInfo,
+        settings: Arc<Settings>,
+        status: StatusCode,
+        mode: Mode,
+    ) -> Self {
         Self {
             info,
             settings,
@@ -70,7 +75,13 @@ impl Meter {
     /// what goes on to the client: every complete event but that one. Bytes of an event not yet
     /// complete wait in `held` for its end (they are useless to the client before it).
     fn filter(&mut self, data: Bytes, held: &mut BytesMut) -> Bytes {
-        self.saw(&data);
+        let out = self.cut(data, held);
+        // What the client gets is what counts.
+        self.saw(&out);
+        out
+    }
+
+    fn cut(&mut self, data: Bytes, held: &mut BytesMut) -> Bytes {
         let Mode::Sse(parser) = &mut self.mode else {
             return data;
         };
@@ -320,13 +331,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            if let Some(filter) = this.filter.as_deref_mut()
-                && filter.ended
-            {
-                // What an unfinished last event left held goes out as it is, then the end.
-                if !filter.held.is_empty() {
-                    return Poll::Ready(Some(Ok(Frame::data(filter.held.split().freeze()))));
-                }
+            if this.filter.as_deref().is_some_and(|f| f.ended) {
                 return Poll::Ready(None);
             }
             let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
@@ -339,16 +344,20 @@ where
                     return Poll::Ready(Some(Err(err)));
                 }
                 None => {
+                    let mut rest = Bytes::new();
+                    if let Some(filter) = this.filter.as_deref_mut() {
+                        // An unfinished last event goes out as it is.
+                        filter.ended = true;
+                        rest = filter.held.split().freeze();
+                    }
                     if let Some(meter) = this.meter.as_deref_mut() {
+                        meter.saw(&rest);
                         meter.finish(Outcome::Complete, None);
                     }
-                    match this.filter.as_deref_mut() {
-                        Some(filter) => {
-                            filter.ended = true;
-                            continue;
-                        }
-                        None => return Poll::Ready(None),
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
                     }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
             };
             let Some(meter) = this.meter.as_deref_mut() else {
@@ -358,13 +367,33 @@ where
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
+            // A body of known length ends with its last frame: hyper never polls it again.
+            let last = this.inner.is_end_stream();
             match this.filter.as_deref_mut() {
                 None => {
                     meter.data(&data);
+                    if last {
+                        meter.finish(Outcome::Complete, None);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(filter) => {
-                    let out = meter.filter(data, &mut filter.held);
+                    let mut out = meter.filter(data, &mut filter.held);
+                    if last {
+                        filter.ended = true;
+                        if !filter.held.is_empty() {
+                            // An unfinished last event goes out as it is.
+                            let rest = filter.held.split();
+                            meter.saw(&rest);
+                            let mut all = BytesMut::from(&out[..]);
+                            all.extend_from_slice(&rest);
+                            out = all.freeze();
+                        }
+                        meter.finish(Outcome::Complete, None);
+                        if out.is_empty() {
+                            return Poll::Ready(None);
+                        }
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }

@@ -540,17 +540,16 @@ fn respond<RB: Body>(
         return res.map(UsageBody::passthrough);
     }
     let (mut parts, body) = res.into_parts();
-    if let Some(ours) = &call.request_id
-        && let Some(theirs) = parts.headers.remove(X_REQUEST_ID)
-        && theirs != ours
+    // `trace::UpstreamRequestId` moves a different upstream id aside; the span notes it.
+    if let Some(theirs) = parts.headers.get(X_REQUEST_ID)
+        && call.request_id.as_ref().is_some_and(|ours| ours != theirs)
+        && !call.span.is_disabled()
     {
-        if !call.span.is_disabled() {
-            call.span.record(
-                "gateway.upstream_request_id",
-                theirs.to_str().unwrap_or("<not ascii>"),
-            );
-        }
-        parts.headers.insert(X_UPSTREAM_REQUEST_ID, theirs);
+        let value = match crate::trace::is_valid_request_id(theirs) {
+            true => theirs.to_str().unwrap_or_default(),
+            false => "<not a valid request id>",
+        };
+        call.span.record("gateway.upstream_request_id", value);
     }
     let encoded = parts
         .headers

@@ -13,6 +13,9 @@ use serde::de::IgnoredAny;
 /// The longest line or event (bytes) the SSE parser reads; longer ones are skipped whole.
 pub(crate) const MAX_EVENT: usize = 1 << 20;
 
+/// How many events are read looking for a `model` before giving up on it.
+const MODEL_TRIES: u8 = 3;
+
 /// The largest JSON body (bytes) whose usage is read; larger bodies pass unread.
 pub(crate) const MAX_JSON: usize = 4 << 20;
 
@@ -110,6 +113,9 @@ pub(crate) struct SseParser {
     /// The last frame ended with `\r`: a `\n` opening the next one belongs to it.
     after_cr: bool,
     pub(crate) observed: Observed,
+    /// Events read for their `model` so far: only the first few are, so a stream that names
+    /// none is not parsed event by event.
+    model_tries: u8,
     /// Events whose data was not a JSON object (besides `[DONE]`).
     pub(crate) malformed: u32,
 }
@@ -211,7 +217,9 @@ impl SseParser {
         }
         let data = self.data.trim_ascii();
         let mut usage_only = false;
-        if data != b"[DONE]" && (self.observed.model.is_none() || has_usage_object(data)) {
+        let want_model = self.observed.model.is_none() && self.model_tries < MODEL_TRIES;
+        if data != b"[DONE]" && (want_model || has_usage_object(data)) {
+            self.model_tries = self.model_tries.saturating_add(1);
             match self.observed.read(data) {
                 Some(only) => usage_only = only,
                 None => self.malformed += 1,
@@ -402,7 +410,9 @@ mod tests {
     #[test]
     fn anthropic_style_names_are_read_too() {
         let mut json = JsonCollector::default();
-        json.push(&Bytes::from_static(b"{\"model\":\"m\",\"usage\":{\"input_tokens\":"));
+        json.push(&Bytes::from_static(
+            b"{\"model\":\"m\",\"usage\":{\"input_tokens\":",
+        ));
         json.push(&Bytes::from_static(b"3,\"output_tokens\":9}}"));
         let observed = json.finish().unwrap();
         assert_eq!(observed.input_tokens, Some(3));
@@ -417,6 +427,27 @@ mod tests {
         let mut json = JsonCollector::default();
         json.push(&Bytes::from_static(b"[1,2,3]"));
         assert_eq!(json.finish(), None);
+    }
+
+    #[test]
+    fn a_stream_without_a_model_is_not_parsed_event_by_event() {
+        let mut stream = String::new();
+        for i in 0..100 {
+            stream.push_str(&format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+            ));
+        }
+        stream.push_str("data: {not json}\n\n");
+        stream.push_str("data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":100}}\n\n");
+        let (parser, _) = run(&[stream.as_bytes()]);
+        assert_eq!(
+            parser.model_tries,
+            MODEL_TRIES + 1,
+            "three tries, then the usage event"
+        );
+        assert_eq!(parser.malformed, 0, "the malformed event was never read");
+        assert_eq!(parser.observed.output_tokens, Some(100));
+        assert_eq!(parser.observed.model, None);
     }
 
     #[test]

@@ -152,7 +152,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Stream { body } => body.size_hint(),
-            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             Kind::Failed { .. } => SizeHint::default(),
         }
     }
