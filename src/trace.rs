@@ -21,6 +21,7 @@
 //! | field | set by | value |
 //! |---|---|---|
 //! | `request_id` | this span | the `x-request-id` |
+//! | `otel.kind`, `otel.status_code` | this span, [`RecordResponse`] | `server`; `ERROR` on a 5xx (read by `tracing-opentelemetry`) |
 //! | `service` | this span | `proxy` or `manage` |
 //! | `http.request.method` | this span | |
 //! | `gateway.key_id`, `gateway.subject` | `GatewayAuthLayer` | who called (never the key) |
@@ -157,6 +158,8 @@ impl<B> MakeSpan<B> for MakeGatewaySpan {
             "gateway.request",
             request_id,
             service = self.service,
+            otel.kind = "server",
+            otel.status_code = Empty,
             http.request.method = req.method().as_str(),
             gateway.key_id = Empty,
             gateway.subject = Empty,
@@ -207,6 +210,9 @@ impl<B> OnResponse<B> for RecordResponse {
             span.record("gateway.latency_ms", latency.as_secs_f64() * 1e3);
             if let Some(code) = code {
                 span.record("error.type", code);
+            }
+            if res.status().is_server_error() {
+                span.record("otel.status_code", "ERROR");
             }
         }
         if self.metrics {

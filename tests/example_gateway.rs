@@ -161,6 +161,91 @@ async fn the_offline_demo_serves_and_drains_streams_on_sigterm() {
     assert!(status.success(), "{status}");
 }
 
+/// The "done when": a streamed call through the demo makes one span and one usage
+/// record, with the caller's identity and the tokens the upstream counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_call_through_the_demo_logs_one_span_and_one_usage_record() {
+    let mut demo = start(
+        &["--listen", "127.0.0.1:0", "--log-format", "json"],
+        &[("RUST_LOG", "info")],
+    );
+    let mut stderr = demo.child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut all).unwrap();
+        all
+    });
+    let base = format!("http://{}/proxy-api/coreweave-model/inference", demo.addr);
+    let req = Request::post(format!("{base}/chat/completions"))
+        .header("authorization", "Bearer gw-demo-key")
+        .header("content-type", "application/json")
+        .body(Full::<Bytes>::from(STREAM))
+        .unwrap();
+    let res = within("demo response", client().request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let mut body = res.into_body();
+    let stream = String::from_utf8(read_to_end(&mut body).await.unwrap()).unwrap();
+    assert!(stream.ends_with("data: [DONE]\n\n"), "{stream}");
+    assert!(
+        !stream.contains("\"usage\""),
+        "the client did not ask for usage, so it sees none: {stream}"
+    );
+    // The upstream counts one output token per content event.
+    let tokens = stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count() as u64;
+    assert!(tokens > 0);
+    drop(body);
+    // Let the span close before stopping.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sigterm(&demo.child);
+    let status = tokio::task::block_in_place(|| wait_exit(&mut demo.child));
+    assert!(status.success(), "{status}");
+    let logs = logs.join().unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+
+    let usage: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "tower_gateway::usage")
+        .collect();
+    assert_eq!(usage.len(), 1, "one usage record: {logs}");
+    let u = usage[0];
+    assert_eq!(u["key_id"], "demo", "{u}");
+    assert_eq!(u["subject"], "demo@example.com", "{u}");
+    assert_eq!(u["account"], "coreweave-model", "{u}");
+    assert_eq!(u["endpoint"], "inference", "{u}");
+    assert_eq!(u["request_id"], request_id.as_str(), "{u}");
+    assert_eq!(u["gen_ai.usage.output_tokens"], tokens, "{u}");
+    assert!(u["gen_ai.usage.input_tokens"].as_u64().unwrap() > 0, "{u}");
+    assert_eq!(u["outcome"], "complete", "{u}");
+
+    let spans: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "close" && l["span"]["name"] == "gateway.request")
+        .collect();
+    assert_eq!(spans.len(), 1, "one request span: {logs}");
+    let span = &spans[0]["span"];
+    assert_eq!(span["request_id"], request_id.as_str(), "{span}");
+    assert_eq!(span["gateway.key_id"], "demo", "{span}");
+    assert_eq!(span["http.response.status_code"], 200, "{span}");
+    assert_eq!(span["gen_ai.usage.output_tokens"], tokens, "{span}");
+    assert!(span["gateway.time_to_first_byte_ms"].as_f64().is_some(), "{span}");
+    assert!(!logs.contains("demo-wandb-upstream-key") && !logs.contains("gw-demo-key"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_serves_a_config_file() {
     let mock = MockUpstream::new("wandb-from-env-CANARY-3d1e", Duration::ZERO);
