@@ -9,17 +9,19 @@
 //! # The stack, in order
 //!
 //! ```text
-//! client ──▶ RescueLayer ──▶ GatewayAuthLayer ──▶ CustomEndpointRouteLayer ──▶ AccessControlLayer
-//!            (Err → 5xx)      (key → Principal)    (path → RouteMatch, URI)     (Principal × RouteMatch → allow)
-//!        ──▶ InjectHeadersLayer ──▶ IdentityEncodingLayer ──▶ Forward ──▶ upstream
-//!            (upstream secret)      (Accept-Encoding: identity) (hop-by-hop, timeouts, streaming)
+//! client ──▶ request ids ──▶ TraceLayer ──▶ RescueLayer ──▶ GatewayAuthLayer ──▶ CustomEndpointRouteLayer
+//!            (x-request-id)  (one span)     (Err → 5xx)      (key → Principal)    (path → RouteMatch, URI)
+//!        ──▶ UsageTapLayer ──▶ AccessControlLayer ──▶ InjectHeadersLayer ──▶ IdentityEncodingLayer ──▶ Forward ──▶ upstream
+//!            (model, tokens)   (Principal × RouteMatch) (upstream secret)     (Accept-Encoding: identity) (hop-by-hop, timeouts)
 //! ```
 //!
 //! | layer | module | rejects with |
 //! |---|---|---|
+//! | request ids, [`TraceLayer`](tower_http::trace::TraceLayer) | [`trace`] | never |
 //! | [`RescueLayer`](error::RescueLayer) | [`error`] | maps transport errors to 502/503/504 |
 //! | [`GatewayAuthLayer`](auth::GatewayAuthLayer) | [`auth`] | 401 |
 //! | [`CustomEndpointRouteLayer`](route::CustomEndpointRouteLayer) | [`route`] | 400, 404, 405, 414 |
+//! | [`UsageTapLayer`](usage::UsageTapLayer) | [`usage`] | never |
 //! | [`AccessControlLayer`](access::AccessControlLayer) | [`access`] | 403 |
 //! | [`InjectHeadersLayer`](inject::InjectHeadersLayer) | [`inject`] | 403 (a header template without a value) |
 //! | [`IdentityEncodingLayer`](encoding::IdentityEncodingLayer) | [`encoding`] | never |
@@ -29,8 +31,8 @@
 //!
 //! | extension | inserted by | read by |
 //! |---|---|---|
-//! | [`Principal`](auth::Principal) `{ key_id, subject, teams }` | `GatewayAuthLayer` | `AccessControlLayer`, `InjectHeadersLayer` (templates), the management API |
-//! | [`RouteMatch`](route::RouteMatch) `{ account, endpoint, upstream_path, target }` | `CustomEndpointRouteLayer` | `AccessControlLayer`, `InjectHeadersLayer`, `Forward` |
+//! | [`Principal`](auth::Principal) `{ key_id, subject, teams }` | `GatewayAuthLayer` | `AccessControlLayer`, `InjectHeadersLayer` (templates), `UsageTapLayer`, the management API |
+//! | [`RouteMatch`](route::RouteMatch) `{ account, endpoint, upstream_path, target }` | `CustomEndpointRouteLayer` | `AccessControlLayer`, `InjectHeadersLayer`, `UsageTapLayer`, `Forward` |
 //!
 //! Each layer also works alone: a static header set
 //! ([`InjectHeadersLayer::fixed`](inject::InjectHeadersLayer::fixed)), a single fixed upstream
@@ -61,6 +63,7 @@
 //! | `auth` | [`auth`]: `GatewayAuthLayer`, `KeyStore`, `HashedKeyStore` (sha2, subtle) |
 //! | `forward` | [`forward`]: the hyper-util client with rustls and timeouts |
 //! | `config` | [`config`]: the TOML configuration (serde, toml) |
+//! | `trace` | [`trace`] and [`usage`]: request ids and spans (tower-http), the usage tap, metrics (the `metrics` facade) |
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |
 //! | `manage` (default) | [`manage`]: the management API |
 //!

@@ -1,5 +1,5 @@
 //! One span per request, request ids, and the request metrics, on tower-http's
-//! [`TraceLayer`](tower_http::trace::TraceLayer) and request-id layers.
+//! [`TraceLayer`] and request-id layers.
 //!
 //! [`Gateway::service`](crate::gateway::Gateway::service) puts these above everything else:
 //!
