@@ -5,6 +5,8 @@
 //! cut an event out without holding anything else. [`JsonCollector`] keeps the frames of a
 //! small `application/json` body (as `Bytes`, no copy) and reads them once at the end.
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use memchr::memmem;
 use serde::Deserialize;
@@ -71,7 +73,9 @@ impl Observed {
 /// Whether `json` has a `"usage"` key followed by an object (not `null`): the only events worth
 /// parsing once the model is known.
 fn has_usage_object(json: &[u8]) -> bool {
-    let finder = memmem::Finder::new(b"\"usage\"");
+    static FINDER: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    let finder = &*FINDER;
     let mut from = 0;
     while let Some(at) = finder.find(&json[from..]) {
         let rest = &json[from + at + 7..];
