@@ -295,6 +295,15 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
                 "The request body stalled for longer than the idle timeout.",
             );
         }
+        // A stalled upload seen through the forwarder's wrapper is still a stalled upload.
+        #[cfg(feature = "forward")]
+        if e.is::<InvalidRequestBody>()
+            && e.source()
+                .is_some_and(|s| s.is::<crate::forward::BodyIdleTimeout>())
+        {
+            cur = e.source();
+            continue;
+        }
         if e.is::<InvalidRequestBody>() {
             return GatewayError::new(
                 StatusCode::BAD_REQUEST,

@@ -242,7 +242,10 @@ async fn a_streamed_call_through_the_demo_logs_one_span_and_one_usage_record() {
     assert_eq!(span["gateway.key_id"], "demo", "{span}");
     assert_eq!(span["http.response.status_code"], 200, "{span}");
     assert_eq!(span["gen_ai.usage.output_tokens"], tokens, "{span}");
-    assert!(span["gateway.time_to_first_byte_ms"].as_f64().is_some(), "{span}");
+    assert!(
+        span["gateway.time_to_first_byte_ms"].as_f64().is_some(),
+        "{span}"
+    );
     assert!(!logs.contains("demo-wandb-upstream-key") && !logs.contains("gw-demo-key"));
 }
 

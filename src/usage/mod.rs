@@ -23,7 +23,8 @@
 //! `"stream_options": {"include_usage": true}`. With
 //! [`UsageTapLayer::include_usage`]`(true)` (off by default) the tap adds it to a streaming
 //! `POST …/completions` request that did not ask (a JSON body of a declared length of at most
-//! 1 MiB, read whole before it goes upstream), and removes from the response stream the one
+//! 1 MiB, read whole before it goes upstream, within the endpoint's idle timeout or 5 minutes:
+//! a broken upload is a 400 and a stalled one a 408 under `RescueLayer`), and removes from the response stream the one
 //! usage-only event (`"choices": []`) the client did not ask for, so the client sees the
 //! events it would have seen. Two things change for such a client: the other chunks carry
 //! `"usage": null` (as OpenAI sends them), and bytes of an event split across frames reach
@@ -355,6 +356,21 @@ pub(crate) struct CallInfo {
     hide_usage_event: bool,
 }
 
+/// How long the tap waits for a request body it reads whole, when the endpoint sets no idle
+/// timeout.
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The error of an upload that stalled while the tap read it (408 under `RescueLayer`, as when
+/// the forwarder's idle timeout catches it).
+fn stalled(idle: Duration) -> crate::BoxError {
+    #[cfg(feature = "forward")]
+    return Box::new(crate::forward::BodyIdleTimeout(idle));
+    #[cfg(not(feature = "forward"))]
+    return Box::new(crate::error::InvalidRequestBody(
+        format!("the request body stalled for {idle:?}").into(),
+    ));
+}
+
 /// `gen_ai.operation.name` for an OpenAI-style path.
 fn operation(path: &str) -> Option<&'static str> {
     if path.ends_with("/chat/completions") {
@@ -411,6 +427,10 @@ where
         }
         let rewrite = settings.include_usage
             && route.is_some_and(|r| request::may_ask_for_usage(&req, &r.upstream_path));
+        // The read is bounded in size (1 MiB) and in time: the endpoint's idle timeout.
+        let idle = route
+            .and_then(|r| r.target.timeouts().idle)
+            .unwrap_or(DEFAULT_READ_TIMEOUT);
         let call = CallInfo {
             start: Instant::now(),
             span: span.clone(),
@@ -426,7 +446,8 @@ where
             let clone = self.inner.clone();
             let inner = std::mem::replace(&mut self.inner, clone);
             State::Reading {
-                collect: body.collect(),
+                collect: tokio::time::timeout(idle, body.collect()),
+                idle,
                 parts: Some(parts),
                 inner: Some(inner),
             }
@@ -459,7 +480,8 @@ pin_project! {
     enum State<S: Service<Request<TapRequestBody<B>>>, B: Body> {
         Reading {
             #[pin]
-            collect: Collect<B>,
+            collect: tokio::time::Timeout<Collect<B>>,
+            idle: Duration,
             parts: Option<http::request::Parts>,
             inner: Option<S>,
         },
@@ -482,10 +504,15 @@ where
             match this.state.as_mut().project() {
                 StateProj::Reading {
                     collect,
+                    idle,
                     parts,
                     inner,
                 } => {
-                    let collected = ready!(collect.poll(cx));
+                    let collected = match ready!(collect.poll(cx)) {
+                        Ok(Ok(collected)) => Ok(collected),
+                        Ok(Err(err)) => Err(err.into()),
+                        Err(_elapsed) => Err(stalled(*idle)),
+                    };
                     let mut parts = parts.take().expect("polled after completion");
                     let mut inner = inner.take().expect("polled after completion");
                     let call = this.call.as_mut().expect("polled after completion");
@@ -502,8 +529,8 @@ where
                                 None => TapRequestBody::full(data, span),
                             }
                         }
-                        // The forwarder answers a broken client body (400).
-                        Err(err) => TapRequestBody::failed(err.into(), span),
+                        // The forwarder answers a broken (400) or stalled (408) upload.
+                        Err(err) => TapRequestBody::failed(err, span),
                     };
                     let future = inner.call(Request::from_parts(parts, body));
                     this.state.set(State::Calling { future });

@@ -346,3 +346,47 @@ async fn a_body_of_known_length_is_complete_at_its_last_frame() {
     assert_eq!(usage.outcome, Outcome::Complete);
     assert_eq!(usage.output_tokens, Some(2));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_upload_read_for_include_usage_is_a_408_not_a_hang() {
+    let registry = Registry::from_accounts(vec![AccountSpec {
+        endpoints: vec![EndpointSpec {
+            timeouts: crate::registry::Timeouts {
+                idle: Some(std::time::Duration::from_millis(200)),
+                ..Default::default()
+            },
+            ..EndpointSpec::new("ep", "https://example.com/v1")
+        }],
+        ..AccountSpec::new("acct")
+    }])
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(CustomEndpointRouteLayer::new(registry.into()))
+        .layer(UsageTapLayer::new().include_usage(true))
+        .service(service_fn(
+            |req: Request<TapRequestBody<StreamBody<_>>>| async move {
+                let err = req.into_body().collect().await.unwrap_err();
+                // What Forward does with a client body error, then RescueLayer.
+                let wrapped = crate::error::InvalidRequestBody(err);
+                assert_eq!(crate::error::classify(&wrapped).status(), 408);
+                Ok::<_, Infallible>(Response::new(ResponseBody::default()))
+            },
+        ));
+    // Declares 100 bytes, sends 10, then nothing.
+    let first: Result<http_body::Frame<Bytes>, Infallible> =
+        Ok(http_body::Frame::data(Bytes::from_static(b"{\"stream\":")));
+    let stalled = futures_util::StreamExt::chain(
+        futures_util::stream::iter([first]),
+        futures_util::stream::pending(),
+    );
+    let mut req = Request::post("/proxy-api/acct/ep/chat/completions")
+        .header("content-type", "application/json")
+        .header("content-length", "100")
+        .body(StreamBody::new(stalled))
+        .unwrap();
+    req.extensions_mut().insert(alice());
+    tokio::time::timeout(std::time::Duration::from_secs(60), svc.oneshot(req))
+        .await
+        .expect("the read is bounded by the endpoint's idle timeout")
+        .unwrap();
+}
