@@ -2,9 +2,9 @@
 //! real upstream, the real gateway on a real hyper server, a real client.
 //!
 //! Every test runs on a `current_thread` runtime, so every server and client task runs on the
-//! test thread, where a capturing subscriber ([`Capture`], set with
+//! test thread, where [`watch`] installs a capturing subscriber ([`Capture`], set with
 //! `tracing::subscriber::set_default`) and a metrics recorder
-//! (`metrics::set_default_local_recorder`) are installed before anything is spawned.
+//! (`metrics::set_default_local_recorder`) before anything is spawned.
 
 mod support;
 
@@ -15,14 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde_json::Value;
-use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::gateway::{Gateway, GatewayBuilder};
-use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 use tower_gateway::usage::{Outcome, Usage, UsageTapLayer, metric};
 use tracing::field::{Field, Visit};
 use tracing::span;
@@ -107,13 +106,6 @@ struct Open {
 struct Capture(Arc<Mutex<Captured>>);
 
 impl Capture {
-    /// Installs a registry with this layer as the thread's default subscriber.
-    fn install() -> (Self, tracing::subscriber::DefaultGuard) {
-        let capture = Self::default();
-        let subscriber = tracing_subscriber::registry().with(capture.clone());
-        (capture, tracing::subscriber::set_default(subscriber))
-    }
-
     fn closed(&self) -> Vec<SpanRecord> {
         self.0.lock().unwrap().closed.clone()
     }
@@ -345,6 +337,39 @@ impl Metrics {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Both, installed on the test thread in one call.
+
+/// The test thread's subscriber and recorder, from [`watch`]; both are uninstalled when it drops.
+struct Watching {
+    snapshotter: Snapshotter,
+    _trace: tracing::subscriber::DefaultGuard,
+    _metrics: metrics::LocalRecorderGuard<'static>,
+}
+
+impl Watching {
+    /// What has been counted since the last call (the snapshot is destructive).
+    fn metrics(&self) -> Metrics {
+        Metrics::take(&self.snapshotter)
+    }
+}
+
+/// Installs a [`Capture`] as the thread's subscriber and a `DebuggingRecorder` as its metrics
+/// recorder, until the returned [`Watching`] drops.
+fn watch() -> (Capture, Watching) {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    let _trace = tracing::subscriber::set_default(subscriber);
+    // Leaked (one small recorder a test) so that its guard can live beside the snapshotter.
+    let recorder: &'static DebuggingRecorder = Box::leak(Box::new(DebuggingRecorder::new()));
+    let watching = Watching {
+        snapshotter: recorder.snapshotter(),
+        _trace,
+        _metrics: metrics::set_default_local_recorder(recorder),
+    };
+    (capture, watching)
+}
+
+// ---------------------------------------------------------------------------------------------
 // The gateway under test and the calls.
 
 fn alice() -> Principal {
@@ -356,29 +381,8 @@ fn bob() -> Principal {
 }
 
 /// A gateway with Alice (`GW_KEY`) and Bob (`BOB_KEY`), one endpoint at `base_url` that injects
-/// `Authorization: Bearer UP_KEY`, and `usage` as its tap.
-fn gateway(base_url: &str, usage: UsageTapLayer) -> Gateway {
-    builder(base_url, usage).build()
-}
-
+/// `Authorization: Bearer UP_KEY` ([`one_endpoint_registry`]), and `usage` as its tap.
 fn builder(base_url: &str, usage: UsageTapLayer) -> GatewayBuilder {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {UP_KEY}")).unwrap(),
-    );
-    let registry = Registry::from_accounts(vec![AccountSpec {
-        endpoints: vec![EndpointSpec {
-            headers,
-            ..EndpointSpec::new(ENDPOINT, base_url)
-        }],
-        access: Grants {
-            users: vec![Subject::Everyone],
-            ..Grants::default()
-        },
-        ..AccountSpec::new(ACCOUNT)
-    }])
-    .unwrap();
     let keys = HashedKeyStore::new()
         .with_key(GW_KEY, alice())
         .unwrap()
@@ -386,8 +390,22 @@ fn builder(base_url: &str, usage: UsageTapLayer) -> GatewayBuilder {
         .unwrap();
     Gateway::builder()
         .keys(keys)
-        .registry(registry.into())
+        .registry(one_endpoint_registry(base_url).into())
         .usage(usage)
+}
+
+/// Serves the [`builder`] gateway as it is.
+async fn serve(base_url: &str, usage: UsageTapLayer) -> TestGateway {
+    serve_gateway(builder(base_url, usage).build()).await
+}
+
+/// The mock W&B Inference upstream (it wants `UP_KEY`), serving in the background: its base URL.
+async fn mock_upstream() -> String {
+    let addr = MockUpstream::new(UP_KEY, Duration::ZERO)
+        .spawn()
+        .await
+        .unwrap();
+    format!("http://{addr}/v1")
 }
 
 /// A sink that keeps the records, and the tap that feeds it.
@@ -423,6 +441,16 @@ fn post(uri: Uri, key: Option<&str>, json: &str, request_ids: &[&str]) -> Reques
     req.body(Full::from(json.to_owned())).unwrap()
 }
 
+/// The [`post`] of a chat completion through `gw`.
+fn chat(
+    gw: &TestGateway,
+    key: Option<&str>,
+    json: &str,
+    request_ids: &[&str],
+) -> Request<Full<Bytes>> {
+    post(gw.proxy_url("/chat/completions"), key, json, request_ids)
+}
+
 fn chat_body(model: &str, said: &str, stream: bool, ask_usage: bool) -> String {
     let mut v = serde_json::json!({
         "model": model,
@@ -437,12 +465,16 @@ fn chat_body(model: &str, said: &str, stream: bool, ask_usage: bool) -> String {
     v.to_string()
 }
 
+/// Sends `req` and waits for the head of the answer; the body is left to the caller.
+async fn head(req: Request<Full<Bytes>>) -> Response<Incoming> {
+    within("a response head", client().request(req))
+        .await
+        .unwrap()
+}
+
 /// Sends `req`, reads the whole answer: its head and `Ok(body)`, or `Err` if the body was cut.
 async fn call(req: Request<Full<Bytes>>) -> (http::response::Parts, Result<Vec<u8>, hyper::Error>) {
-    let res = within("a response head", client().request(req))
-        .await
-        .unwrap();
-    let (parts, mut body) = res.into_parts();
+    let (parts, mut body) = head(req).await.into_parts();
     let body = read_to_end(&mut body).await;
     (parts, body)
 }
@@ -500,10 +532,10 @@ fn assert_no_secret(capture: &Capture, metrics: Option<&Metrics>) {
     assert!(!seen.contains("CANARY"), "a key leaked into:\n{seen}");
 }
 
-/// A listener address nothing listens on any more.
-async fn dead_address() -> std::net::SocketAddr {
+/// The base URL of an upstream that is gone: a listener address nothing listens on any more.
+async fn dead_upstream() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+    format!("http://{}/v1", listener.local_addr().unwrap())
 }
 
 /// A JSON answer with extra headers, for `RecordingUpstream`.
@@ -526,26 +558,13 @@ fn json_answer(status: u16, headers: &[(&str, String)], body: &str) -> Response<
 
 #[tokio::test(flavor = "current_thread")]
 async fn streamed_completion_makes_one_span_with_every_field_and_one_usage_event() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
     let (upstream, mut feeds) = sse_upstream().await;
-    let gw = serve_gateway(gateway(&upstream.base_url(), UsageTapLayer::new())).await;
+    let gw = serve(&upstream.base_url(), UsageTapLayer::new()).await;
 
     let body = chat_body(MODEL, "Say hello", true, false);
-    let res = within(
-        "the stream's head",
-        client().request(post(
-            gw.proxy_url("/chat/completions"),
-            Some(GW_KEY),
-            &body,
-            &[],
-        )),
-    )
-    .await
-    .unwrap();
+    let res = head(chat(&gw, Some(GW_KEY), &body, &[])).await;
     assert_eq!(res.status(), 200);
     let client_id = res.headers()["x-request-id"].clone();
     assert!(is_gateway_id(&client_id), "{client_id:?}");
@@ -635,7 +654,7 @@ async fn streamed_completion_makes_one_span_with_every_field_and_one_usage_event
     assert_eq!(u.u64("status"), Some(200));
     assert_eq!(u.u64("response_bytes"), Some(received.len() as u64));
 
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     let labels = [
         ("status", "200"),
         ("source", "upstream"),
@@ -665,21 +684,11 @@ async fn streamed_completion_makes_one_span_with_every_field_and_one_usage_event
 
 #[tokio::test(flavor = "current_thread")]
 async fn unreachable_upstream_is_a_gateway_502_with_its_cause() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
-    let dead = dead_address().await;
-    let gw = serve_gateway(gateway(&format!("http://{dead}/v1"), UsageTapLayer::new())).await;
+    let gw = serve(&dead_upstream().await, UsageTapLayer::new()).await;
     let body = chat_body(MODEL, "hi", true, false);
-    let (res, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &body,
-        &[],
-    ))
-    .await;
+    let (res, text) = call(chat(&gw, Some(GW_KEY), &body, &[])).await;
     text.unwrap();
     assert_eq!(res.status, 502);
     let code = res.headers["x-gateway-error"].to_str().unwrap().to_owned();
@@ -701,7 +710,7 @@ async fn unreachable_upstream_is_a_gateway_502_with_its_cause() {
         "no upstream answer, no usage"
     );
 
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     let labels = [
         ("status", "502"),
         ("source", "gateway"),
@@ -715,17 +724,14 @@ async fn unreachable_upstream_is_a_gateway_502_with_its_cause() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn refused_requests_record_no_identity_or_route_they_did_not_establish() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
     let (upstream, _feeds) = sse_upstream().await;
-    let gw = serve_gateway(gateway(&upstream.base_url(), UsageTapLayer::new())).await;
+    let gw = serve(&upstream.base_url(), UsageTapLayer::new()).await;
     let body = chat_body(MODEL, "hi", false, false);
 
     // No key: 401, nobody recorded.
-    let (res, _) = call(post(gw.proxy_url("/chat/completions"), None, &body, &[])).await;
+    let (res, _) = call(chat(&gw, None, &body, &[])).await;
     assert_eq!(res.status, 401);
     let no_key = res.headers["x-gateway-error"].to_str().unwrap().to_owned();
     let span = capture.one_request().await;
@@ -765,7 +771,7 @@ async fn refused_requests_record_no_identity_or_route_they_did_not_establish() {
 
     assert_eq!(upstream.count(), 0, "nothing reached the upstream");
     assert!(capture.usage_events().is_empty());
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     assert_eq!(m.counter(metric::ERRORS, &[("cause", no_key.as_str())]), 1);
     assert_eq!(m.counter(metric::ERRORS, &[("cause", unknown.as_str())]), 1);
     assert_eq!(m.counter(metric::REQUESTS, &[("source", "gateway")]), 2);
@@ -775,25 +781,12 @@ async fn refused_requests_record_no_identity_or_route_they_did_not_establish() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_stream_cut_midway_is_failed_with_a_cause() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
     let (upstream, mut feeds) = sse_upstream().await;
-    let gw = serve_gateway(gateway(&upstream.base_url(), UsageTapLayer::new())).await;
+    let gw = serve(&upstream.base_url(), UsageTapLayer::new()).await;
     let body = chat_body(MODEL, "hi", true, false);
-    let res = within(
-        "the stream's head",
-        client().request(post(
-            gw.proxy_url("/chat/completions"),
-            Some(GW_KEY),
-            &body,
-            &[],
-        )),
-    )
-    .await
-    .unwrap();
+    let res = head(chat(&gw, Some(GW_KEY), &body, &[])).await;
     assert_eq!(res.status(), 200);
     let (_, events) = within("the upstream stream", feeds.recv()).await.unwrap();
     let mut body = res.into_body();
@@ -837,7 +830,7 @@ async fn a_stream_cut_midway_is_failed_with_a_cause() {
     assert_eq!(usage.len(), 1);
     assert_eq!(usage[0].str("outcome"), Some("failed"));
 
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     assert_eq!(
         m.counter(metric::ERRORS, &[("cause", "upstream_stream_error")]),
         1
@@ -852,10 +845,7 @@ async fn a_stream_cut_midway_is_failed_with_a_cause() {
 /// An upstream's own error is the upstream's, even if it forges the gateway's error header.
 #[tokio::test(flavor = "current_thread")]
 async fn an_upstream_5xx_is_attributed_to_the_upstream() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
     let upstream = RecordingUpstream::start(|_| async {
         json_answer(
@@ -865,15 +855,9 @@ async fn an_upstream_5xx_is_attributed_to_the_upstream() {
         )
     })
     .await;
-    let gw = serve_gateway(gateway(&upstream.base_url(), UsageTapLayer::new())).await;
+    let gw = serve(&upstream.base_url(), UsageTapLayer::new()).await;
     let body = chat_body(MODEL, "hi", false, false);
-    let (res, _) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &body,
-        &[],
-    ))
-    .await;
+    let (res, _) = call(chat(&gw, Some(GW_KEY), &body, &[])).await;
     assert_eq!(res.status, 503);
     assert!(!res.headers.contains_key("x-gateway-error"));
 
@@ -882,7 +866,7 @@ async fn an_upstream_5xx_is_attributed_to_the_upstream() {
     assert_eq!(span.str("gateway.response_source"), Some("upstream"));
     assert!(!span.has("error.type"), "{span:#?}");
     assert_eq!(span.str("gateway.outcome"), Some("complete"));
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     let labels = [("status", "503"), ("source", "upstream")];
     assert_eq!(m.counter(metric::REQUESTS, &labels), 1);
     assert_eq!(m.counter(metric::ERRORS, &[]), 0);
@@ -894,15 +878,10 @@ async fn an_upstream_5xx_is_attributed_to_the_upstream() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn usage_records_per_principal_through_the_full_stack() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
-    let mock = MockUpstream::new(UP_KEY, Duration::ZERO);
-    let addr = mock.spawn().await.unwrap();
     let (tap, records) = collecting_tap();
-    let gw = serve_gateway(gateway(&format!("http://{addr}/v1"), tap)).await;
+    let gw = serve(&mock_upstream().await, tap).await;
 
     let deepseek = "deepseek-ai/DeepSeek-V3-0324";
     // (request id, key, principal, model, what they say, streaming)
@@ -929,13 +908,7 @@ async fn usage_records_per_principal_through_the_full_stack() {
     let mut expected = Vec::new();
     for (id, key, principal, model, said, stream) in &calls {
         let body = chat_body(model, said, *stream, *stream);
-        let (res, text) = call(post(
-            gw.proxy_url("/chat/completions"),
-            Some(key),
-            &body,
-            &[id],
-        ))
-        .await;
+        let (res, text) = call(chat(&gw, Some(key), &body, &[id])).await;
         assert_eq!(res.status, 200);
         assert_eq!(res.headers["x-request-id"], *id);
         let text = text.unwrap();
@@ -976,7 +949,7 @@ async fn usage_records_per_principal_through_the_full_stack() {
     let (alice_in, alice_out) = (sum("alice", |t| t.0), sum("alice", |t| t.1));
     let (bob_in, bob_out) = (sum("bob", |t| t.0), sum("bob", |t| t.1));
     assert_ne!(alice_in, bob_in, "the calls differ, so a mix-up shows");
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     let tokens = |team: &str, kind: &str| {
         m.counter(
             metric::TOKENS,
@@ -1025,31 +998,20 @@ async fn usage_records_per_principal_through_the_full_stack() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn metrics_off_records_none() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
-    let mock = MockUpstream::new(UP_KEY, Duration::ZERO);
-    let addr = mock.spawn().await.unwrap();
-    let gateway = builder(&format!("http://{addr}/v1"), UsageTapLayer::new())
+    let gateway = builder(&mock_upstream().await, UsageTapLayer::new())
         .metrics(false)
         .build();
     let gw = serve_gateway(gateway).await;
     let body = chat_body(MODEL, "hi", true, true);
-    let (res, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &body,
-        &[],
-    ))
-    .await;
+    let (res, text) = call(chat(&gw, Some(GW_KEY), &body, &[])).await;
     assert_eq!(res.status, 200);
     text.unwrap();
-    let (res, _) = call(post(gw.proxy_url("/chat/completions"), None, &body, &[])).await;
+    let (res, _) = call(chat(&gw, None, &body, &[])).await;
     assert_eq!(res.status, 401);
     capture.wait_requests(2).await;
-    let m = Metrics::take(&snapshotter);
+    let m = watching.metrics();
     assert!(
         m.0.is_empty(),
         "metrics(false) counts nothing: {}",
@@ -1062,35 +1024,21 @@ async fn metrics_off_records_none() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn include_usage_records_tokens_the_client_did_not_ask_for_without_showing_them() {
-    let (capture, _trace) = Capture::install();
-    let mock = MockUpstream::new(UP_KEY, Duration::ZERO);
-    let addr = mock.spawn().await.unwrap();
-    let base = format!("http://{addr}/v1");
+    let (capture, _watching) = watch();
+    let base = mock_upstream().await;
 
     // What the mock counts for this conversation, as a non-streaming call reports it.
     let said = "count my tokens please";
     let (tap, records) = collecting_tap();
-    let gw = serve_gateway(gateway(&base, tap.include_usage(true))).await;
+    let gw = serve(&base, tap.include_usage(true)).await;
     let json = chat_body(MODEL, said, false, false);
-    let (res, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &json,
-        &[],
-    ))
-    .await;
+    let (res, text) = call(chat(&gw, Some(GW_KEY), &json, &[])).await;
     assert_eq!(res.status, 200);
     let want = client_usage(&text.unwrap());
 
     // A streaming call that did not ask: usage recorded, the client's stream as it asked.
     let stream = chat_body(MODEL, said, true, false);
-    let (res, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &stream,
-        &["include-on"],
-    ))
-    .await;
+    let (res, text) = call(chat(&gw, Some(GW_KEY), &stream, &["include-on"])).await;
     assert_eq!(res.status, 200);
     assert_eq!(res.headers["content-type"], "text/event-stream");
     let text = text.unwrap();
@@ -1139,13 +1087,7 @@ async fn include_usage_records_tokens_the_client_did_not_ask_for_without_showing
 
     // A client that asked for usage itself gets its usage event untouched.
     let asked = chat_body(MODEL, said, true, true);
-    let (_, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &asked,
-        &[],
-    ))
-    .await;
+    let (_, text) = call(chat(&gw, Some(GW_KEY), &asked, &[])).await;
     let text = text.unwrap();
     assert_eq!(client_usage(&text), want);
     assert!(
@@ -1157,14 +1099,8 @@ async fn include_usage_records_tokens_the_client_did_not_ask_for_without_showing
 
     // The same streaming call with the option off: the mock sends no usage, none recorded.
     let (tap, records) = collecting_tap();
-    let gw = serve_gateway(gateway(&base, tap)).await;
-    let (res, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &stream,
-        &["include-off"],
-    ))
-    .await;
+    let gw = serve(&base, tap).await;
+    let (res, text) = call(chat(&gw, Some(GW_KEY), &stream, &["include-off"])).await;
     assert_eq!(res.status, 200);
     assert!(sse_data(&text.unwrap()).ends_with(&["[DONE]".to_owned()]));
     let off = wait_records(&records, 1).await;
@@ -1179,7 +1115,7 @@ async fn include_usage_records_tokens_the_client_did_not_ask_for_without_showing
 
 #[tokio::test(flavor = "current_thread")]
 async fn request_ids_are_kept_replaced_or_made_and_the_upstreams_moved_aside() {
-    let (capture, _trace) = Capture::install();
+    let (capture, _watching) = watch();
     // An upstream that answers with its own id when asked to (`x-answer-id`), or echoes ours
     // (`x-echo-id`).
     let upstream = RecordingUpstream::start(|seen: Seen| async move {
@@ -1194,7 +1130,7 @@ async fn request_ids_are_kept_replaced_or_made_and_the_upstreams_moved_aside() {
         json_answer(200, &headers, "{}")
     })
     .await;
-    let gw = serve_gateway(gateway(&upstream.base_url(), UsageTapLayer::new())).await;
+    let gw = serve(&upstream.base_url(), UsageTapLayer::new()).await;
     let uri = || gw.proxy_url("/models");
     let get = |ids: &[&str], extra: Option<(&'static str, &'static str)>| {
         let mut req = Request::get(uri()).header("authorization", format!("Bearer {GW_KEY}"));
@@ -1312,12 +1248,12 @@ async fn request_ids_are_kept_replaced_or_made_and_the_upstreams_moved_aside() {
 /// tap, not in the trace layers that the docs of `tower_gateway::trace` describe it under.
 #[tokio::test(flavor = "current_thread")]
 async fn the_client_gets_the_gateways_request_id_even_with_the_tap_disabled() {
-    let (capture, _trace) = Capture::install();
+    let (capture, _watching) = watch();
     let upstream = RecordingUpstream::start(|_| async {
         json_answer(200, &[("x-request-id", "upstream-own-9".to_owned())], "{}")
     })
     .await;
-    let gw = serve_gateway(gateway(&upstream.base_url(), UsageTapLayer::disabled())).await;
+    let gw = serve(&upstream.base_url(), UsageTapLayer::disabled()).await;
     let req = Request::get(gw.proxy_url("/models"))
         .header("authorization", format!("Bearer {GW_KEY}"))
         .header("x-request-id", "ours-9")
@@ -1338,23 +1274,11 @@ async fn the_client_gets_the_gateways_request_id_even_with_the_tap_disabled() {
 /// it cuts out (and so does `http.response.body.size`).
 #[tokio::test(flavor = "current_thread")]
 async fn response_bytes_are_what_the_client_received_with_include_usage() {
-    let (capture, _trace) = Capture::install();
-    let mock = MockUpstream::new(UP_KEY, Duration::ZERO);
-    let addr = mock.spawn().await.unwrap();
+    let (capture, _watching) = watch();
     let (tap, records) = collecting_tap();
-    let gw = serve_gateway(gateway(
-        &format!("http://{addr}/v1"),
-        tap.include_usage(true),
-    ))
-    .await;
+    let gw = serve(&mock_upstream().await, tap.include_usage(true)).await;
     let stream = chat_body(MODEL, "hi", true, false);
-    let (_, text) = call(post(
-        gw.proxy_url("/chat/completions"),
-        Some(GW_KEY),
-        &stream,
-        &[],
-    ))
-    .await;
+    let (_, text) = call(chat(&gw, Some(GW_KEY), &stream, &[])).await;
     let text = text.unwrap();
     let record = wait_records(&records, 1).await.remove(0);
     assert!(record.input_tokens.is_some());
@@ -1376,15 +1300,11 @@ async fn response_bytes_are_what_the_client_received_with_include_usage() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn no_key_reaches_a_span_or_an_event() {
-    let (capture, _trace) = Capture::install();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let (capture, watching) = watch();
 
     // The mock requires the upstream key; an echoing upstream refuses the request and repeats
     // the credential it got in its error body and a header.
-    let mock = MockUpstream::new(UP_KEY, Duration::ZERO);
-    let good = mock.spawn().await.unwrap();
+    let good = mock_upstream().await;
     let echo = RecordingUpstream::start(|seen: Seen| async move {
         let auth = seen.headers["authorization"].to_str().unwrap().to_owned();
         json_answer(
@@ -1394,34 +1314,18 @@ async fn no_key_reaches_a_span_or_an_event() {
         )
     })
     .await;
-    let good = serve_gateway(gateway(&format!("http://{good}/v1"), UsageTapLayer::new())).await;
-    let echo = serve_gateway(gateway(&echo.base_url(), UsageTapLayer::new())).await;
-    let dead = dead_address().await;
-    let dead = serve_gateway(gateway(&format!("http://{dead}/v1"), UsageTapLayer::new())).await;
+    let good = serve(&good, UsageTapLayer::new()).await;
+    let echo = serve(&echo.base_url(), UsageTapLayer::new()).await;
+    let dead = serve(&dead_upstream().await, UsageTapLayer::new()).await;
 
     let stream = chat_body(MODEL, "hi", true, true);
     let json = chat_body(MODEL, "hi", false, false);
     let requests = [
-        post(
-            good.proxy_url("/chat/completions"),
-            Some(GW_KEY),
-            &stream,
-            &[],
-        ),
-        post(
-            good.proxy_url("/chat/completions"),
-            Some(BOB_KEY),
-            &json,
-            &[],
-        ),
+        chat(&good, Some(GW_KEY), &stream, &[]),
+        chat(&good, Some(BOB_KEY), &json, &[]),
         // The upstream key sent as a gateway key; the gateway key in `x-api-key`. (A key the
         // client puts in its own `x-request-id` is a valid id and logged as one: not tested.)
-        post(
-            good.proxy_url("/chat/completions"),
-            Some(UP_KEY),
-            &json,
-            &[],
-        ),
+        chat(&good, Some(UP_KEY), &json, &[]),
         Request::post(good.proxy_url("/chat/completions"))
             .header("x-api-key", GW_KEY)
             .header("content-type", "application/json")
@@ -1443,18 +1347,8 @@ async fn no_key_reaches_a_span_or_an_event() {
             &[],
         ),
         // An upstream that echoes the credential it got.
-        post(
-            echo.proxy_url("/chat/completions"),
-            Some(GW_KEY),
-            &json,
-            &[],
-        ),
-        post(
-            dead.proxy_url("/chat/completions"),
-            Some(GW_KEY),
-            &json,
-            &[],
-        ),
+        chat(&echo, Some(GW_KEY), &json, &[]),
+        chat(&dead, Some(GW_KEY), &json, &[]),
     ];
     let n = requests.len();
     let mut statuses = Vec::new();
@@ -1467,5 +1361,5 @@ async fn no_key_reaches_a_span_or_an_event() {
     let spans = capture.wait_requests(n).await;
     assert_eq!(spans.len(), n);
     assert!(!capture.usage_events().is_empty());
-    assert_no_secret(&capture, Some(&Metrics::take(&snapshotter)));
+    assert_no_secret(&capture, Some(&watching.metrics()));
 }

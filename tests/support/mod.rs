@@ -68,15 +68,15 @@ impl TestGateway {
     }
 }
 
-/// A gateway with one key (`GW_KEY`) and one endpoint at `base_url` that injects
-/// `Authorization: Bearer UP_KEY`.
-pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGateway {
+/// The registry of [`start_gateway`]: the account `ACCOUNT`, open to everyone, with one endpoint
+/// `ENDPOINT` at `base_url` that injects `Authorization: Bearer UP_KEY`.
+pub fn one_endpoint_registry(base_url: &str) -> Registry {
     let mut headers = HeaderMap::new();
     headers.insert(
         "authorization",
         HeaderValue::from_str(&format!("Bearer {UP_KEY}")).unwrap(),
     );
-    let registry = Registry::from_accounts(vec![AccountSpec {
+    Registry::from_accounts(vec![AccountSpec {
         endpoints: vec![EndpointSpec {
             headers,
             ..EndpointSpec::new(ENDPOINT, base_url)
@@ -87,7 +87,12 @@ pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGatew
         },
         ..AccountSpec::new(ACCOUNT)
     }])
-    .unwrap();
+    .unwrap()
+}
+
+/// A gateway with one key (`GW_KEY`) and one endpoint at `base_url` that injects
+/// `Authorization: Bearer UP_KEY` (the [`one_endpoint_registry`]).
+pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGateway {
     let keys = HashedKeyStore::new()
         .with_key(
             GW_KEY,
@@ -96,7 +101,7 @@ pub async fn start_gateway(base_url: &str, forward: ForwardBuilder) -> TestGatew
         .unwrap();
     let gateway = Gateway::builder()
         .keys(keys)
-        .registry(registry.into())
+        .registry(one_endpoint_registry(base_url).into())
         .forward(forward)
         .build();
     serve_gateway(gateway).await
