@@ -184,6 +184,7 @@ impl Management {
         self
     }
 
+    #[cfg(feature = "gateway")]
     pub(crate) fn prefix_str(&self) -> &str {
         &self.prefix
     }
