@@ -154,12 +154,16 @@ impl Sizes {
 }
 
 const USAGE: &str = "\
-usage: nginx_compare [--runs N] [--memory-streams N] [--quick] [--bare-forward]
+usage: nginx_compare [--runs N] [--memory-streams N] [--sse-rounds N] [--quick]
+                     [--only WORKLOADS] [--proxies PROXIES] [--bare-forward]
                      [--gateway-bin PATH] [--nginx PATH] [--print-nginx-config]
 
   --runs N             repeat every workload N times (default 3); medians and min-max
   --memory-streams N   paced streams held open for the memory figure (default 1000)
+  --sse-rounds N       64-stream SSE rounds per measurement (default 10)
   --quick              a short smoke run (1 run, small workloads)
+  --only WORKLOADS     comma-separated: memory,sse,completions,first,bytes (default all)
+  --proxies PROXIES    comma-separated: nginx,bare,gateway (default all; ratios need nginx)
   --bare-forward       the bare arm runs the crate's Forward instead of plain hyper-util
   --gateway-bin PATH   the gateway example binary (default: built with cargo, release)
   --nginx PATH         the nginx binary (default: nginx on PATH, or /usr/sbin/nginx)
@@ -168,6 +172,8 @@ usage: nginx_compare [--runs N] [--memory-streams N] [--quick] [--bare-forward]
 
 struct Options {
     sizes: Sizes,
+    workloads: Vec<Workload>,
+    proxies: Vec<Kind>,
     bare_forward: bool,
     gateway_bin: Option<PathBuf>,
     nginx: Option<PathBuf>,
@@ -177,6 +183,9 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut sizes = Sizes::FULL;
     let mut runs = None;
     let mut memory_streams = None;
+    let mut sse_rounds = None;
+    let mut workloads = Workload::ALL.to_vec();
+    let mut proxies = KINDS.to_vec();
     let mut bare_forward = false;
     let mut gateway_bin = None;
     let mut nginx = None;
@@ -198,7 +207,12 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--memory-streams" => {
                 memory_streams = Some(number("--memory-streams", value("--memory-streams")?)?);
             }
+            "--sse-rounds" => sse_rounds = Some(number("--sse-rounds", value("--sse-rounds")?)?),
             "--quick" => sizes = Sizes::QUICK,
+            "--only" => {
+                workloads = list(&value("--only")?, &Workload::ALL, Workload::name)?;
+            }
+            "--proxies" => proxies = list(&value("--proxies")?, &KINDS, Kind::name)?,
             "--bare-forward" => bare_forward = true,
             "--gateway-bin" => gateway_bin = Some(PathBuf::from(value("--gateway-bin")?)),
             "--nginx" => nginx = Some(PathBuf::from(value("--nginx")?)),
@@ -214,12 +228,61 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     if let Some(n) = memory_streams {
         sizes.memory_streams = n;
     }
+    if let Some(n) = sse_rounds {
+        sizes.sse_rounds = n;
+    }
     Ok(Options {
         sizes,
+        workloads,
+        proxies,
         bare_forward,
         gateway_bin,
         nginx,
     })
+}
+
+/// Parses a comma-separated list of names out of `all`, keeping `all`'s order.
+fn list<T: Copy>(text: &str, all: &[T], name: fn(T) -> &'static str) -> Result<Vec<T>, String> {
+    let names: Vec<&str> = text.split(',').map(str::trim).collect();
+    if let Some(unknown) = names.iter().find(|n| !all.iter().any(|&t| name(t) == **n)) {
+        let known: Vec<&str> = all.iter().map(|&t| name(t)).collect();
+        return Err(format!("{unknown:?} is not one of {}", known.join(", ")));
+    }
+    Ok(all
+        .iter()
+        .copied()
+        .filter(|&t| names.contains(&name(t)))
+        .collect())
+}
+
+/// The workloads, in the order they run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    Memory,
+    Sse,
+    Completions,
+    First,
+    Bytes,
+}
+
+impl Workload {
+    const ALL: [Workload; 5] = [
+        Workload::Memory,
+        Workload::Sse,
+        Workload::Completions,
+        Workload::First,
+        Workload::Bytes,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Memory => "memory",
+            Workload::Sse => "sse",
+            Workload::Completions => "completions",
+            Workload::First => "first",
+            Workload::Bytes => "bytes",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -312,7 +375,7 @@ fn main() -> ExitCode {
     }
 
     let bench = Bench::new(sizes, nginx, gateway_bin, options.bare_forward);
-    bench.run();
+    bench.run(&options.workloads, &options.proxies);
     ExitCode::SUCCESS
 }
 
@@ -1328,7 +1391,7 @@ impl Bench {
         }
     }
 
-    fn run(&self) {
+    fn run(&self, workloads: &[Workload], kinds: &[Kind]) {
         let s = self.sizes;
         println!(
             "nginx_compare: {} run(s); proxies pinned to core {PROXY_CORE}, upstream and load to \
@@ -1349,24 +1412,23 @@ impl Bench {
         let mut runs = Vec::new();
         for run in 0..s.runs {
             // Rotate the order so that none is always first or last.
-            let mut order = KINDS;
-            order.rotate_left(run % KINDS.len());
+            let mut order = kinds.to_vec();
+            order.rotate_left(run % kinds.len());
             let proxies: Vec<Proxy> = order.iter().map(|&k| self.start(k)).collect();
+            for proxy in &proxies {
+                eprintln!("{}: pid {}", proxy.kind.name(), proxy.child.id());
+            }
             let mut figures = Figures::new();
-            for proxy in &proxies {
-                self.memory(proxy, &mut figures);
-            }
-            for proxy in &proxies {
-                self.sse(proxy, &mut figures);
-            }
-            for proxy in &proxies {
-                self.completions(proxy, &mut figures);
-            }
-            for proxy in &proxies {
-                self.first_event(proxy, &mut figures);
-            }
-            for proxy in &proxies {
-                self.bytes(proxy, &mut figures);
+            for &workload in workloads {
+                for proxy in &proxies {
+                    match workload {
+                        Workload::Memory => self.memory(proxy, &mut figures),
+                        Workload::Sse => self.sse(proxy, &mut figures),
+                        Workload::Completions => self.completions(proxy, &mut figures),
+                        Workload::First => self.first_event(proxy, &mut figures),
+                        Workload::Bytes => self.bytes(proxy, &mut figures),
+                    }
+                }
             }
             drop(proxies);
             println!();
@@ -1374,7 +1436,11 @@ impl Bench {
                 "run {} of {} (order: {}; load average after: {})",
                 run + 1,
                 s.runs,
-                order.map(Kind::name).join(", "),
+                order
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 load_average()
             );
             print_run(&figures);
@@ -1545,18 +1611,23 @@ fn print_run(figures: &Figures) {
     println!("|---|---:|---:|---:|---:|---:|");
     for m in Metric::ALL {
         let get = |k| figures.get(&(m, k)).copied();
-        let (Some(n), Some(b), Some(g)) = (get(Kind::Nginx), get(Kind::Bare), get(Kind::Gateway))
-        else {
+        let (n, b, g) = (get(Kind::Nginx), get(Kind::Bare), get(Kind::Gateway));
+        if n.is_none() && b.is_none() && g.is_none() {
             continue;
+        }
+        let value = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), fmt);
+        let ratio = |v: Option<f64>| match (v, n) {
+            (Some(v), Some(n)) => format!("{:.2}", v / n),
+            _ => "–".to_owned(),
         };
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} |",
             m.label(),
-            fmt(n),
-            fmt(b),
-            fmt(g),
-            g / n,
-            b / n
+            value(n),
+            value(b),
+            value(g),
+            ratio(g),
+            ratio(b)
         );
     }
 }
@@ -1603,20 +1674,31 @@ fn print_summary(runs: &[Figures]) {
                 .collect()
         };
         let (n, b, g) = (values(Kind::Nginx), values(Kind::Bare), values(Kind::Gateway));
-        if n.is_empty() || g.is_empty() {
+        if n.is_empty() && b.is_empty() && g.is_empty() {
             continue;
         }
-        let met = m
-            .met(median(&mut g.clone()), median(&mut n.clone()))
-            .map_or("", |met| if met { "yes" } else { "no" });
+        let met = if n.is_empty() || g.is_empty() {
+            None
+        } else {
+            m.met(median(&mut g.clone()), median(&mut n.clone()))
+        };
+        let met = met.map_or("", |met| if met { "yes" } else { "no" });
+        let cell = |v: Vec<f64>, f: fn(f64) -> String| {
+            if v.is_empty() {
+                "–".to_owned()
+            } else {
+                spread(v, f)
+            }
+        };
+        let ratio = |r: f64| format!("{r:.2}");
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             m.label(),
-            spread(n, fmt),
-            spread(b, fmt),
-            spread(g, fmt),
-            spread(ratios(Kind::Gateway), |r| format!("{r:.2}")),
-            spread(ratios(Kind::Bare), |r| format!("{r:.2}")),
+            cell(n, fmt),
+            cell(b, fmt),
+            cell(g, fmt),
+            cell(ratios(Kind::Gateway), ratio),
+            cell(ratios(Kind::Bare), ratio),
             m.target_text(),
             met
         );
