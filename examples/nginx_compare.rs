@@ -432,7 +432,10 @@ impl Proxy {
         let mut pids = vec![leader];
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for entry in dir.flatten() {
-                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
                 else {
                     continue;
                 };
@@ -589,9 +592,7 @@ fn build_gateway() -> Result<PathBuf, String> {
                     build.env_remove(&*name);
                 }
             }
-            let status = build
-                .status()
-                .map_err(|e| format!("cargo: {e}"))?;
+            let status = build.status().map_err(|e| format!("cargo: {e}"))?;
             if !status.success() {
                 return Err("cargo build --release --example gateway failed".into());
             }
@@ -1057,16 +1058,20 @@ async fn time_to_first_event(client: &BenchClient, uri: &Uri, expected: usize) -
 
 /// One client connection, one paced streaming request; returns the body once the head is 200.
 async fn open_stream(addr: SocketAddr, uri: Uri) -> Incoming {
-    let tcp = TcpStream::connect(addr).await.expect("connect to the proxy");
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
     tcp.set_nodelay(true).unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
     tokio::spawn(conn);
     let mut req = request(&uri);
-    req.headers_mut()
-        .insert(header::HOST, HeaderValue::from_str(&addr.to_string()).unwrap());
-    *req.uri_mut() = Uri::from_maybe_shared(uri.path().to_owned()).unwrap();
+    req.headers_mut().insert(
+        header::HOST,
+        HeaderValue::from_str(&addr.to_string()).unwrap(),
+    );
+    *req.uri_mut() = uri.path().parse().unwrap();
     let res = sender.send_request(req).await.expect("a response head");
     assert_eq!(res.status(), StatusCode::OK, "the stream did not open");
     res.into_body()
@@ -1303,7 +1308,10 @@ impl Bench {
                 .unwrap();
                 let mut cmd = pinned_command(&self.nginx);
                 let prefix = format!("{}/", dir.display());
-                cmd.arg("-p").arg(&prefix).arg("-e").arg(dir.join("error.log"));
+                cmd.arg("-p")
+                    .arg(&prefix)
+                    .arg("-e")
+                    .arg(dir.join("error.log"));
                 cmd.arg("-c").arg(&config);
                 let log = std::fs::File::create(dir.join("nginx.stderr")).unwrap();
                 let mut child = cmd
@@ -1317,7 +1325,8 @@ impl Bench {
                     if exited.is_some() || Instant::now() > deadline {
                         let _ = child.kill();
                         let _ = child.wait();
-                        let log = |name| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+                        let log =
+                            |name| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
                         panic!(
                             "nginx did not start ({exited:?}):\n{}{}",
                             log("nginx.stderr"),
@@ -1452,12 +1461,7 @@ impl Bench {
     fn memory(&self, proxy: &Proxy, figures: &mut Figures) {
         let s = self.sizes;
         let uri = proxy.uri(PATH_PACED);
-        let run_streams = |n| {
-            self.block_on(async {
-                let streams = open_streams(n, proxy.addr, uri.clone()).await;
-                streams
-            })
-        };
+        let run_streams = |n| self.block_on(open_streams(n, proxy.addr, uri.clone()));
         let finish = |streams: Vec<tokio::task::JoinHandle<()>>| {
             self.release.send_modify(|g| *g += 1);
             self.block_on(async {
@@ -1523,7 +1527,13 @@ impl Bench {
     fn completions(&self, proxy: &Proxy, figures: &mut Figures) {
         let uri = proxy.uri(PATH_COMPLETION);
         let expected = self.expected.completion;
-        self.block_on(fetch_concurrently(&proxy.client, &uri, CLIENTS, 4, expected));
+        self.block_on(fetch_concurrently(
+            &proxy.client,
+            &uri,
+            CLIENTS,
+            4,
+            expected,
+        ));
         let per_client = self.sizes.requests_per_client;
         let sample = self.measure(
             proxy,
@@ -1664,16 +1674,26 @@ fn print_summary(runs: &[Figures]) {
         runs.len()
     );
     println!();
-    println!("| workload | nginx | bare | gateway | gateway ÷ nginx | bare ÷ nginx | target | met |");
+    println!(
+        "| workload | nginx | bare | gateway | gateway ÷ nginx | bare ÷ nginx | target | met |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---|---|");
     for m in Metric::ALL {
-        let values = |k| -> Vec<f64> { runs.iter().filter_map(|f| f.get(&(m, k)).copied()).collect() };
+        let values = |k| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|f| f.get(&(m, k)).copied())
+                .collect()
+        };
         let ratios = |k| -> Vec<f64> {
             runs.iter()
                 .filter_map(|f| Some(f.get(&(m, k))? / f.get(&(m, Kind::Nginx))?))
                 .collect()
         };
-        let (n, b, g) = (values(Kind::Nginx), values(Kind::Bare), values(Kind::Gateway));
+        let (n, b, g) = (
+            values(Kind::Nginx),
+            values(Kind::Bare),
+            values(Kind::Gateway),
+        );
         if n.is_empty() && b.is_empty() && g.is_empty() {
             continue;
         }
@@ -1710,7 +1730,10 @@ fn print_summary(runs: &[Figures]) {
         (Metric::BytesLoadBusy, "bytes"),
     ] {
         for k in KINDS {
-            let mut busy: Vec<f64> = runs.iter().filter_map(|f| f.get(&(m, k)).copied()).collect();
+            let mut busy: Vec<f64> = runs
+                .iter()
+                .filter_map(|f| f.get(&(m, k)).copied())
+                .collect();
             if !busy.is_empty() && median(&mut busy) >= 90.0 {
                 println!(
                     "note: in the {workload} workload against {} the load core was {:.0}% busy: \
@@ -1753,7 +1776,8 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     let t = utime + stime;
     Some(ProcStat {
         ppid,
-        cpu: Duration::from_secs(t / ticks) + Duration::from_nanos((t % ticks) * 1_000_000_000 / ticks),
+        cpu: Duration::from_secs(t / ticks)
+            + Duration::from_nanos((t % ticks) * 1_000_000_000 / ticks),
     })
 }
 
