@@ -447,13 +447,14 @@ impl Proxy {
         pids
     }
 
-    /// CPU time (user + system) of the proxy's processes so far.
-    fn cpu(&self) -> Duration {
+    /// CPU time (user + system, and system alone) of the proxy's processes so far.
+    fn cpu(&self) -> (Duration, Duration) {
         self.pids()
             .into_iter()
             .filter_map(proc_stat)
-            .map(|s| s.cpu)
-            .sum()
+            .fold((Duration::ZERO, Duration::ZERO), |(cpu, sys), s| {
+                (cpu + s.cpu, sys + s.sys)
+            })
     }
 
     /// Resident memory of the proxy's processes, in KiB.
@@ -1125,6 +1126,7 @@ enum Metric {
     SseEventsPerSec,
     SseCpuPerEvent,
     SseProxyBusy,
+    SseProxyKernel,
     SseLoadBusy,
     CompletionsPerSec,
     CompletionsProxyBusy,
@@ -1154,7 +1156,7 @@ enum Target {
 }
 
 impl Metric {
-    const ALL: [Metric; 13] = [
+    const ALL: [Metric; 14] = [
         Metric::SseEventsPerSec,
         Metric::SseCpuPerEvent,
         Metric::CompletionsPerSec,
@@ -1162,6 +1164,7 @@ impl Metric {
         Metric::BytesPerSec,
         Metric::MemoryPerStream,
         Metric::MemoryReturned,
+        Metric::SseProxyKernel,
         Metric::SseProxyBusy,
         Metric::SseLoadBusy,
         Metric::CompletionsProxyBusy,
@@ -1175,6 +1178,7 @@ impl Metric {
             Metric::SseEventsPerSec => "SSE 64×1,000 events/s",
             Metric::SseCpuPerEvent => "SSE proxy CPU µs/event",
             Metric::SseProxyBusy => "SSE proxy core busy %",
+            Metric::SseProxyKernel => "SSE proxy CPU in the kernel %",
             Metric::SseLoadBusy => "SSE load core busy %",
             Metric::CompletionsPerSec => "completions c64 req/s",
             Metric::CompletionsProxyBusy => "completions proxy core busy %",
@@ -1231,12 +1235,17 @@ type Figures = BTreeMap<(Metric, Kind), f64>;
 struct Sample {
     wall: Duration,
     proxy_cpu: Duration,
+    /// The part of `proxy_cpu` spent in the kernel.
+    proxy_sys: Duration,
     load_cpu: Duration,
 }
 
 impl Sample {
     fn proxy_busy(&self) -> f64 {
         100.0 * self.proxy_cpu.as_secs_f64() / self.wall.as_secs_f64()
+    }
+    fn proxy_kernel_share(&self) -> f64 {
+        100.0 * self.proxy_sys.as_secs_f64() / self.proxy_cpu.as_secs_f64().max(1e-9)
     }
     fn load_busy(&self) -> f64 {
         100.0 * self.load_cpu.as_secs_f64() / self.wall.as_secs_f64()
@@ -1389,13 +1398,16 @@ impl Bench {
     }
 
     fn measure<F: Future>(&self, proxy: &Proxy, fut: F) -> Sample {
-        let proxy0 = proxy.cpu();
+        let (proxy0, sys0) = proxy.cpu();
         let load0 = self_cpu();
         let start = Instant::now();
         self.block_on(fut);
+        let wall = start.elapsed();
+        let (proxy1, sys1) = proxy.cpu();
         Sample {
-            wall: start.elapsed(),
-            proxy_cpu: proxy.cpu().saturating_sub(proxy0),
+            wall,
+            proxy_cpu: proxy1.saturating_sub(proxy0),
+            proxy_sys: sys1.saturating_sub(sys0),
             load_cpu: self_cpu().saturating_sub(load0),
         }
     }
@@ -1521,6 +1533,7 @@ impl Bench {
             sample.proxy_cpu.as_secs_f64() * 1e6 / events,
         );
         figures.insert((Metric::SseProxyBusy, k), sample.proxy_busy());
+        figures.insert((Metric::SseProxyKernel, k), sample.proxy_kernel_share());
         figures.insert((Metric::SseLoadBusy, k), sample.load_busy());
     }
 
@@ -1754,7 +1767,10 @@ fn print_summary(runs: &[Figures]) {
 
 struct ProcStat {
     ppid: u32,
+    /// User and system time.
     cpu: Duration,
+    /// System time alone.
+    sys: Duration,
 }
 
 fn clock_ticks() -> u64 {
@@ -1773,11 +1789,13 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     let ticks = clock_ticks();
-    let t = utime + stime;
+    let time = |t: u64| {
+        Duration::from_secs(t / ticks) + Duration::from_nanos((t % ticks) * 1_000_000_000 / ticks)
+    };
     Some(ProcStat {
         ppid,
-        cpu: Duration::from_secs(t / ticks)
-            + Duration::from_nanos((t % ticks) * 1_000_000_000 / ticks),
+        cpu: time(utime + stime),
+        sys: time(stime),
     })
 }
 
