@@ -1129,6 +1129,7 @@ enum Metric {
     SseProxyKernel,
     SseLoadBusy,
     CompletionsPerSec,
+    CompletionsCpuPerRequest,
     CompletionsProxyBusy,
     CompletionsLoadBusy,
     FirstEventP50,
@@ -1156,7 +1157,7 @@ enum Target {
 }
 
 impl Metric {
-    const ALL: [Metric; 14] = [
+    const ALL: [Metric; 15] = [
         Metric::SseEventsPerSec,
         Metric::SseCpuPerEvent,
         Metric::CompletionsPerSec,
@@ -1164,6 +1165,7 @@ impl Metric {
         Metric::BytesPerSec,
         Metric::MemoryPerStream,
         Metric::MemoryReturned,
+        Metric::CompletionsCpuPerRequest,
         Metric::SseProxyKernel,
         Metric::SseProxyBusy,
         Metric::SseLoadBusy,
@@ -1181,6 +1183,7 @@ impl Metric {
             Metric::SseProxyKernel => "SSE proxy CPU in the kernel %",
             Metric::SseLoadBusy => "SSE load core busy %",
             Metric::CompletionsPerSec => "completions c64 req/s",
+            Metric::CompletionsCpuPerRequest => "completions proxy CPU µs/request",
             Metric::CompletionsProxyBusy => "completions proxy core busy %",
             Metric::CompletionsLoadBusy => "completions load core busy %",
             Metric::FirstEventP50 => "first event p50 µs",
@@ -1553,9 +1556,14 @@ impl Bench {
             fetch_concurrently(&proxy.client, &uri, CLIENTS, per_client, expected),
         );
         let k = proxy.kind;
+        let requests = (CLIENTS * per_client) as f64;
         figures.insert(
             (Metric::CompletionsPerSec, k),
-            (CLIENTS * per_client) as f64 / sample.wall.as_secs_f64(),
+            requests / sample.wall.as_secs_f64(),
+        );
+        figures.insert(
+            (Metric::CompletionsCpuPerRequest, k),
+            sample.proxy_cpu.as_secs_f64() * 1e6 / requests,
         );
         figures.insert((Metric::CompletionsProxyBusy, k), sample.proxy_busy());
         figures.insert((Metric::CompletionsLoadBusy, k), sample.load_busy());
