@@ -28,18 +28,22 @@
 //! streams for the memory workload. The clients are hyper-util's pooled legacy client
 //! (`TCP_NODELAY`), one HTTP/1.1 connection per concurrent request.
 //!
-//! Workloads, in every run, for every proxy in turn (the order rotates from run to run):
+//! Workloads, in every run (the proxies' order rotates from run to run). Memory is measured
+//! one proxy after the other; every other workload is split into 5 passes in which the proxies
+//! take turns, and each proxy's passes are added up, so a load that comes and goes on the
+//! machine weighs on all of them alike:
 //!
 //! 1. memory: 10 streams to warm up, then 1,000 streams paced at one event per 200 ms, each on
 //!    its own connection; RSS (`VmRSS`, summed over the proxy's processes) before, with all of
 //!    them open, and 2 s after they end; per open stream and the share returned;
-//! 2. SSE: 64 concurrent streams × 1,000 events, unpaced, 10 times back to back: events/s, and
-//!    the proxy's CPU time (utime + stime from `/proc/PID/stat`, summed over its processes) per
-//!    event;
-//! 3. completions: 64 concurrent clients × 200 small non-streaming completions: requests/s;
-//! 4. first event: one stream at a time, 300 times: time from sending the request to the first
-//!    event, p50;
-//! 5. bytes: a 64 MiB response in 16 KiB frames, 3 times: bytes/s.
+//! 2. SSE: 64 concurrent streams × 1,000 events, unpaced, twice per pass (640,000 events per
+//!    proxy): events/s, and the proxy's CPU time (utime + stime from `/proc/PID/stat`, summed
+//!    over its processes) per event, and the kernel's share of it;
+//! 3. completions: 64 concurrent clients × 40 small non-streaming completions per pass
+//!    (12,800 per proxy): requests/s and proxy CPU per request;
+//! 4. first event: one stream at a time, 60 per pass (after 20 to warm up): time from sending
+//!    the request to the first event, p50 over the 300;
+//! 5. bytes: a 64 MiB response in 16 KiB frames, once per pass: bytes/s.
 //!
 //! Every response is checked (status 200 and every byte there). It prints a table per run and
 //! then the medians over the runs, with min–max, the ratios gateway ÷ nginx and bare ÷ nginx
@@ -120,10 +124,12 @@ const BARE_FLAG: &str = "--bare-proxy";
 #[derive(Clone, Copy)]
 struct Sizes {
     runs: usize,
+    /// Each throughput and latency workload is split into this many passes, the proxies
+    /// taking turns.
+    passes: usize,
     sse_rounds: usize,
     requests_per_client: usize,
     first_samples: usize,
-    big_rounds: usize,
     memory_streams: usize,
     hold: Duration,
     settle: Duration,
@@ -132,10 +138,10 @@ struct Sizes {
 impl Sizes {
     const FULL: Self = Self {
         runs: 3,
-        sse_rounds: 10,
-        requests_per_client: 200,
+        passes: 5,
+        sse_rounds: 2,
+        requests_per_client: 40,
         first_samples: 300,
-        big_rounds: 3,
         memory_streams: 1_000,
         hold: Duration::from_secs(1),
         settle: Duration::from_secs(2),
@@ -143,10 +149,10 @@ impl Sizes {
     /// A smoke test: every workload once, small.
     const QUICK: Self = Self {
         runs: 1,
+        passes: 1,
         sse_rounds: 1,
         requests_per_client: 20,
         first_samples: 50,
-        big_rounds: 1,
         memory_streams: 100,
         hold: Duration::from_millis(300),
         settle: Duration::from_millis(500),
@@ -160,7 +166,7 @@ usage: nginx_compare [--runs N] [--memory-streams N] [--sse-rounds N] [--quick]
 
   --runs N             repeat every workload N times (default 3); medians and min-max
   --memory-streams N   paced streams held open for the memory figure (default 1000)
-  --sse-rounds N       64-stream SSE rounds per measurement (default 10)
+  --sse-rounds N       64-stream SSE rounds per proxy per pass (default 2, 5 passes)
   --quick              a short smoke run (1 run, small workloads)
   --only WORKLOADS     comma-separated: memory,sse,completions,first,bytes (default all)
   --proxies PROXIES    comma-separated: nginx,bare,gateway (default all; ratios need nginx)
@@ -1235,6 +1241,7 @@ impl Metric {
 type Figures = BTreeMap<(Metric, Kind), f64>;
 
 /// A timed workload: wall time and the CPU time of the proxy and of this (the load) process.
+#[derive(Default)]
 struct Sample {
     wall: Duration,
     proxy_cpu: Duration,
@@ -1444,14 +1451,16 @@ impl Bench {
             }
             let mut figures = Figures::new();
             for &workload in workloads {
-                for proxy in &proxies {
-                    match workload {
-                        Workload::Memory => self.memory(proxy, &mut figures),
-                        Workload::Sse => self.sse(proxy, &mut figures),
-                        Workload::Completions => self.completions(proxy, &mut figures),
-                        Workload::First => self.first_event(proxy, &mut figures),
-                        Workload::Bytes => self.bytes(proxy, &mut figures),
+                match workload {
+                    Workload::Memory => {
+                        for proxy in &proxies {
+                            self.memory(proxy, &mut figures);
+                        }
                     }
+                    Workload::Sse => self.sse(&proxies, &mut figures),
+                    Workload::Completions => self.completions(&proxies, &mut figures),
+                    Workload::First => self.first_event(&proxies, &mut figures),
+                    Workload::Bytes => self.bytes(&proxies, &mut figures),
                 }
             }
             drop(proxies);
@@ -1508,105 +1517,152 @@ impl Bench {
         figures.insert((Metric::MemoryReturned, proxy.kind), returned);
     }
 
-    fn sse(&self, proxy: &Proxy, figures: &mut Figures) {
-        let uri = proxy.uri(PATH_SSE);
+    /// Runs `pass` for each proxy in turn, `passes` times over, and adds up each proxy's
+    /// samples: a load that comes and goes on the machine then weighs on every proxy alike.
+    fn interleaved(
+        &self,
+        proxies: &[Proxy],
+        mut pass: impl FnMut(&Proxy) -> Sample,
+    ) -> BTreeMap<Kind, Sample> {
+        let mut sums: BTreeMap<Kind, Sample> = BTreeMap::new();
+        for _ in 0..self.sizes.passes {
+            for proxy in proxies {
+                let sample = pass(proxy);
+                let sum = sums.entry(proxy.kind).or_default();
+                sum.wall += sample.wall;
+                sum.proxy_cpu += sample.proxy_cpu;
+                sum.proxy_sys += sample.proxy_sys;
+                sum.load_cpu += sample.load_cpu;
+            }
+        }
+        sums
+    }
+
+    fn sse(&self, proxies: &[Proxy], figures: &mut Figures) {
         let expected = self.expected.sse;
-        // Warm up (and open the 64 connections).
-        self.block_on(fetch_concurrently(
-            &proxy.client,
-            &uri,
-            SSE_STREAMS,
-            1,
-            expected,
-        ));
+        for proxy in proxies {
+            // Warm up (and open the 64 connections).
+            let uri = proxy.uri(PATH_SSE);
+            self.block_on(fetch_concurrently(
+                &proxy.client,
+                &uri,
+                SSE_STREAMS,
+                1,
+                expected,
+            ));
+        }
         let rounds = self.sizes.sse_rounds;
-        let sample = self.measure(proxy, async {
-            for _ in 0..rounds {
-                fetch_concurrently(&proxy.client, &uri, SSE_STREAMS, 1, expected).await;
-            }
+        let sums = self.interleaved(proxies, |proxy| {
+            let uri = proxy.uri(PATH_SSE);
+            self.measure(proxy, async {
+                for _ in 0..rounds {
+                    fetch_concurrently(&proxy.client, &uri, SSE_STREAMS, 1, expected).await;
+                }
+            })
         });
-        let events = (rounds * SSE_STREAMS * SSE_EVENTS) as f64;
-        let k = proxy.kind;
-        figures.insert(
-            (Metric::SseEventsPerSec, k),
-            events / sample.wall.as_secs_f64(),
-        );
-        figures.insert(
-            (Metric::SseCpuPerEvent, k),
-            sample.proxy_cpu.as_secs_f64() * 1e6 / events,
-        );
-        figures.insert((Metric::SseProxyBusy, k), sample.proxy_busy());
-        figures.insert((Metric::SseProxyKernel, k), sample.proxy_kernel_share());
-        figures.insert((Metric::SseLoadBusy, k), sample.load_busy());
+        let events = (self.sizes.passes * rounds * SSE_STREAMS * SSE_EVENTS) as f64;
+        for (k, sample) in sums {
+            figures.insert(
+                (Metric::SseEventsPerSec, k),
+                events / sample.wall.as_secs_f64(),
+            );
+            figures.insert(
+                (Metric::SseCpuPerEvent, k),
+                sample.proxy_cpu.as_secs_f64() * 1e6 / events,
+            );
+            figures.insert((Metric::SseProxyBusy, k), sample.proxy_busy());
+            figures.insert((Metric::SseProxyKernel, k), sample.proxy_kernel_share());
+            figures.insert((Metric::SseLoadBusy, k), sample.load_busy());
+        }
     }
 
-    fn completions(&self, proxy: &Proxy, figures: &mut Figures) {
-        let uri = proxy.uri(PATH_COMPLETION);
+    fn completions(&self, proxies: &[Proxy], figures: &mut Figures) {
         let expected = self.expected.completion;
-        self.block_on(fetch_concurrently(
-            &proxy.client,
-            &uri,
-            CLIENTS,
-            4,
-            expected,
-        ));
+        for proxy in proxies {
+            let uri = proxy.uri(PATH_COMPLETION);
+            self.block_on(fetch_concurrently(
+                &proxy.client,
+                &uri,
+                CLIENTS,
+                4,
+                expected,
+            ));
+        }
         let per_client = self.sizes.requests_per_client;
-        let sample = self.measure(
-            proxy,
-            fetch_concurrently(&proxy.client, &uri, CLIENTS, per_client, expected),
-        );
-        let k = proxy.kind;
-        let requests = (CLIENTS * per_client) as f64;
-        figures.insert(
-            (Metric::CompletionsPerSec, k),
-            requests / sample.wall.as_secs_f64(),
-        );
-        figures.insert(
-            (Metric::CompletionsCpuPerRequest, k),
-            sample.proxy_cpu.as_secs_f64() * 1e6 / requests,
-        );
-        figures.insert((Metric::CompletionsProxyBusy, k), sample.proxy_busy());
-        figures.insert((Metric::CompletionsLoadBusy, k), sample.load_busy());
-    }
-
-    fn first_event(&self, proxy: &Proxy, figures: &mut Figures) {
-        let uri = proxy.uri(PATH_FIRST);
-        let expected = self.expected.first;
-        let samples = self.sizes.first_samples;
-        let mut times = self.block_on(async {
-            for _ in 0..20 {
-                time_to_first_event(&proxy.client, &uri, expected).await;
-            }
-            let mut times = Vec::with_capacity(samples);
-            for _ in 0..samples {
-                times.push(time_to_first_event(&proxy.client, &uri, expected).await);
-            }
-            times
+        let sums = self.interleaved(proxies, |proxy| {
+            let uri = proxy.uri(PATH_COMPLETION);
+            self.measure(
+                proxy,
+                fetch_concurrently(&proxy.client, &uri, CLIENTS, per_client, expected),
+            )
         });
-        times.sort();
-        figures.insert(
-            (Metric::FirstEventP50, proxy.kind),
-            times[times.len() / 2].as_secs_f64() * 1e6,
-        );
+        let requests = (self.sizes.passes * CLIENTS * per_client) as f64;
+        for (k, sample) in sums {
+            figures.insert(
+                (Metric::CompletionsPerSec, k),
+                requests / sample.wall.as_secs_f64(),
+            );
+            figures.insert(
+                (Metric::CompletionsCpuPerRequest, k),
+                sample.proxy_cpu.as_secs_f64() * 1e6 / requests,
+            );
+            figures.insert((Metric::CompletionsProxyBusy, k), sample.proxy_busy());
+            figures.insert((Metric::CompletionsLoadBusy, k), sample.load_busy());
+        }
     }
 
-    fn bytes(&self, proxy: &Proxy, figures: &mut Figures) {
-        let uri = proxy.uri(PATH_BIG);
+    fn first_event(&self, proxies: &[Proxy], figures: &mut Figures) {
+        let expected = self.expected.first;
+        for proxy in proxies {
+            let uri = proxy.uri(PATH_FIRST);
+            self.block_on(async {
+                for _ in 0..20 {
+                    time_to_first_event(&proxy.client, &uri, expected).await;
+                }
+            });
+        }
+        let per_pass = self.sizes.first_samples.div_ceil(self.sizes.passes);
+        let mut times: BTreeMap<Kind, Vec<Duration>> = BTreeMap::new();
+        for _ in 0..self.sizes.passes {
+            for proxy in proxies {
+                let uri = proxy.uri(PATH_FIRST);
+                let pass = self.block_on(async {
+                    let mut times = Vec::with_capacity(per_pass);
+                    for _ in 0..per_pass {
+                        times.push(time_to_first_event(&proxy.client, &uri, expected).await);
+                    }
+                    times
+                });
+                times.entry(proxy.kind).or_default().extend(pass);
+            }
+        }
+        for (k, mut times) in times {
+            times.sort();
+            figures.insert(
+                (Metric::FirstEventP50, k),
+                times[times.len() / 2].as_secs_f64() * 1e6,
+            );
+        }
+    }
+
+    fn bytes(&self, proxies: &[Proxy], figures: &mut Figures) {
         let expected = self.expected.big;
-        let rounds = self.sizes.big_rounds;
-        let sample = self.measure(proxy, async {
-            for _ in 0..rounds {
+        let sums = self.interleaved(proxies, |proxy| {
+            let uri = proxy.uri(PATH_BIG);
+            self.measure(proxy, async {
                 let n = drain(send(&proxy.client, &uri).await).await;
                 assert_eq!(n, expected, "{uri}: body length");
-            }
+            })
         });
-        let k = proxy.kind;
-        figures.insert(
-            (Metric::BytesPerSec, k),
-            (rounds * BIG_LEN) as f64 / (1 << 20) as f64 / sample.wall.as_secs_f64(),
-        );
-        figures.insert((Metric::BytesProxyBusy, k), sample.proxy_busy());
-        figures.insert((Metric::BytesLoadBusy, k), sample.load_busy());
+        let bytes = (self.sizes.passes * BIG_LEN) as f64;
+        for (k, sample) in sums {
+            figures.insert(
+                (Metric::BytesPerSec, k),
+                bytes / (1 << 20) as f64 / sample.wall.as_secs_f64(),
+            );
+            figures.insert((Metric::BytesProxyBusy, k), sample.proxy_busy());
+            figures.insert((Metric::BytesLoadBusy, k), sample.load_busy());
+        }
     }
 }
 
@@ -1745,6 +1801,20 @@ fn print_summary(runs: &[Figures]) {
         );
     }
     println!();
+    let added: Vec<String> = runs
+        .iter()
+        .filter_map(|f| {
+            let g = f.get(&(Metric::FirstEventP50, Kind::Gateway))?;
+            let n = f.get(&(Metric::FirstEventP50, Kind::Nginx))?;
+            Some(format!("{:+.0} µs", g - n))
+        })
+        .collect();
+    if !added.is_empty() {
+        println!(
+            "first event p50, gateway − nginx, run by run: {}",
+            added.join(", ")
+        );
+    }
     for (m, workload) in [
         (Metric::SseLoadBusy, "SSE"),
         (Metric::CompletionsLoadBusy, "completions"),
