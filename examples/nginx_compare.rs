@@ -1372,7 +1372,15 @@ impl Bench {
                 cmd.arg("--config")
                     .arg(&config)
                     .arg("--listen")
-                    .arg("127.0.0.1:0");
+                    .arg("127.0.0.1:0")
+                    // Like nginx's `access_log off`: no line per request (the spans and the
+                    // usage tap still run; only their output is filtered). Set
+                    // NGINX_COMPARE_GATEWAY_LOG=info to measure with a line per request.
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("NGINX_COMPARE_GATEWAY_LOG")
+                            .unwrap_or_else(|_| "warn".into()),
+                    );
                 let (child, addr) = spawn_listening(cmd, "gateway", &dir.join("gateway.log"));
                 (child, addr, "/proxy-api/bench/llm")
             }
