@@ -49,6 +49,7 @@
 
 mod body;
 mod idle;
+mod pool;
 mod tls;
 
 use std::fmt;
@@ -66,16 +67,15 @@ use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::{HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 pub use self::body::ResponseBody;
 pub use self::idle::BodyIdleTimeout;
 use self::idle::IdleTimeoutBody;
+pub use self::pool::{ConnectError, UpstreamClient};
 pub use self::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
@@ -89,10 +89,6 @@ use crate::route::RouteMatch;
 
 /// The request body sent upstream: the client's body behind an idle timeout.
 pub type UpstreamRequestBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The pooled upstream client.
-pub type UpstreamClient =
-    Client<ConnectTimeout<HttpsConnector<HttpConnector>>, UpstreamRequestBody>;
 
 /// A connector whose whole connection setup, TCP and TLS handshake, has a deadline.
 #[derive(Clone, Debug)]
@@ -199,12 +195,7 @@ fn build_client(
         inner: https,
         timeout: connect,
     };
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(pool_idle_timeout)
-        .pool_max_idle_per_host(pool_max_idle_per_host)
-        .build(connector)
+    UpstreamClient::new(connector, pool_idle_timeout, pool_max_idle_per_host)
 }
 
 /// Builds a [`Forward`].
@@ -429,7 +420,7 @@ where
         // A broken client body is the client's fault (400), not the upstream's.
         let body = body.map_err(|e| InvalidRequestBody(e.into()));
         let body = UnsyncBoxBody::new(IdleTimeoutBody::new(t.idle, Limited::new(body, limit)));
-        let future = client.request(Request::from_parts(parts, body));
+        let future = client.send(Request::from_parts(parts, body));
         ResponseFuture {
             state: State::Waiting {
                 future: tokio::time::timeout(t.first_byte, future),
@@ -453,7 +444,7 @@ pin_project! {
     enum State {
         Waiting {
             #[pin]
-            future: tokio::time::Timeout<hyper_util::client::legacy::ResponseFuture>,
+            future: tokio::time::Timeout<pool::SendFuture>,
             idle: Duration,
             pass_cookies: bool,
         },
@@ -484,7 +475,7 @@ impl Future for ResponseFuture {
             } => {
                 let res = match ready!(future.poll(cx)) {
                     Err(_elapsed) => return Poll::Ready(Err(UpstreamTimeout::new().into())),
-                    Ok(Err(err)) => return Poll::Ready(Err(err.into())),
+                    Ok(Err(err)) => return Poll::Ready(Err(err)),
                     Ok(Ok(res)) => res,
                 };
                 if res.status() == StatusCode::UNAUTHORIZED || res.status() == StatusCode::FORBIDDEN

@@ -1,0 +1,459 @@
+//! The upstream connection pool: HTTP/1.1 connections driven by the response body that uses
+//! them, HTTP/2 connections (chosen by ALPN) shared by every request to the same upstream.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::header::{HOST, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::UpstreamBody;
+use super::{ConnectTimeout, UpstreamRequestBody};
+use crate::BoxError;
+
+/// What the connector yields: TCP, with TLS for `https`.
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// The connector: TCP (`TCP_NODELAY`, keepalive), TLS with ALPN `h2` and `http/1.1`, all
+/// within the connect timeout.
+pub(crate) type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
+
+/// Where a connection goes: an upstream's scheme and authority.
+type Key = (Scheme, Authority);
+
+/// A pool of upstream connections, shared by its clones.
+///
+/// HTTP/1.1 connections are not run by a task of their own: the request and then the response
+/// body drive the connection they hold, on the task that polls them, so a body frame goes from
+/// the upstream socket to the downstream one without a hand-off between tasks, and every frame
+/// already read is seen at once (see [`ResponseBody`](super::ResponseBody)). An idle HTTP/1.1
+/// connection waits in the pool, unpolled, for at most the pool's idle timeout; one that the
+/// upstream closed meanwhile is noticed and dropped when it is checked out.
+///
+/// An upstream that offers HTTP/2 through ALPN gets one connection, run by a task of its own
+/// and shared by every request to it.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: Connector,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: HashMap<Key, Vec<Idle>>,
+    /// The shared HTTP/2 connection of each upstream that offered it.
+    h2: HashMap<Key, Shared>,
+    /// Whether a task is expiring idle connections.
+    reaping: bool,
+}
+
+struct Idle {
+    conn: H1Conn,
+    since: Instant,
+}
+
+struct Shared {
+    send: http2::SendRequest<UpstreamRequestBody>,
+    last_used: Instant,
+}
+
+impl fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("idle_timeout", &self.inner.idle_timeout)
+            .field("max_idle_per_host", &self.inner.max_idle_per_host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Could not connect to the upstream: TCP, TLS, or the connect timeout. The cause is its
+/// [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct ConnectError(BoxError);
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("could not connect to the upstream")
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// The upstream connection closed before the response body ended, without saying why.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionClosed;
+
+impl fmt::Display for ConnectionClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the upstream connection closed before the response ended")
+    }
+}
+
+impl std::error::Error for ConnectionClosed {}
+
+/// The future of [`UpstreamClient::send`]: one allocation per request, as the legacy client.
+pub(crate) type SendFuture =
+    Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send>>;
+
+impl UpstreamClient {
+    pub(crate) fn new(connector: Connector, idle_timeout: Duration, max_idle_per_host: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connector,
+                idle_timeout,
+                max_idle_per_host,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Sends `req`, whose URI is absolute, on a pooled or a new connection.
+    pub(crate) fn send(&self, req: Request<UpstreamRequestBody>) -> SendFuture {
+        Box::pin(self.inner.clone().send(req))
+    }
+
+    /// How many idle HTTP/1.1 connections the pool holds (for tests).
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self) -> usize {
+        self.inner.lock().idle.values().map(Vec::len).sum()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent whatever panicked while holding the lock.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn send(
+        self: Arc<Self>,
+        mut req: Request<UpstreamRequestBody>,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        let (Some(scheme), Some(authority)) = (req.uri().scheme(), req.uri().authority()) else {
+            return Err(super::NoUpstream::new().into());
+        };
+        let key: Key = (scheme.clone(), authority.clone());
+        let mut fresh = false;
+        loop {
+            let pooled = if fresh { None } else { self.checkout(&key) };
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => self.connect(&key).await?,
+            };
+            let reused = conn.reused;
+            let result = match conn.kind {
+                Kind::H1(conn) => self.send_h1(&key, conn, req).await,
+                Kind::H2(send) => send_h2(send, req).await,
+            };
+            match result {
+                Ok(res) => return Ok(res),
+                // A reused connection that closed before the request went out: the request is
+                // intact, try another connection (as hyper-util's legacy client does).
+                Err(mut err) if reused => match err.take_message() {
+                    Some(back) => {
+                        tracing::debug!(error = %err.error(), "pooled connection closed; retrying");
+                        req = back;
+                        fresh = true;
+                    }
+                    None => return Err(err.into_error().into()),
+                },
+                Err(err) => return Err(err.into_error().into()),
+            }
+        }
+    }
+
+    /// An idle connection to `key`, if one is alive: the shared HTTP/2 one, else the most
+    /// recently used HTTP/1.1 one.
+    fn checkout(&self, key: &Key) -> Option<Checkout> {
+        let mut state = self.lock();
+        if let Some(shared) = state.h2.get_mut(key) {
+            if !shared.send.is_closed() {
+                shared.last_used = Instant::now();
+                return Some(Checkout {
+                    kind: Kind::H2(shared.send.clone()),
+                    reused: true,
+                });
+            }
+            state.h2.remove(key);
+        }
+        let idle = state.idle.get_mut(key)?;
+        let now = Instant::now();
+        while let Some(Idle { mut conn, since }) = idle.pop() {
+            if now.saturating_duration_since(since) < self.idle_timeout && conn.is_reusable() {
+                return Some(Checkout {
+                    kind: Kind::H1(conn),
+                    reused: true,
+                });
+            }
+        }
+        state.idle.remove(key);
+        None
+    }
+
+    async fn connect(&self, key: &Key) -> Result<Checkout, BoxError> {
+        let uri = Uri::builder()
+            .scheme(key.0.clone())
+            .authority(key.1.clone())
+            .path_and_query("/")
+            .build()?;
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ConnectError)?;
+        let io = connector.call(uri).await.map_err(ConnectError)?;
+        if io.connected().is_negotiated_h2() {
+            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(error = %err, "upstream HTTP/2 connection failed");
+                }
+            });
+            self.lock().h2.insert(
+                key.clone(),
+                Shared {
+                    send: send.clone(),
+                    last_used: Instant::now(),
+                },
+            );
+            return Ok(Checkout {
+                kind: Kind::H2(send),
+                reused: false,
+            });
+        }
+        let (send, conn) = http1::Builder::new().handshake(io).await?;
+        Ok(Checkout {
+            kind: Kind::H1(H1Conn {
+                send,
+                conn: Some(conn),
+            }),
+            reused: false,
+        })
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        key: &Key,
+        mut conn: H1Conn,
+        mut req: Request<UpstreamRequestBody>,
+    ) -> Result<Response<UpstreamBody>, hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>>
+    {
+        // As hyper-util's legacy client: the upstream's own `Host`, and the origin form.
+        if !req.headers().contains_key(HOST) {
+            if let Some(host) = host_header(&key.0, &key.1) {
+                req.headers_mut().insert(HOST, host);
+            }
+        }
+        let path = match req.uri().path_and_query() {
+            Some(p) if p.as_str() != "/" => Uri::from(p.clone()),
+            _ => Uri::default(),
+        };
+        *req.uri_mut() = path;
+        let mut response = std::pin::pin!(conn.send.try_send_request(req));
+        // The connection writes the request and reads the response head as it is polled.
+        let res = poll_fn(|cx| {
+            conn.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await?;
+        let pool = Arc::downgrade(self);
+        Ok(res.map(|body| UpstreamBody::h1(body, conn, pool, key.clone())))
+    }
+
+    /// Takes back a connection whose response has ended, if it can carry another request.
+    fn checkin(self: &Arc<Self>, key: Key, mut conn: H1Conn) {
+        if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() || !conn.is_reusable() {
+            return;
+        }
+        let mut state = self.lock();
+        let idle = state.idle.entry(key).or_default();
+        if idle.len() >= self.max_idle_per_host {
+            return;
+        }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        if !state.reaping {
+            state.reaping = true;
+            drop(state);
+            spawn_reaper(Arc::downgrade(self), self.idle_timeout);
+        }
+    }
+
+    /// Drops expired and closed connections; returns whether any idle one is left.
+    fn reap(&self) -> bool {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let timeout = self.idle_timeout;
+        state.idle.retain(|_, idle| {
+            idle.retain_mut(|i| {
+                now.saturating_duration_since(i.since) < timeout && i.conn.is_reusable()
+            });
+            !idle.is_empty()
+        });
+        state.h2.retain(|_, shared| {
+            !shared.send.is_closed() && now.saturating_duration_since(shared.last_used) < timeout
+        });
+        let left = !state.idle.is_empty() || !state.h2.is_empty();
+        state.reaping = left;
+        left
+    }
+}
+
+/// Expires idle connections every `every` until the pool is dropped or empty.
+fn spawn_reaper(pool: Weak<Inner>, every: Duration) {
+    let every = every.max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match pool.upgrade() {
+                Some(pool) if pool.reap() => {}
+                _ => return,
+            }
+        }
+    });
+}
+
+/// The `Host` header for an upstream: its host, with the port unless it is the scheme's default.
+fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = authority.host();
+    match authority.port_u16() {
+        Some(port) if port != default => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        _ => HeaderValue::from_str(host).ok(),
+    }
+}
+
+async fn send_h2(
+    mut send: http2::SendRequest<UpstreamRequestBody>,
+    req: Request<UpstreamRequestBody>,
+) -> Result<Response<UpstreamBody>, hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>>
+{
+    if let Err(error) = poll_fn(|cx| send.poll_ready(cx)).await {
+        tracing::debug!(%error, "upstream HTTP/2 connection closed");
+    }
+    let res = send.try_send_request(req).await?;
+    Ok(res.map(UpstreamBody::h2))
+}
+
+struct Checkout {
+    kind: Kind,
+    reused: bool,
+}
+
+enum Kind {
+    H1(H1Conn),
+    H2(http2::SendRequest<UpstreamRequestBody>),
+}
+
+/// An HTTP/1.1 connection and the handle that sends requests on it. The connection makes
+/// progress only when [`drive`](Self::drive)n.
+pub(crate) struct H1Conn {
+    send: http1::SendRequest<UpstreamRequestBody>,
+    /// `None` once the connection has closed.
+    conn: Option<http1::Connection<Io, UpstreamRequestBody>>,
+}
+
+impl H1Conn {
+    /// Lets the connection write and read what it can. Returns `false` once it has closed.
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = &mut self.conn else {
+            return false;
+        };
+        match Pin::new(conn).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(result) => {
+                if let Err(error) = result {
+                    // The request or the response body has been given the error too.
+                    tracing::debug!(%error, "upstream connection failed");
+                }
+                self.conn = None;
+                false
+            }
+        }
+    }
+
+    /// Whether the connection is open and waiting for a request. Lets it read first, so that
+    /// an upstream that closed it (or wrote something unasked) is noticed.
+    fn is_reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx) && matches!(self.send.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+}
+
+/// Where a finished HTTP/1.1 response body returns its connection.
+pub(crate) struct Return {
+    pool: Weak<Inner>,
+    key: Key,
+}
+
+impl Return {
+    pub(crate) fn checkin(self, conn: H1Conn) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.checkin(self.key, conn);
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn h1(body: Incoming, conn: H1Conn, pool: Weak<Inner>, key: Key) -> Self {
+        Self::driving(body, conn, Return { pool, key })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_drops_only_the_default_port() {
+        let cases = [
+            ("http", "example.com", "example.com"),
+            ("http", "example.com:80", "example.com"),
+            ("http", "example.com:443", "example.com:443"),
+            ("https", "example.com:443", "example.com"),
+            ("https", "example.com:8443", "example.com:8443"),
+            ("http", "127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http", "[::1]:8080", "[::1]:8080"),
+        ];
+        for (scheme, authority, want) in cases {
+            let scheme: Scheme = scheme.parse().unwrap();
+            let authority: Authority = authority.parse().unwrap();
+            assert_eq!(
+                host_header(&scheme, &authority).unwrap(),
+                want,
+                "{scheme}://{authority}"
+            );
+        }
+    }
+}
