@@ -121,7 +121,11 @@ pub(crate) type SendFuture =
     Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send>>;
 
 impl UpstreamClient {
-    pub(crate) fn new(connector: Connector, idle_timeout: Duration, max_idle_per_host: usize) -> Self {
+    pub(crate) fn new(
+        connector: Connector,
+        idle_timeout: Duration,
+        max_idle_per_host: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
@@ -265,8 +269,10 @@ impl Inner {
         key: &Key,
         mut conn: H1Conn,
         mut req: Request<UpstreamRequestBody>,
-    ) -> Result<Response<UpstreamBody>, hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>>
-    {
+    ) -> Result<
+        Response<UpstreamBody>,
+        hyper::client::conn::TrySendError<Request<UpstreamRequestBody>>,
+    > {
         // As hyper-util's legacy client: the upstream's own `Host`, and the origin form.
         if !req.headers().contains_key(HOST) {
             if let Some(host) = host_header(&key.0, &key.1) {
@@ -434,6 +440,248 @@ impl UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::Forward;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tower_service::Service;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Reads one request head (the tests send no bodies); `false` at the end of the stream.
+    async fn read_head(stream: &mut TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut byte = [0; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// A raw HTTP/1.1 upstream: `respond` answers the `n`th request of a connection with the
+    /// bytes to write; it hangs up when it has no answer for the next one. Counts the
+    /// connections it accepts, and says when it has closed one.
+    async fn upstream(
+        respond: fn(usize) -> Option<Vec<u8>>,
+    ) -> (SocketAddr, Arc<AtomicUsize>, mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (closed_tx, closed) = mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while read_head(&mut stream).await {
+                        match respond(n) {
+                            Some(bytes) => stream.write_all(&bytes).await.unwrap(),
+                            None => break,
+                        }
+                        n += 1;
+                        if respond(n).is_none() {
+                            break;
+                        }
+                    }
+                    drop(stream);
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        (addr, accepted, closed)
+    }
+
+    fn forward() -> Forward<Full<Bytes>> {
+        Forward::new()
+    }
+
+    async fn get(fwd: &mut Forward<Full<Bytes>>, addr: SocketAddr) -> (Vec<u8>, usize) {
+        let req = Request::get(format!("http://{addr}/v1/models"))
+            .body(Full::default())
+            .unwrap();
+        let res = tokio::time::timeout(WAIT, fwd.call(req))
+            .await
+            .expect("response in time")
+            .expect("response");
+        let mut body = Box::pin(res.into_body());
+        let (mut data, mut frames) = (Vec::new(), 0);
+        while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
+            data.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            frames += 1;
+        }
+        (data, frames)
+    }
+
+    fn idle_count(fwd: &Forward<Full<Bytes>>) -> usize {
+        fwd.shared.client.idle_count()
+    }
+
+    fn sized(n: usize) -> Option<Vec<u8>> {
+        Some(format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nr{n:02}").into_bytes())
+    }
+
+    fn chunked(n: usize) -> Option<Vec<u8>> {
+        Some(
+            format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nr{n:02}\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_after_sized_and_chunked_bodies() {
+        let (addr, accepted, _) =
+            upstream(|n| if n % 2 == 0 { sized(n) } else { chunked(n) }).await;
+        let mut fwd = forward();
+        for n in 0..4 {
+            let (data, _) = get(&mut fwd, addr).await;
+            assert_eq!(data, format!("r{n:02}").as_bytes());
+            assert_eq!(idle_count(&fwd), 1, "request {n} returned its connection");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_reused() {
+        // One response per connection, without `Connection: close`: the upstream just hangs up.
+        let (addr, accepted, mut closed) = upstream(|n| if n == 0 { sized(0) } else { None }).await;
+        let mut fwd = forward();
+        for n in 0..3 {
+            let (data, _) = get(&mut fwd, addr).await;
+            assert_eq!(data, b"r00", "request {n}");
+            // The upstream has closed the connection the pool holds.
+            tokio::time::timeout(WAIT, closed.recv()).await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_response_with_connection_close_does_not_go_back_to_the_pool() {
+        let (addr, accepted, _) = upstream(|n| {
+            Some(
+                format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nr{n:02}")
+                    .into_bytes(),
+            )
+        })
+        .await;
+        let mut fwd = forward();
+        for _ in 0..2 {
+            assert_eq!(get(&mut fwd, addr).await.0, b"r00");
+            assert_eq!(idle_count(&fwd), 0);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    fn event(i: usize) -> String {
+        format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i:05}\"}}}}]}}\n\n"
+        )
+    }
+
+    fn fifty_events(_: usize) -> Option<Vec<u8>> {
+        let mut out = String::from(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        for i in 0..50 {
+            let e = event(i);
+            out += &format!("{:x}\r\n{e}\r\n", e.len());
+        }
+        out += "0\r\n\r\n";
+        Some(out.into_bytes())
+    }
+
+    #[tokio::test]
+    async fn events_that_arrive_together_leave_as_one_frame() {
+        let (addr, _, _) = upstream(fifty_events).await;
+        let mut fwd = forward();
+        let (data, frames) = get(&mut fwd, addr).await;
+        let want: String = (0..50).map(event).collect();
+        assert_eq!(data, want.as_bytes());
+        // 50 events of ~60 bytes written at once: hyper reads them 8 KiB at a time at most.
+        assert!(
+            frames <= 2,
+            "50 events that arrived together went out as {frames} frames"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lone_event_is_not_held_back_for_the_next() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (next_tx, mut next_rx) = mpsc::unbounded_channel::<()>();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            read_head(&mut stream).await;
+            let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            for i in 0..3 {
+                let e = event(i);
+                let chunk = format!("{:x}\r\n{e}\r\n", e.len());
+                stream.write_all(chunk.as_bytes()).await.unwrap();
+                // The next event is sent only once the client has seen this one.
+                next_rx.recv().await.unwrap();
+            }
+            stream.write_all(b"0\r\n\r\n").await.unwrap();
+        });
+        let mut fwd = forward();
+        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
+            .body(Full::default())
+            .unwrap();
+        let mut body = Box::pin(fwd.call(req).await.unwrap().into_body());
+        for i in 0..3 {
+            let frame = tokio::time::timeout(WAIT, body.frame())
+                .await
+                .expect("the event arrives without the next one")
+                .unwrap()
+                .unwrap();
+            assert_eq!(frame.into_data().unwrap(), event(i).as_bytes());
+            next_tx.send(()).unwrap();
+        }
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_hangs_up_mid_body_truncates_with_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            read_head(&mut stream).await;
+            let cut = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+            stream.write_all(cut.as_bytes()).await.unwrap();
+        });
+        let mut fwd = forward();
+        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
+            .body(Full::default())
+            .unwrap();
+        let mut body = Box::pin(fwd.call(req).await.unwrap().into_body());
+        let mut data = Vec::new();
+        let err = loop {
+            match tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
+                Some(Ok(frame)) => data.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Err(err)) => break err,
+                None => panic!("a cut stream ended cleanly"),
+            }
+        };
+        assert_eq!(data, b"hello");
+        tracing::debug!(%err, "cut");
+        assert_eq!(
+            idle_count(&fwd),
+            0,
+            "a cut response never returns its connection"
+        );
+    }
 
     #[test]
     fn host_header_drops_only_the_default_port() {
