@@ -2,18 +2,28 @@
 //!
 //! [`Forward`] sends each request to its absolute URI (set by
 //! [`CustomEndpointRouteLayer`](crate::route::CustomEndpointRouteLayer), or by the caller when
-//! used alone) with hyper-util's pooled client over rustls (system roots plus an endpoint's
-//! own [`TlsSettings`]), HTTP/2 where the upstream offers it through ALPN:
+//! used alone) through its connection pool, [`UpstreamClient`], over rustls (system roots plus
+//! an endpoint's own [`TlsSettings`]), HTTP/2 where the upstream offers it through ALPN:
 //!
-//! - the request is sent in absolute form with the upstream's own `Host`, as HTTP/1.1 (or h2);
+//! - the request is sent in origin form with the upstream's own `Host`, as HTTP/1.1 (or h2);
 //! - hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
 //!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
 //!   `Proxy-Authorization`, `Proxy-Authenticate`) are removed both ways, and so are `Cookie`
 //!   and `Set-Cookie` unless [`ForwardBuilder::pass_cookies`] says otherwise;
-//! - bodies stream both ways frame by frame, never collected;
+//! - bodies stream both ways, never collected, and nothing waits for a frame that has not
+//!   arrived: a lone response frame goes on at once, as hyper read it, while small frames that
+//!   were already read when the client's connection asks for more (token events that arrived
+//!   together) are joined into one, so they leave in one write with one chunk header (see
+//!   [`ResponseBody`]);
+//! - an HTTP/1.1 upstream connection has no task of its own: the response future and then the
+//!   response body drive it on the task that serves the client, so a frame crosses the gateway
+//!   without a hand-off between tasks, and a slow client slows the upstream read (backpressure);
+//!   once the body has ended the connection goes back to the pool, and dropping the body (a
+//!   client that went away) closes it;
 //! - redirects are passed to the client, never followed;
-//! - timeouts: connect, first byte (the response head), and idle (the longest silence between
-//!   two body frames, either way); an idle timeout mid-stream truncates the stream;
+//! - timeouts: connect (TCP and TLS), first byte (the response head), and idle (the longest
+//!   silence between two body frames, either way); an idle timeout mid-stream truncates the
+//!   stream;
 //! - an upstream 401 or 403 is the upstream refusing the gateway's own credential: it becomes
 //!   [`UpstreamCredentialRejected`] and its body, which may echo the key, is dropped.
 //!
