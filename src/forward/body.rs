@@ -16,10 +16,10 @@ pin_project! {
     /// The response body of [`Forward`](super::Forward): the upstream's body, streamed as it
     /// arrives, or a small gateway-made body.
     ///
-    /// Each poll hands on what the upstream has sent so far, never waiting for more: a lone
-    /// frame goes on as hyper read it, without a copy, and small frames that were already read
-    /// when the body is polled (token events that arrived together) go on joined into one, so
-    /// they leave in one write with one chunk header.
+    /// Each poll hands on what the upstream has sent so far, never waiting for more: small
+    /// frames (under 4 KiB) that were already read when the body is polled, token events that
+    /// arrived together, go on joined into one (up to 16 KiB), so they leave in one write with
+    /// one chunk header; larger frames go on as hyper read them, without a copy.
     ///
     /// An upstream that fails or falls silent for longer than the idle timeout ends the body
     /// with an error, so the client sees a truncated stream, never a clean end.
@@ -118,11 +118,9 @@ const MAX_JOINED: usize = 16 << 10;
 pub(crate) struct UpstreamBody {
     body: Incoming,
     /// The HTTP/1.1 connection, and where it goes back once the body has ended.
-    conn: Option<(H1Conn, Return)>,
+    conn: Option<(Box<H1Conn>, Return)>,
     /// What followed the frames joined by the last poll, for the next one.
     next: Option<Option<Result<Frame<Bytes>, BoxError>>>,
-    /// The frames being joined (kept for its capacity).
-    batch: Vec<Bytes>,
 }
 
 impl UpstreamBody {
@@ -132,17 +130,15 @@ impl UpstreamBody {
             body,
             conn: None,
             next: None,
-            batch: Vec::new(),
         }
     }
 
     /// A body that drives its own HTTP/1.1 connection.
-    pub(crate) fn driving(body: Incoming, conn: H1Conn, ret: Return) -> Self {
+    pub(crate) fn driving(body: Incoming, conn: Box<H1Conn>, ret: Return) -> Self {
         Self {
             body,
             conn: Some((conn, ret)),
             next: None,
-            batch: Vec::new(),
         }
     }
 
@@ -210,16 +206,20 @@ impl Body for UpstreamBody {
             },
             other => return Poll::Ready(other),
         };
-        // Every small frame that is already here goes with the first; none is waited for.
-        let mut len = first.len();
-        this.batch.push(first);
+        // Every small frame that is already here goes with the first; none is waited for. Each
+        // is copied out at once, so hyper's read buffer is free again before its next read
+        // and is reused in place instead of reallocated while the frame is still held.
+        let mut joined = BytesMut::with_capacity(first.len());
+        joined.extend_from_slice(&first);
+        drop(first);
         loop {
             match this.poll_one(cx) {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.len() < SMALL_FRAME && len + data.len() <= MAX_JOINED => {
-                        len += data.len();
-                        this.batch.push(data);
+                    Ok(data)
+                        if data.len() < SMALL_FRAME && joined.len() + data.len() <= MAX_JOINED =>
+                    {
+                        joined.extend_from_slice(&data);
                     }
                     Ok(data) => {
                         this.next = Some(Some(Ok(Frame::data(data))));
@@ -236,15 +236,7 @@ impl Body for UpstreamBody {
                 }
             }
         }
-        let data = if this.batch.len() == 1 {
-            this.batch.pop().expect("one frame")
-        } else {
-            let mut joined = BytesMut::with_capacity(len);
-            for data in this.batch.drain(..) {
-                joined.extend_from_slice(&data);
-            }
-            joined.freeze()
-        };
+        let data = joined.freeze();
         this.pass(cx, Frame::data(data))
     }
 

@@ -11,10 +11,10 @@
 //!   `Proxy-Authorization`, `Proxy-Authenticate`) are removed both ways, and so are `Cookie`
 //!   and `Set-Cookie` unless [`ForwardBuilder::pass_cookies`] says otherwise;
 //! - bodies stream both ways, never collected, and nothing waits for a frame that has not
-//!   arrived: a lone response frame goes on at once, as hyper read it, while small frames that
-//!   were already read when the client's connection asks for more (token events that arrived
-//!   together) are joined into one, so they leave in one write with one chunk header (see
-//!   [`ResponseBody`]);
+//!   arrived: a lone response frame goes on at once, while small frames that were already
+//!   read when the client's connection asks for more (token events that arrived together) are
+//!   joined into one, so they leave in one write with one chunk header; large frames pass
+//!   without a copy (see [`ResponseBody`]);
 //! - an HTTP/1.1 upstream connection has no task of its own: the response future and then the
 //!   response body drive it on the task that serves the client, so a frame crosses the gateway
 //!   without a hand-off between tasks, and a slow client slows the upstream read (backpressure);

@@ -69,7 +69,7 @@ struct State {
 }
 
 struct Idle {
-    conn: H1Conn,
+    conn: Box<H1Conn>,
     since: Instant,
 }
 
@@ -169,7 +169,9 @@ impl Inner {
             let pooled = if fresh { None } else { self.checkout(&key) };
             let conn = match pooled {
                 Some(conn) => conn,
-                None => self.connect(&key).await?,
+                // Boxed: setting up a connection (TLS, HTTP/2) is the largest state by far, and
+                // the rarest.
+                None => Box::pin(self.connect(&key)).await?,
             };
             let reused = conn.reused;
             let result = match conn.kind {
@@ -256,10 +258,10 @@ impl Inner {
         }
         let (send, conn) = http1::Builder::new().handshake(io).await?;
         Ok(Checkout {
-            kind: Kind::H1(H1Conn {
+            kind: Kind::H1(Box::new(H1Conn {
                 send,
                 conn: Some(conn),
-            }),
+            })),
             reused: false,
         })
     }
@@ -267,7 +269,7 @@ impl Inner {
     async fn send_h1(
         self: &Arc<Self>,
         key: &Key,
-        mut conn: H1Conn,
+        mut conn: Box<H1Conn>,
         mut req: Request<UpstreamRequestBody>,
     ) -> Result<
         Response<UpstreamBody>,
@@ -296,7 +298,7 @@ impl Inner {
     }
 
     /// Takes back a connection whose response has ended, if it can carry another request.
-    fn checkin(self: &Arc<Self>, key: Key, mut conn: H1Conn) {
+    fn checkin(self: &Arc<Self>, key: Key, mut conn: Box<H1Conn>) {
         if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() || !conn.is_reusable() {
             return;
         }
@@ -378,7 +380,9 @@ struct Checkout {
 }
 
 enum Kind {
-    H1(H1Conn),
+    // Boxed: a connection is ~2 KiB, and moves from the pool through the request future into
+    // the response body.
+    H1(Box<H1Conn>),
     H2(http2::SendRequest<UpstreamRequestBody>),
 }
 
@@ -424,7 +428,7 @@ pub(crate) struct Return {
 }
 
 impl Return {
-    pub(crate) fn checkin(self, conn: H1Conn) {
+    pub(crate) fn checkin(self, conn: Box<H1Conn>) {
         if let Some(pool) = self.pool.upgrade() {
             pool.checkin(self.key, conn);
         }
@@ -432,7 +436,7 @@ impl Return {
 }
 
 impl UpstreamBody {
-    fn h1(body: Incoming, conn: H1Conn, pool: Weak<Inner>, key: Key) -> Self {
+    fn h1(body: Incoming, conn: Box<H1Conn>, pool: Weak<Inner>, key: Key) -> Self {
         Self::driving(body, conn, Return { pool, key })
     }
 }
