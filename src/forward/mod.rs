@@ -230,7 +230,7 @@ impl Default for ForwardBuilder {
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             pass_cookies: false,
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 1024,
+            pool_max_idle_per_host: 64,
         }
     }
 }
@@ -276,7 +276,9 @@ impl ForwardBuilder {
         self
     }
 
-    /// How many idle connections are kept per upstream host (default 1024).
+    /// How many idle HTTP/1.1 connections are kept per upstream host (default 64). Each holds
+    /// about 20 KiB of buffers; a burst of streams beyond it reconnects instead of keeping
+    /// its connections afterwards.
     pub fn pool_max_idle_per_host(mut self, n: usize) -> Self {
         self.pool_max_idle_per_host = n;
         self
