@@ -24,7 +24,7 @@
 //! It prints, per N: the RSS before, its growth with N streams open, that growth per stream,
 //! the growth left after they closed, the share of the growth returned, the growth left after
 //! `malloc_trim`, and the sockets the gateway still holds: by default its pool keeps idle
-//! upstream connections (up to `pool_max_idle_per_host`, 1,024, for 90 s), and their memory
+//! upstream connections (up to `pool_max_idle_per_host`, 64, for 90 s), and their memory
 //! counts as not returned. `--pool-idle-ms MS` sets the gateway's pool idle timeout, to see the
 //! allocator's part alone (with `MS` below the 2 s settle the pool is empty when measured).
 //!

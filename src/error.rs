@@ -326,8 +326,8 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
             );
         }
         #[cfg(feature = "forward")]
-        if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            connect |= e.is_connect();
+        if e.is::<crate::forward::ConnectError>() {
+            connect = true;
         }
         cur = e.source();
     }

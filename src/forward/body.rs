@@ -2,7 +2,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -10,13 +10,18 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use super::IdleTimeoutBody;
+use super::pool::{ConnectionClosed, H1Conn, Return};
 
 use crate::BoxError;
 
 pin_project! {
-    /// The response body of [`Forward`](super::Forward): the upstream's body streamed frame by
-    /// frame (each frame is the `Bytes` hyper read, passed on without a copy), or a small
-    /// gateway-made body.
+    /// The response body of [`Forward`](super::Forward): the upstream's body, streamed as it
+    /// arrives, or a small gateway-made body.
+    ///
+    /// Each poll hands on what the upstream has sent so far, never waiting for more: small
+    /// frames (under 4 KiB) that were already read when the body is polled, token events that
+    /// arrived together, go on joined into one (up to 16 KiB), so they leave in one write with
+    /// one chunk header; larger frames go on as hyper read them, without a copy.
     ///
     /// An upstream that fails or falls silent for longer than the idle timeout ends the body
     /// with an error, so the client sees a truncated stream, never a clean end.
@@ -29,14 +34,14 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind {
-        Upstream { #[pin] body: IdleTimeoutBody<Incoming> },
+        Upstream { #[pin] body: IdleTimeoutBody<UpstreamBody> },
         Full { data: Option<Bytes> },
         Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
 impl ResponseBody {
-    pub(crate) fn upstream(body: IdleTimeoutBody<Incoming>) -> Self {
+    pub(crate) fn upstream(body: IdleTimeoutBody<UpstreamBody>) -> Self {
         Self {
             kind: Kind::Upstream { body },
         }
@@ -123,5 +128,164 @@ impl fmt::Debug for ResponseBody {
             Kind::Boxed { .. } => "Boxed",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
+    }
+}
+
+/// A frame of at least this many bytes is passed on as it is, never copied.
+const SMALL_FRAME: usize = 4 << 10;
+/// Frames are joined up to this many bytes.
+const MAX_JOINED: usize = 16 << 10;
+
+/// An upstream response body: hyper's body, and for HTTP/1.1 the connection that feeds it,
+/// driven here so that every frame already in its read buffer is decoded on this poll.
+pub(crate) struct UpstreamBody {
+    body: Incoming,
+    /// The HTTP/1.1 connection, and where it goes back once the body has ended.
+    conn: Option<(Box<H1Conn>, Return)>,
+    /// What followed the frames joined by the last poll, for the next one.
+    next: Option<Option<Result<Frame<Bytes>, BoxError>>>,
+}
+
+impl UpstreamBody {
+    /// A body whose connection runs elsewhere (HTTP/2).
+    pub(crate) fn h2(body: Incoming) -> Self {
+        Self {
+            body,
+            conn: None,
+            next: None,
+        }
+    }
+
+    /// A body that drives its own HTTP/1.1 connection.
+    pub(crate) fn driving(body: Incoming, conn: Box<H1Conn>, ret: Return) -> Self {
+        Self {
+            body,
+            conn: Some((conn, ret)),
+            next: None,
+        }
+    }
+
+    /// Drives the connection, then takes the next frame if there is one.
+    fn poll_one(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let open = match &mut self.conn {
+            Some((conn, _)) => conn.drive(cx),
+            None => true,
+        };
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.release(cx);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Pending if open => Poll::Pending,
+            // Nothing can arrive any more; hyper has already said why if it knew.
+            Poll::Pending => {
+                self.conn = None;
+                Poll::Ready(Some(Err(ConnectionClosed.into())))
+            }
+        }
+    }
+
+    /// Hands on `frame`. A body with a `Content-Length` is not polled after its last byte: when
+    /// this is it, the connection goes back to the pool now.
+    fn pass(
+        &mut self,
+        cx: &mut Context<'_>,
+        frame: Frame<Bytes>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.next.is_none() && self.body.is_end_stream() {
+            self.release(cx);
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    /// Returns the connection to the pool once the body has ended.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some((mut conn, ret)) = self.conn.take() {
+            // Lets the connection see the end of the response and wait for the next request.
+            conn.drive(cx);
+            ret.checkin(conn);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(next) = this.next.take() {
+            return Poll::Ready(next);
+        }
+        let first = match ready!(this.poll_one(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.len() < SMALL_FRAME => data,
+                Ok(data) => return this.pass(cx, Frame::data(data)),
+                Err(frame) => return this.pass(cx, frame),
+            },
+            other => return Poll::Ready(other),
+        };
+        // Every small frame that is already here goes with the first; none is waited for. Each
+        // is copied out at once, so hyper's read buffer is free again before its next read
+        // and is reused in place instead of reallocated while the frame is still held.
+        let mut joined = BytesMut::with_capacity(first.len());
+        joined.extend_from_slice(&first);
+        drop(first);
+        loop {
+            match this.poll_one(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data)
+                        if data.len() < SMALL_FRAME && joined.len() + data.len() <= MAX_JOINED =>
+                    {
+                        joined.extend_from_slice(&data);
+                    }
+                    Ok(data) => {
+                        this.next = Some(Some(Ok(Frame::data(data))));
+                        break;
+                    }
+                    Err(frame) => {
+                        this.next = Some(Some(Ok(frame)));
+                        break;
+                    }
+                },
+                Poll::Ready(other) => {
+                    this.next = Some(other);
+                    break;
+                }
+            }
+        }
+        let data = joined.freeze();
+        this.pass(cx, Frame::data(data))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.body.size_hint();
+        let held = match &self.next {
+            Some(Some(Ok(frame))) => frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
+        let mut sum = SizeHint::new();
+        sum.set_lower(hint.lower() + held);
+        if let Some(upper) = hint.upper() {
+            sum.set_upper(upper + held);
+        }
+        sum
+    }
+}
+
+impl fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("http1", &self.conn.is_some())
+            .finish_non_exhaustive()
     }
 }

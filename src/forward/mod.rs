@@ -2,18 +2,28 @@
 //!
 //! [`Forward`] sends each request to its absolute URI (set by
 //! [`CustomEndpointRouteLayer`](crate::route::CustomEndpointRouteLayer), or by the caller when
-//! used alone) with hyper-util's pooled client over rustls (system roots plus an endpoint's
-//! own [`TlsSettings`]), HTTP/2 where the upstream offers it through ALPN:
+//! used alone) through its connection pool, [`UpstreamClient`], over rustls (system roots plus
+//! an endpoint's own [`TlsSettings`]), HTTP/2 where the upstream offers it through ALPN:
 //!
-//! - the request is sent in absolute form with the upstream's own `Host`, as HTTP/1.1 (or h2);
+//! - the request is sent in origin form with the upstream's own `Host`, as HTTP/1.1 (or h2);
 //! - hop-by-hop headers (`Connection` and every header it names, `Keep-Alive`,
 //!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
 //!   `Proxy-Authorization`, `Proxy-Authenticate`) are removed both ways, and so are `Cookie`
 //!   and `Set-Cookie` unless [`ForwardBuilder::pass_cookies`] says otherwise;
-//! - bodies stream both ways frame by frame, never collected;
+//! - bodies stream both ways, never collected, and nothing waits for a frame that has not
+//!   arrived: a lone response frame goes on at once, while small frames that were already
+//!   read when the client's connection asks for more (token events that arrived together) are
+//!   joined into one, so they leave in one write with one chunk header; large frames pass
+//!   without a copy (see [`ResponseBody`]);
+//! - an HTTP/1.1 upstream connection has no task of its own: the response future and then the
+//!   response body drive it on the task that serves the client, so a frame crosses the gateway
+//!   without a hand-off between tasks, and a slow client slows the upstream read (backpressure);
+//!   once the body has ended the connection goes back to the pool, and dropping the body (a
+//!   client that went away) closes it;
 //! - redirects are passed to the client, never followed;
-//! - timeouts: connect, first byte (the response head), and idle (the longest silence between
-//!   two body frames, either way); an idle timeout mid-stream truncates the stream;
+//! - timeouts: connect (TCP and TLS), first byte (the response head), and idle (the longest
+//!   silence between two body frames, either way); an idle timeout mid-stream truncates the
+//!   stream;
 //! - an upstream 401 or 403 is the upstream refusing the gateway's own credential: it becomes
 //!   [`UpstreamCredentialRejected`] and its body, which may echo the key, is dropped.
 //!
@@ -49,6 +59,7 @@
 
 mod body;
 mod idle;
+mod pool;
 mod tls;
 
 use std::fmt;
@@ -66,16 +77,15 @@ use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 pub use self::body::ResponseBody;
 pub use self::idle::BodyIdleTimeout;
 use self::idle::IdleTimeoutBody;
+pub use self::pool::{ConnectError, UpstreamClient};
 pub use self::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
@@ -89,10 +99,6 @@ use crate::route::RouteMatch;
 
 /// The request body sent upstream: the client's body behind an idle timeout.
 pub type UpstreamRequestBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The pooled upstream client.
-pub type UpstreamClient =
-    Client<ConnectTimeout<HttpsConnector<HttpConnector>>, UpstreamRequestBody>;
 
 /// A connector whose whole connection setup, TCP and TLS handshake, has a deadline.
 #[derive(Clone, Debug)]
@@ -199,12 +205,7 @@ fn build_client(
         inner: https,
         timeout: connect,
     };
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(pool_idle_timeout)
-        .pool_max_idle_per_host(pool_max_idle_per_host)
-        .build(connector)
+    UpstreamClient::new(connector, pool_idle_timeout, pool_max_idle_per_host)
 }
 
 /// Builds a [`Forward`].
@@ -229,7 +230,7 @@ impl Default for ForwardBuilder {
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             pass_cookies: false,
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 1024,
+            pool_max_idle_per_host: 64,
         }
     }
 }
@@ -275,7 +276,9 @@ impl ForwardBuilder {
         self
     }
 
-    /// How many idle connections are kept per upstream host (default 1024).
+    /// How many idle HTTP/1.1 connections are kept per upstream host (default 64). Each holds
+    /// about 20 KiB of buffers; a burst of streams beyond it reconnects instead of keeping
+    /// its connections afterwards.
     pub fn pool_max_idle_per_host(mut self, n: usize) -> Self {
         self.pool_max_idle_per_host = n;
         self
@@ -429,7 +432,7 @@ where
         // A broken client body is the client's fault (400), not the upstream's.
         let body = body.map_err(|e| InvalidRequestBody(e.into()));
         let body = UnsyncBoxBody::new(IdleTimeoutBody::new(t.idle, Limited::new(body, limit)));
-        let future = client.request(Request::from_parts(parts, body));
+        let future = client.send(Request::from_parts(parts, body));
         ResponseFuture {
             state: State::Waiting {
                 future: tokio::time::timeout(t.first_byte, future),
@@ -453,7 +456,7 @@ pin_project! {
     enum State {
         Waiting {
             #[pin]
-            future: tokio::time::Timeout<hyper_util::client::legacy::ResponseFuture>,
+            future: tokio::time::Timeout<pool::SendFuture>,
             idle: Duration,
             pass_cookies: bool,
         },
@@ -484,7 +487,7 @@ impl Future for ResponseFuture {
             } => {
                 let res = match ready!(future.poll(cx)) {
                     Err(_elapsed) => return Poll::Ready(Err(UpstreamTimeout::new().into())),
-                    Ok(Err(err)) => return Poll::Ready(Err(err.into())),
+                    Ok(Err(err)) => return Poll::Ready(Err(err)),
                     Ok(Ok(res)) => res,
                 };
                 if res.status() == StatusCode::UNAUTHORIZED || res.status() == StatusCode::FORBIDDEN
