@@ -298,7 +298,7 @@ async fn spawn_gateway(upstream: SocketAddr, telemetry: Option<Dispatch>) -> Soc
             ));
         }
         Some(dispatch) => {
-            let gateway = builder.build();
+            let gateway = builder.metrics(std::env::var("XMETRICS").is_err()).build();
             let svc = Dispatched {
                 inner: gateway.service(),
                 dispatch,
@@ -312,12 +312,16 @@ async fn spawn_gateway(upstream: SocketAddr, telemetry: Option<Dispatch>) -> Soc
 /// What `gateway_telemetry` logs with: the fmt subscriber a production gateway would run,
 /// writing to `io::sink`, spans logged when they close.
 fn telemetry_subscriber() -> Dispatch {
-    let subscriber = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::sink)
         .with_max_level(tracing::Level::INFO)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .finish();
-    Dispatch::new(subscriber)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE);
+    match std::env::var("XLOG").as_deref() {
+        Ok("none") => Dispatch::new(tracing_subscriber::registry()),
+        Ok("plain") => Dispatch::new(fmt.with_ansi(false).finish()),
+        Ok("json") => Dispatch::new(fmt.json().finish()),
+        _ => Dispatch::new(fmt.finish()),
+    }
 }
 
 /// Runs a service, and polls its response bodies, with `dispatch` as the default subscriber:

@@ -264,7 +264,12 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.next.is_none() && self.body.is_end_stream()
+        match &self.next {
+            None => self.body.is_end_stream(),
+            // The end was read while joining frames: nothing is left to poll for.
+            Some(None) => true,
+            Some(Some(_)) => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

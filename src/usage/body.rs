@@ -368,7 +368,7 @@ where
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
             // A body of known length ends with its last frame: hyper never polls it again.
-            let last = this.inner.is_end_stream();
+            let last = this.inner.is_end_stream() || this.inner.size_hint().exact() == Some(0);
             match this.filter.as_deref_mut() {
                 None => {
                     meter.data(&data);

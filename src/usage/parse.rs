@@ -70,12 +70,16 @@ impl Observed {
     }
 }
 
+fn usage_finder() -> &'static memmem::Finder<'static> {
+    static FINDER: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    &FINDER
+}
+
 /// Whether `json` has a `"usage"` key followed by an object (not `null`): the only events worth
 /// parsing once the model is known.
 fn has_usage_object(json: &[u8]) -> bool {
-    static FINDER: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
-    let finder = &*FINDER;
+    let finder = usage_finder();
     let mut from = 0;
     while let Some(at) = finder.find(&json[from..]) {
         let rest = &json[from + at + 7..];
@@ -131,7 +135,29 @@ impl SseParser {
         if std::mem::take(&mut self.after_cr) && chunk.first() == Some(&b'\n') {
             pos = 1;
         }
+        let mut tried_fast = false;
         while pos < chunk.len() {
+            // Fast path, the common one once the model is known: at an event's start, the
+            // chunk's complete events (up to its last blank line) hold no `"usage"`, so they are
+            // passed over in two vectorised searches instead of line by line. Tried once a
+            // chunk, at its first event start.
+            if !tried_fast
+                && self.at_event_start()
+                && (self.observed.model.is_some() || self.model_tries >= MODEL_TRIES)
+            {
+                tried_fast = true;
+                if let Some(blank) = memmem::rfind(&chunk[pos..], b"\n\n") {
+                    let end = pos + blank + 2;
+                    if usage_finder().find(&chunk[pos..end]).is_none() {
+                        on_boundary(Boundary {
+                            end,
+                            usage_only: false,
+                        });
+                        pos = end;
+                        continue;
+                    }
+                }
+            }
             let Some(i) = memchr::memchr2(b'\n', b'\r', &chunk[pos..]) else {
                 self.carry(&chunk[pos..]);
                 return;
@@ -169,6 +195,15 @@ impl SseParser {
             }
             pos = next;
         }
+    }
+
+    /// Whether nothing of a line or an event is in progress.
+    fn at_event_start(&self) -> bool {
+        self.line.is_empty()
+            && !self.overflow_line
+            && !self.has_data
+            && !self.overflow_event
+            && !self.after_cr
     }
 
     fn carry(&mut self, part: &[u8]) {
@@ -297,11 +332,21 @@ mod tests {
 
     /// Boundaries match, but one that falls between the `\r` and the `\n` of a split `\r\n`
     /// may come one byte early: the `\n` then opens the next segment as an empty line.
+    /// What a caller relies on: every boundary reported is one of the stream's (the fast path
+    /// reports only the last of a run of events without usage), the usage-only ones are all
+    /// there, and so is the last. A boundary that falls between the `\r` and the `\n` of a
+    /// split `\r\n` may come one byte early: the `\n` then opens the next segment as an empty
+    /// line.
     fn same_boundaries(got: &[(usize, bool)], whole: &[(usize, bool)], bytes: &[u8]) -> bool {
-        got.len() == whole.len()
-            && got.iter().zip(whole).all(|(g, w)| {
-                g.1 == w.1 && (g.0 == w.0 || (g.0 + 1 == w.0 && bytes[g.0 - 1..=g.0] == *b"\r\n"))
-            })
+        let matches = |g: &(usize, bool), w: &(usize, bool)| {
+            g.1 == w.1 && (g.0 == w.0 || (g.0 + 1 == w.0 && bytes[g.0 - 1..=g.0] == *b"\r\n"))
+        };
+        got.iter().all(|g| whole.iter().any(|w| matches(g, w)))
+            && whole
+                .iter()
+                .filter(|w| w.1)
+                .all(|w| got.iter().any(|g| matches(g, w)))
+            && matches(got.last().unwrap(), whole.last().unwrap())
     }
 
     fn run(frames: &[&[u8]]) -> (SseParser, Vec<(usize, bool)>) {
@@ -375,7 +420,10 @@ mod tests {
         for cut in 0..=bytes.len() {
             let (parser, boundaries) = run(&[&bytes[..cut], &bytes[cut..]]);
             assert_eq!(parser.observed, expected(), "cut at {cut}");
-            assert_eq!(boundaries.len(), 8, "cut at {cut}");
+            assert!(
+                !boundaries.is_empty() && boundaries.len() <= 8,
+                "cut at {cut}"
+            );
         }
     }
 
@@ -452,6 +500,45 @@ mod tests {
         assert_eq!(parser.malformed, 0, "the malformed event was never read");
         assert_eq!(parser.observed.output_tokens, Some(100));
         assert_eq!(parser.observed.model, None);
+    }
+
+    #[test]
+    fn the_fast_path_passes_over_token_events_and_still_finds_the_usage() {
+        let mut stream = String::new();
+        for i in 0..300 {
+            stream.push_str(&format!(
+                "data: {{\"model\":\"m\",\"choices\":[{{\"delta\":{{\"content\":\"t{i}\"}}}}],\"usage\":null}}\n\n"
+            ));
+        }
+        stream.push_str("data: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":300}}\n\n");
+        stream.push_str("data: [DONE]\n\n");
+        let bytes = stream.as_bytes();
+        let (_, whole) = run(&[bytes]);
+        for size in [1, 7, 64, 1000, 4096, 16384] {
+            let frames: Vec<&[u8]> = bytes.chunks(size).collect();
+            let (parser, boundaries) = run(&frames);
+            assert_eq!(parser.observed.input_tokens, Some(7), "frames of {size}");
+            assert_eq!(parser.observed.output_tokens, Some(300), "frames of {size}");
+            assert!(
+                same_boundaries(&boundaries, &whole, bytes),
+                "frames of {size}"
+            );
+            if size >= 1000 {
+                // `"usage":null` in every event keeps it on the slow path for those frames:
+                // this stream is the worst case, and stays correct.
+                assert!(boundaries.len() <= whole.len());
+            }
+        }
+        // Without `"usage"` in the token events, frames are passed over whole.
+        let plain = stream.replace(",\"usage\":null", "");
+        let frames: Vec<&[u8]> = plain.as_bytes().chunks(4096).collect();
+        let (parser, boundaries) = run(&frames);
+        assert_eq!(parser.observed.output_tokens, Some(300));
+        assert!(
+            boundaries.len() < whole.len() / 4,
+            "{} boundaries: the fast path did not run",
+            boundaries.len()
+        );
     }
 
     #[test]
