@@ -41,7 +41,9 @@
 //! | `gateway.upstream_request_id` | the usage tap | the upstream's own request id |
 //!
 //! Headers are not recorded, so no credential can reach a span; a request the router refuses
-//! records no account or endpoint, so a key pasted into a path is not logged either.
+//! records no account or endpoint, so a key pasted into an unknown account's place is not
+//! logged either. (The upstream path of a routed request is recorded without its query; a key
+//! a client pastes there is its own mistake, and goes upstream anyway.)
 //!
 //! Request [metrics](crate::usage::metric): [`RecordResponse`] counts every response by
 //! status and source, and failures by cause.

@@ -219,7 +219,12 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(next) = this.next.take() {
-            return Poll::Ready(next);
+            // A held last frame of a body of known length ends it: hyper will not poll again,
+            // so the connection goes back to the pool now, as in `pass`.
+            return match next {
+                Some(Ok(frame)) => this.pass(cx, frame),
+                other => Poll::Ready(other),
+            };
         }
         let first = match ready!(this.poll_one(cx)) {
             Some(Ok(frame)) => match frame.into_data() {

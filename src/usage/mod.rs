@@ -81,8 +81,8 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::BodyExt;
-use http_body_util::combinators::Collect;
+use http_body_util::combinators::{Collect, MapErr};
+use http_body_util::{BodyExt, Limited};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -356,6 +356,13 @@ pub(crate) struct CallInfo {
     hide_usage_event: bool,
 }
 
+/// A request body the tap reads whole, its errors boxed.
+type ReadBody<B> = MapErr<B, fn(<B as Body>::Error) -> crate::BoxError>;
+
+fn into_box<E: Into<crate::BoxError>>(err: E) -> crate::BoxError {
+    err.into()
+}
+
 /// How long the tap waits for a request body it reads whole, when the endpoint sets no idle
 /// timeout.
 const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
@@ -446,7 +453,15 @@ where
             let clone = self.inner.clone();
             let inner = std::mem::replace(&mut self.inner, clone);
             State::Reading {
-                collect: tokio::time::timeout(idle, body.collect()),
+                // Bounded by itself too, not only by the declared length: the layer works alone.
+                collect: tokio::time::timeout(
+                    idle,
+                    Limited::new(
+                        body.map_err(into_box::<B::Error> as fn(B::Error) -> crate::BoxError),
+                        request::MAX_REWRITE as usize,
+                    )
+                    .collect(),
+                ),
                 idle,
                 parts: Some(parts),
                 inner: Some(inner),
@@ -480,7 +495,7 @@ pin_project! {
     enum State<S: Service<Request<TapRequestBody<B>>>, B: Body> {
         Reading {
             #[pin]
-            collect: tokio::time::Timeout<Collect<B>>,
+            collect: tokio::time::Timeout<Collect<Limited<ReadBody<B>>>>,
             idle: Duration,
             parts: Option<http::request::Parts>,
             inner: Option<S>,
@@ -510,7 +525,7 @@ where
                 } => {
                     let collected = match ready!(collect.poll(cx)) {
                         Ok(Ok(collected)) => Ok(collected),
-                        Ok(Err(err)) => Err(err.into()),
+                        Ok(Err(err)) => Err(err),
                         Err(_elapsed) => Err(stalled(*idle)),
                     };
                     let mut parts = parts.take().expect("polled after completion");

@@ -76,6 +76,25 @@ fn usage_finder() -> &'static memmem::Finder<'static> {
     &FINDER
 }
 
+/// Whether every `"usage"` in the raw bytes of some events is followed by `: null`: only then
+/// may the fast path pass over them. Stricter than [`has_usage_object`] on purpose, since the
+/// raw bytes are not the events' data (an event may split its JSON over several `data:` lines).
+fn only_null_usage(raw: &[u8]) -> bool {
+    let finder = usage_finder();
+    let mut from = 0;
+    while let Some(at) = finder.find(&raw[from..]) {
+        let rest = raw[from + at + 7..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            return false;
+        };
+        if !rest.trim_ascii_start().starts_with(b"null") {
+            return false;
+        }
+        from += at + 7;
+    }
+    true
+}
+
 /// Whether `json` has a `"usage"` key followed by an object (not `null`): the only events worth
 /// parsing once the model is known.
 fn has_usage_object(json: &[u8]) -> bool {
@@ -148,7 +167,7 @@ impl SseParser {
                 tried_fast = true;
                 if let Some(blank) = memmem::rfind(&chunk[pos..], b"\n\n") {
                     let end = pos + blank + 2;
-                    if !has_usage_object(&chunk[pos..end]) {
+                    if only_null_usage(&chunk[pos..end]) {
                         on_boundary(Boundary {
                             end,
                             usage_only: false,
@@ -535,6 +554,40 @@ mod tests {
                 boundaries.len()
             );
         }
+    }
+
+    #[test]
+    fn usage_split_over_data_lines_is_found_however_the_stream_is_cut() {
+        let stream = concat!(
+            "data: {\"model\":\"m\",\"choices\":[{}]}\n\n",
+            "data: {\"choices\":[],\"usage\"\n",
+            "data: :{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
+            "data: {\"choices\":[{}],\"usage\":\n",
+            "data: null}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let bytes = stream.as_bytes();
+        let (_, whole) = run(&[bytes]);
+        for size in [1, 5, 64, bytes.len()] {
+            // Two frames first, so the model is known when the rest arrives in bigger ones.
+            let (head, tail) = bytes.split_at(40);
+            let mut frames: Vec<&[u8]> = vec![head];
+            frames.extend(tail.chunks(size));
+            let (parser, boundaries) = run(&frames);
+            assert_eq!(parser.observed.output_tokens, Some(2), "frames of {size}");
+            assert!(
+                same_boundaries(&boundaries, &whole, bytes),
+                "frames of {size}"
+            );
+            assert_eq!(
+                boundaries.iter().filter(|b| b.1).count(),
+                1,
+                "the usage-only event is reported, frames of {size}"
+            );
+        }
+        assert!(only_null_usage(b"{\"usage\" : null}{\"usage\":null}"));
+        assert!(!only_null_usage(b"{\"usage\"\ndata: :{}}"));
+        assert!(!only_null_usage(b"{\"usage\":{}}"));
     }
 
     #[test]
