@@ -61,7 +61,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `auth` | [`auth`]: `GatewayAuthLayer`, `KeyStore`, `HashedKeyStore` (sha2, subtle) |
-//! | `forward` | [`forward`]: the hyper-util client with rustls and timeouts |
+//! | `forward` | [`forward`]: the upstream client (its own pool, rustls, HTTP/2 by ALPN, timeouts) |
 //! | `config` | [`config`]: the TOML configuration (serde, toml) |
 //! | `trace` | [`trace`] and [`usage`]: request ids and spans (tower-http), the usage tap, metrics (the `metrics` facade) |
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |

@@ -379,7 +379,7 @@ where
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The legacy client is always ready: it queues on its pool.
+        // Always ready: the pool connects or reuses per request.
         Poll::Ready(Ok(()))
     }
 
