@@ -11,7 +11,8 @@
 //! - `gateway_telemetry`: the same gateway with telemetry on, as in production: the usage tap
 //!   reading every event (and a usage record per call), metrics into a Prometheus recorder, and
 //!   a `tracing` fmt subscriber at `INFO` that formats each request's span when it closes and
-//!   each usage event (written to `io::sink`).
+//!   each usage event (written to `io::sink`). `BENCH_TELEMETRY_LOG=plain|json|none` swaps that
+//!   subscriber for one without ANSI colours, one writing JSON, or one that formats nothing.
 //!
 //! The upstream is a hyper server that answers from canned frames (static `Bytes`, no
 //! per-request work beyond draining the request body); the proxies run under
@@ -316,7 +317,7 @@ fn telemetry_subscriber() -> Dispatch {
         .with_writer(std::io::sink)
         .with_max_level(tracing::Level::INFO)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE);
-    match std::env::var("XLOG").as_deref() {
+    match std::env::var("BENCH_TELEMETRY_LOG").as_deref() {
         Ok("none") => Dispatch::new(tracing_subscriber::registry()),
         Ok("plain") => Dispatch::new(fmt.with_ansi(false).finish()),
         Ok("json") => Dispatch::new(fmt.json().finish()),
