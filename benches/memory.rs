@@ -45,10 +45,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "../examples/support/mock_upstream.rs"]
 mod mock_upstream;
 
 use bytes::Bytes;
+use harness::raise_fd_limit;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -474,31 +477,6 @@ fn rss_kib(pid: u32) -> u64 {
 /// How many file descriptors process `pid` has open.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-/// Raises the soft limit on open files to the hard limit; returns the soft limit.
-#[allow(unsafe_code)]
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid, writable `rlimit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    let wanted = limit.rlim_max.min(1 << 20);
-    if limit.rlim_cur < wanted {
-        let raised = libc::rlimit {
-            rlim_cur: wanted,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: `raised` is a valid `rlimit`; the call only reads it.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return wanted;
-        }
-    }
-    limit.rlim_cur
 }
 
 fn print_table(rows: &[Row]) {

@@ -48,11 +48,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+#[path = "support/harness.rs"]
+mod harness;
+
 use bytes::Bytes;
 use criterion::{
     BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
     measurement::WallTime,
 };
+use harness::{leak, pin_to, sse_event};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
@@ -101,17 +105,6 @@ const PATH_FIRST: &str = "first";
 
 /// The last event before `[DONE]`: the usage chunk of `stream_options.include_usage`.
 const SSE_USAGE: &str = "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"llama-3.1\",\"choices\":[],\"usage\":{\"prompt_tokens\":57,\"completion_tokens\":998,\"total_tokens\":1055}}\n\n";
-
-/// The `i`th token event: an OpenAI `chat.completion.chunk`, 157 bytes.
-fn sse_event(i: usize) -> String {
-    format!(
-        "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"llama-3.1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i:05}\"}},\"finish_reason\":null}}]}}\n\n"
-    )
-}
-
-fn leak(data: Vec<u8>) -> Bytes {
-    Bytes::from_static(Box::leak(data.into_boxed_slice()))
-}
 
 /// The upstream's answers, built once. Every frame is a `Bytes` over static memory, so
 /// serving one costs neither an allocation nor a copy.
@@ -575,18 +568,6 @@ impl Layout {
     fn proxies(&self) -> &Runtime {
         self.proxies.as_ref().unwrap_or(&self.load)
     }
-}
-
-/// Pins the calling thread to `core`.
-#[allow(unsafe_code)]
-fn pin_to(core: usize) {
-    // SAFETY: `set` is a zeroed, then filled, `cpu_set_t` that outlives the call.
-    let pinned = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(pinned, 0, "could not pin a thread to core {core}");
 }
 
 fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
