@@ -295,16 +295,14 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
                 "The request body stalled for longer than the idle timeout.",
             );
         }
-        // A stalled upload seen through the forwarder's wrapper is still a stalled upload.
-        #[cfg(feature = "forward")]
-        if e.is::<InvalidRequestBody>()
-            && e.source()
-                .is_some_and(|s| s.is::<crate::forward::BodyIdleTimeout>())
-        {
-            cur = e.source();
-            continue;
-        }
         if e.is::<InvalidRequestBody>() {
+            // The wrapper of whatever the client's body failed with: a client-side cause it
+            // knows (an upload that stalled, or grew past the limit) says more than "malformed".
+            if let Some(inner) = e.source().map(classify)
+                && inner.status().is_client_error()
+            {
+                return inner;
+            }
             return GatewayError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_body",
@@ -622,6 +620,17 @@ mod tests {
                 400,
                 "invalid_request_body",
             ),
+            // The wrapper defers to a client-side cause it holds, and only to one.
+            (
+                Box::new(InvalidRequestBody(PayloadTooLarge::new().into())),
+                413,
+                "payload_too_large",
+            ),
+            (
+                Box::new(InvalidRequestBody(UpstreamTimeout::new().into())),
+                400,
+                "invalid_request_body",
+            ),
             (
                 UnsupportedTransferEncoding::new().into(),
                 501,
@@ -629,6 +638,13 @@ mod tests {
             ),
             ("something else".into(), 502, "upstream_error"),
         ];
+        #[cfg(feature = "forward")]
+        {
+            let stalled = InvalidRequestBody(Box::new(crate::forward::BodyIdleTimeout(
+                std::time::Duration::from_secs(1),
+            )));
+            assert_eq!(classify(&stalled).code(), "request_body_timeout");
+        }
         for (err, status, code) in cases {
             let mapped = classify(&*err);
             assert_eq!(mapped.status().as_u16(), status, "{err}");

@@ -341,7 +341,7 @@ impl Management {
                 self.set_account_access(&principal, &account, body)
             }
             (Method::GET, ["accounts", account, "endpoints", endpoint]) => {
-                let ep = self.viewable_endpoint(&principal, account, endpoint)?;
+                let ep = self.endpoint_for(&principal, account, endpoint, Permission::View)?;
                 Ok((
                     StatusCode::OK,
                     endpoint_json(&ep, &principal, &self.proxy_prefix),
@@ -356,7 +356,7 @@ impl Management {
                 self.delete_endpoint(&principal, account, endpoint)
             }
             (Method::GET, ["accounts", account, "endpoints", endpoint, "snippet"]) => {
-                let ep = self.viewable_endpoint(&principal, account, endpoint)?;
+                let ep = self.endpoint_for(&principal, account, endpoint, Permission::View)?;
                 let base = format!(
                     "{}{}/{}/{}",
                     self.origin(req.headers()),
@@ -415,11 +415,13 @@ impl Management {
             .ok_or_else(|| denied(principal, Permission::View, "this account"))
     }
 
-    fn viewable_endpoint(
+    /// The endpoint, if it exists and `principal` holds `permission` on it.
+    fn endpoint_for(
         &self,
         principal: &Principal,
         account: &str,
         endpoint: &str,
+        permission: Permission,
     ) -> Result<Arc<Endpoint>, GatewayError> {
         let registry = self.registry.load();
         let ep = registry
@@ -427,10 +429,10 @@ impl Management {
             .ok_or_else(no_account)?
             .endpoint(endpoint)
             .ok_or_else(no_endpoint)?;
-        if ep.grants().allows(principal, Permission::View) {
+        if ep.grants().allows(principal, permission) {
             Ok(ep.clone())
         } else {
-            Err(denied(principal, Permission::View, "this endpoint"))
+            Err(denied(principal, permission, "this endpoint"))
         }
     }
 
@@ -562,17 +564,7 @@ impl Management {
         account: &str,
         endpoint: &str,
     ) -> Result<(StatusCode, Value), GatewayError> {
-        {
-            let registry = self.registry.load();
-            let ep = registry
-                .account(account)
-                .ok_or_else(no_account)?
-                .endpoint(endpoint)
-                .ok_or_else(no_endpoint)?;
-            if !ep.grants().allows(principal, Permission::Manage) {
-                return Err(denied(principal, Permission::Manage, "this endpoint"));
-            }
-        }
+        self.endpoint_for(principal, account, endpoint, Permission::Manage)?;
         self.update_account(account, |spec| {
             let before = spec.endpoints.len();
             spec.endpoints.retain(|e| e.name != endpoint);

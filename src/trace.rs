@@ -220,7 +220,7 @@ impl<B> OnResponse<B> for RecordResponse {
         if self.metrics {
             metrics::counter!(
                 metric::REQUESTS,
-                "status" => res.status().as_u16().to_string(),
+                "status" => metric::status_label(res.status()),
                 "source" => source,
                 "service" => self.service,
             )

@@ -1218,6 +1218,15 @@ async fn request_ids_are_kept_replaced_or_made_and_the_upstreams_moved_aside() {
     assert_eq!(res.headers["x-upstream-request-id"], "upstream-own-8");
     last_span().await;
 
+    // An upstream id the gateway would refuse from a client is not logged as sent.
+    let (res, _) = call(get(&["ours-3"], Some(("x-answer-id", "up id; rm -rf")))).await;
+    assert_eq!(res.headers["x-request-id"], "ours-3");
+    assert_eq!(res.headers["x-upstream-request-id"], "up id; rm -rf");
+    assert_eq!(
+        last_span().await.str("gateway.upstream_request_id"),
+        Some("<not a valid request id>")
+    );
+
     // The upstream echoes ours: one id back, nothing aside.
     let (res, _) = call(get(&["ours-2"], Some(("x-echo-id", "1")))).await;
     assert_eq!(

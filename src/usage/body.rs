@@ -188,13 +188,17 @@ impl Meter {
         outcome: Outcome,
         error: Option<&BoxError>,
     ) {
-        let account = self.info.account.clone().unwrap_or_else(|| "".into());
-        let endpoint = self.info.endpoint.clone().unwrap_or_else(|| "".into());
+        use metrics::SharedString;
+        let label = |name: &Option<Arc<str>>| {
+            name.clone()
+                .map_or(SharedString::const_str(""), SharedString::from)
+        };
+        let (account, endpoint) = (label(&self.info.account), label(&self.info.endpoint));
         metrics::counter!(
             super::metric::UPSTREAM_RESPONSES,
             "account" => account.clone(),
             "endpoint" => endpoint.clone(),
-            "status" => self.status.as_u16().to_string(),
+            "status" => super::metric::status_label(self.status),
             "outcome" => outcome.as_str(),
         )
         .increment(1);
@@ -216,25 +220,31 @@ impl Meter {
             metrics::counter!(super::metric::ERRORS, "cause" => stream_error_cause(err))
                 .increment(1);
         }
-        let teams: &[Arc<str>] = self.info.principal.as_ref().map_or(&[], |p| &p.teams);
-        for (kind, n) in [
-            ("input", observed.input_tokens),
-            ("output", observed.output_tokens),
-        ] {
-            let Some(n) = n else { continue };
-            // A principal in several teams counts toward each; one in none toward "".
-            let none: [Arc<str>; 1] = ["".into()];
-            let teams = if teams.is_empty() { &none[..] } else { teams };
-            for team in teams {
-                metrics::counter!(
-                    super::metric::TOKENS,
-                    "account" => account.clone(),
-                    "endpoint" => endpoint.clone(),
-                    "team" => team.clone(),
-                    "type" => kind,
-                )
-                .increment(n);
+        let count = |team: SharedString| {
+            for (kind, n) in [
+                ("input", observed.input_tokens),
+                ("output", observed.output_tokens),
+            ] {
+                if let Some(n) = n {
+                    metrics::counter!(
+                        super::metric::TOKENS,
+                        "account" => account.clone(),
+                        "endpoint" => endpoint.clone(),
+                        "team" => team.clone(),
+                        "type" => kind,
+                    )
+                    .increment(n);
+                }
             }
+        };
+        // A principal in several teams counts toward each; one in none toward "".
+        match self.info.principal.as_ref().map(|p| &p.teams[..]) {
+            Some(teams) if !teams.is_empty() => {
+                for team in teams {
+                    count(SharedString::from(team.clone()));
+                }
+            }
+            _ => count(SharedString::const_str("")),
         }
     }
 }
@@ -368,7 +378,7 @@ where
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
             // A body of known length ends with its last frame: hyper never polls it again.
-            let last = this.inner.is_end_stream() || this.inner.size_hint().exact() == Some(0);
+            let last = this.inner.is_end_stream();
             match this.filter.as_deref_mut() {
                 None => {
                     meter.data(&data);

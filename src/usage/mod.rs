@@ -125,6 +125,31 @@ pub mod metric {
     /// Counter of tokens. Labels: `account`, `endpoint`, `team` (each of the principal's
     /// teams, or `""`), `type` (`input` or `output`).
     pub const TOKENS: &str = "gateway_tokens_total";
+
+    /// The `status` label: the common codes without an allocation.
+    pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
+        let code = match status.as_u16() {
+            200 => "200",
+            201 => "201",
+            204 => "204",
+            400 => "400",
+            401 => "401",
+            403 => "403",
+            404 => "404",
+            405 => "405",
+            408 => "408",
+            413 => "413",
+            414 => "414",
+            429 => "429",
+            500 => "500",
+            501 => "501",
+            502 => "502",
+            503 => "503",
+            504 => "504",
+            other => return other.to_string().into(),
+        };
+        metrics::SharedString::const_str(code)
+    }
 }
 
 /// How a call's response body ended.
@@ -228,6 +253,7 @@ impl UsageSink for TracingUsageSink {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Settings {
     enabled: bool,
     sink: Option<Arc<dyn UsageSink>>,
@@ -267,18 +293,9 @@ impl UsageTapLayer {
         }
     }
 
-    fn with(self, f: impl FnOnce(&mut Settings)) -> Self {
-        let s = &self.settings;
-        let mut settings = Settings {
-            enabled: s.enabled,
-            sink: s.sink.clone(),
-            metrics: s.metrics,
-            include_usage: s.include_usage,
-        };
-        f(&mut settings);
-        Self {
-            settings: Arc::new(settings),
-        }
+    fn with(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(Arc::make_mut(&mut self.settings));
+        self
     }
 
     /// Sends [`Usage`] records to `sink` instead.

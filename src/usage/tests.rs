@@ -390,3 +390,29 @@ async fn a_stalled_upload_read_for_include_usage_is_a_408_not_a_hang() {
         .expect("the read is bounded by the endpoint's idle timeout")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_body_longer_than_it_declared_is_not_read_past_the_limit() {
+    let svc = ServiceBuilder::new()
+        .layer(CustomEndpointRouteLayer::new(registry().into()))
+        .layer(UsageTapLayer::new().include_usage(true))
+        .service(service_fn(
+            |req: Request<TapRequestBody<StreamBody<_>>>| async move {
+                let err = req.into_body().collect().await.unwrap_err();
+                // What Forward does with a client body error, then RescueLayer.
+                let wrapped = crate::error::InvalidRequestBody(err);
+                assert_eq!(crate::error::classify(&wrapped).status(), 413);
+                Ok::<_, Infallible>(Response::new(ResponseBody::default()))
+            },
+        ));
+    // Declares 10 bytes, sends 2 MiB (a layer used without hyper's framing in front of it).
+    let chunk = Bytes::from(vec![b' '; 64 << 10]);
+    let frames = (0..32).map(move |_| Ok::<_, Infallible>(http_body::Frame::data(chunk.clone())));
+    let mut req = Request::post("/proxy-api/acct/ep/chat/completions")
+        .header("content-type", "application/json")
+        .header("content-length", "10")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    req.extensions_mut().insert(alice());
+    svc.oneshot(req).await.unwrap();
+}
