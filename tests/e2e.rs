@@ -7,8 +7,12 @@ use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower_gateway::forward::ForwardBuilder;
@@ -26,15 +30,45 @@ async fn mock_gateway(token_delay: Duration) -> (MockUpstream, TestGateway) {
     (mock, gw)
 }
 
+/// Sends `req` with a fresh client and waits (within [`WAIT`]) for the response head.
+async fn respond(req: Request<Full<Bytes>>) -> Response<Incoming> {
+    within("response", client().request(req)).await.unwrap()
+}
+
+/// `POST …/chat/completions` with the gateway key and `body`; the response head.
+async fn chat(gw: &TestGateway, body: &str) -> Response<Incoming> {
+    respond(post_json(gw.proxy_url("/chat/completions"), body)).await
+}
+
+/// A request to `upstream_path` of the test endpoint, with the gateway key.
+fn keyed(method: Method, gw: &TestGateway, upstream_path: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(gw.proxy_url(upstream_path))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+}
+
+/// A client whose request bodies the test feeds frame by frame.
+fn streaming_client() -> Client<HttpConnector, ChannelBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An upstream that accepts one connection and then says nothing for 30 s.
+async fn silent_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await; // hold the socket, answer nothing
+        drop(s);
+    });
+    addr
+}
+
 #[tokio::test]
 async fn non_streaming_completion_through_the_full_stack() {
     let (mock, gw) = mock_gateway(Duration::ZERO).await;
-    let res = within(
-        "response",
-        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
-    )
-    .await
-    .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/json");
     let body: serde_json::Value = serde_json::from_str(&body_string(res).await).unwrap();
@@ -47,15 +81,13 @@ async fn non_streaming_completion_through_the_full_stack() {
     );
     assert_eq!(mock.requests(), 1);
 
-    let res = client()
-        .request(
-            Request::get(gw.proxy_url("/models"))
-                .header("x-api-key", GW_KEY)
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = respond(
+        Request::get(gw.proxy_url("/models"))
+            .header("x-api-key", GW_KEY)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(res.status(), 200);
     assert!(body_string(res).await.contains("Llama-3.1-8B-Instruct"));
 }
@@ -63,12 +95,7 @@ async fn non_streaming_completion_through_the_full_stack() {
 #[tokio::test]
 async fn sse_stream_through_the_full_stack() {
     let (_mock, gw) = mock_gateway(Duration::from_millis(1)).await;
-    let res = within(
-        "response",
-        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
-    )
-    .await
-    .unwrap();
+    let res = chat(&gw, CHAT_STREAM).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut body = res.into_body();
@@ -113,12 +140,7 @@ async fn events_arrive_one_by_one() {
     })
     .await;
     let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
-    let res = within(
-        "response head",
-        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
-    )
-    .await
-    .unwrap();
+    let res = chat(&gw, CHAT_STREAM).await;
     let events = within("the upstream's sender", feed_rx.recv())
         .await
         .unwrap();
@@ -142,8 +164,7 @@ async fn events_arrive_one_by_one() {
 async fn the_upstream_sees_only_the_configured_credential() {
     let upstream = RecordingUpstream::start(|_| async { full(200, &[], "{}") }).await;
     let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
-    let req = Request::post(gw.proxy_url("/chat/completions"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::POST, &gw, "/chat/completions")
         .header("x-api-key", GW_KEY)
         .header("api-key", GW_KEY)
         .header("proxy-authorization", format!("Basic {GW_KEY}"))
@@ -151,7 +172,7 @@ async fn the_upstream_sees_only_the_configured_credential() {
         .header("x-request-id", "req-1")
         .body(Full::from(CHAT))
         .unwrap();
-    let res = within("response", client().request(req)).await.unwrap();
+    let res = respond(req).await;
     assert_eq!(res.status(), 200);
     let seen = upstream.last();
     let auth: Vec<_> = seen.headers.get_all("authorization").iter().collect();
@@ -180,11 +201,10 @@ async fn query_is_kept_byte_for_byte_and_absolute_form_authority_is_ignored() {
     let upstream = RecordingUpstream::start(|_| async { full(200, &[], "ok") }).await;
     let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
 
-    let req = Request::get(gw.proxy_url("/models?limit=5&after=a%2Fb&q=x+y&empty="))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::GET, &gw, "/models?limit=5&after=a%2Fb&q=x+y&empty=")
         .body(Full::default())
         .unwrap();
-    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    assert_eq!(respond(req).await.status(), 200);
     assert_eq!(
         upstream.last().uri.to_string(),
         "/v1/models?limit=5&after=a%2Fb&q=x+y&empty="
@@ -290,11 +310,7 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-fn assert_gateway_error(
-    status: StatusCode,
-    code: &str,
-    res: &http::Response<hyper::body::Incoming>,
-) {
+fn assert_gateway_error(status: StatusCode, code: &str, res: &Response<Incoming>) {
     assert_eq!(res.status(), status);
     assert_eq!(res.headers()["x-gateway-error"], code);
     assert_eq!(res.headers()["content-type"], "application/json");
@@ -306,12 +322,7 @@ async fn upstream_down_is_a_502() {
     let dead = listener.local_addr().unwrap();
     drop(listener);
     let gw = start_gateway(&format!("http://{dead}/v1"), ForwardBuilder::default()).await;
-    let res = within(
-        "response",
-        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
-    )
-    .await
-    .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_gateway_error(StatusCode::BAD_GATEWAY, "upstream_unreachable", &res);
     let body: serde_json::Value = serde_json::from_str(&body_string(res).await).unwrap();
     assert_eq!(body["error"]["type"], "api_error");
@@ -319,24 +330,13 @@ async fn upstream_down_is_a_502() {
 
 #[tokio::test]
 async fn upstream_silent_is_a_504() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(30)).await; // hold the socket, answer nothing
-        drop(s);
-    });
+    let addr = silent_upstream().await;
     let gw = start_gateway(
         &format!("http://{addr}/v1"),
         ForwardBuilder::default().first_byte_timeout(Duration::from_millis(300)),
     )
     .await;
-    let res = within(
-        "response",
-        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
-    )
-    .await
-    .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_gateway_error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &res);
 }
 
@@ -351,10 +351,7 @@ async fn upstream_rejecting_the_credential_is_a_502_without_its_body() {
     })
     .await;
     let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
-    let res = client()
-        .request(post_json(gw.proxy_url("/chat/completions"), CHAT))
-        .await
-        .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_gateway_error(StatusCode::BAD_GATEWAY, "upstream_auth_failed", &res);
     let body = body_string(res).await;
     assert!(
@@ -438,10 +435,7 @@ async fn gateway_rejections_are_json_and_never_reach_the_upstream() {
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
-        let res = client()
-            .request(req.body(Full::default()).unwrap())
-            .await
-            .unwrap();
+        let res = respond(req.body(Full::default()).unwrap()).await;
         assert_gateway_error(status, code, &res);
         let body: serde_json::Value = serde_json::from_str(&body_string(res).await).unwrap();
         assert!(body["error"]["message"].is_string(), "{method} {path}");
@@ -495,12 +489,7 @@ async fn an_upstream_reset_mid_stream_truncates_the_client_stream() {
             drop(s);
         });
         let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
-        let res = within(
-            "response",
-            client().request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
-        )
-        .await
-        .unwrap();
+        let res = chat(&gw, CHAT_STREAM).await;
         assert_eq!(res.status(), 200);
         let mut body = res.into_body();
         let first = next_data(&mut body).await.expect("first event").unwrap();
@@ -532,10 +521,7 @@ async fn a_silent_upstream_mid_stream_is_cut_by_the_idle_timeout() {
         ForwardBuilder::default().idle_timeout(Duration::from_millis(300)),
     )
     .await;
-    let res = client()
-        .request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM))
-        .await
-        .unwrap();
+    let res = chat(&gw, CHAT_STREAM).await;
     let mut body = res.into_body();
     assert_eq!(
         next_data(&mut body).await.unwrap().unwrap(),
@@ -598,12 +584,11 @@ async fn an_encoded_upstream_body_keeps_its_content_encoding() {
     })
     .await;
     let gw = start_gateway(&upstream.base_url(), ForwardBuilder::default()).await;
-    let req = Request::get(gw.proxy_url("/models"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::GET, &gw, "/models")
         .header("accept-encoding", "gzip")
         .body(Full::default())
         .unwrap();
-    let res = client().request(req).await.unwrap();
+    let res = respond(req).await;
     assert_eq!(upstream.last().headers["accept-encoding"], "identity");
     assert_eq!(res.headers()["content-encoding"], "gzip");
     assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), gz);
@@ -621,13 +606,8 @@ async fn a_large_request_body_streams_to_the_upstream() {
                 .unwrap();
         }
     });
-    let req = Request::post(gw.proxy_url("/files"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
-        .body(body)
-        .unwrap();
-    let client: hyper_util::client::legacy::Client<_, ChannelBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let req = keyed(Method::POST, &gw, "/files").body(body).unwrap();
+    let client = streaming_client();
     let res = within("response", client.request(req)).await.unwrap();
     producer.await.unwrap();
     assert_eq!(res.status(), 200);
@@ -637,19 +617,13 @@ async fn a_large_request_body_streams_to_the_upstream() {
 #[tokio::test]
 async fn a_registry_swap_leaves_streams_in_flight_intact() {
     let (mock, gw) = mock_gateway(Duration::from_millis(20)).await;
-    let res = client()
-        .request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM))
-        .await
-        .unwrap();
+    let res = chat(&gw, CHAT_STREAM).await;
     let mut body = res.into_body();
     next_data(&mut body).await.unwrap().unwrap();
     gw.gateway.registry().store(Registry::default());
     let rest = String::from_utf8(read_to_end(&mut body).await.unwrap()).unwrap();
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
-    let res = client()
-        .request(post_json(gw.proxy_url("/chat/completions"), CHAT))
-        .await
-        .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_eq!(res.status(), 404);
     assert_eq!(mock.requests(), 1);
 }
@@ -657,10 +631,9 @@ async fn a_registry_swap_leaves_streams_in_flight_intact() {
 #[tokio::test]
 async fn http2_clients_are_served_too() {
     let (_mock, gw) = mock_gateway(Duration::ZERO).await;
-    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
     let res = within(
         "h2 response",
         h2.request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
@@ -710,11 +683,10 @@ async fn upstream_connection_cannot_strip_content_encoding() {
         let _ = s.shutdown().await;
     });
     let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
-    let req = Request::get(gw.proxy_url("/models"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::GET, &gw, "/models")
         .body(Full::default())
         .unwrap();
-    let res = within("response", client().request(req)).await.unwrap();
+    let res = respond(req).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-encoding"], "gzip");
     assert!(res.headers().get("x-gateway-error").is_none());
@@ -733,11 +705,10 @@ async fn request_bodies_over_the_limit_are_refused() {
     )
     .await;
     // Declared too large: refused before the upstream is contacted.
-    let req = Request::post(gw.proxy_url("/chat/completions"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::POST, &gw, "/chat/completions")
         .body(Full::from(vec![b'x'; 4096]))
         .unwrap();
-    let res = within("response", client().request(req)).await.unwrap();
+    let res = respond(req).await;
     assert_gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &res);
     assert_eq!(upstream.count(), 0);
     // Streamed without a length and growing past the limit: cut, and a 413.
@@ -749,20 +720,14 @@ async fn request_bodies_over_the_limit_are_refused() {
             }
         }
     });
-    let req = Request::post(gw.proxy_url("/chat/completions"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::POST, &gw, "/chat/completions")
         .body(body)
         .unwrap();
-    let streaming: hyper_util::client::legacy::Client<_, ChannelBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let streaming = streaming_client();
     let res = within("response", streaming.request(req)).await.unwrap();
     assert_gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &res);
     // Within the limit: forwarded.
-    let res = client()
-        .request(post_json(gw.proxy_url("/chat/completions"), CHAT))
-        .await
-        .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_eq!(res.status(), 200);
 }
 
@@ -802,23 +767,18 @@ async fn request_and_response_bodies_stream_in_lockstep() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
             // The response body is the request body, frame by frame.
             Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
             .await;
     });
     let gw = start_gateway(&format!("http://{addr}/v1"), ForwardBuilder::default()).await;
     let (tx, body) = ChannelBody::channel(1);
-    let req = Request::post(gw.proxy_url("/echo"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
-        .body(body)
-        .unwrap();
-    let streaming: hyper_util::client::legacy::Client<_, ChannelBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let req = keyed(Method::POST, &gw, "/echo").body(body).unwrap();
+    let streaming = streaming_client();
     let first = Bytes::from_static(b"frame-0;");
     tx.send(Ok(first.clone())).await.unwrap();
     let res = within("response head", streaming.request(req))
@@ -852,12 +812,11 @@ async fn cookies_pass_only_when_configured() {
             ForwardBuilder::default().pass_cookies(pass),
         )
         .await;
-        let req = Request::get(gw.proxy_url("/models"))
-            .header("authorization", format!("Bearer {GW_KEY}"))
+        let req = keyed(Method::GET, &gw, "/models")
             .header("cookie", "gateway_session=abc")
             .body(Full::default())
             .unwrap();
-        let res = client().request(req).await.unwrap();
+        let res = respond(req).await;
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers().contains_key("set-cookie"), pass);
         assert_eq!(upstream.last().headers.contains_key("cookie"), pass);
@@ -883,11 +842,10 @@ async fn the_config_files_body_limit_applies_and_cannot_change_on_reload() {
         .forward(ForwardBuilder::default())
         .build();
     let gw = serve_gateway(gateway).await;
-    let req = Request::post(gw.proxy_url("/chat/completions"))
-        .header("authorization", format!("Bearer {GW_KEY}"))
+    let req = keyed(Method::POST, &gw, "/chat/completions")
         .body(Full::from(vec![b'x'; 2048]))
         .unwrap();
-    let res = client().request(req).await.unwrap();
+    let res = respond(req).await;
     assert_gateway_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &res);
     assert_eq!(upstream.count(), 0);
     let err = gw
@@ -904,13 +862,7 @@ async fn the_config_files_body_limit_applies_and_cannot_change_on_reload() {
 /// nothing is unreachable after `connect`, not a 504 after the (much longer) first-byte timeout.
 #[tokio::test]
 async fn a_silent_tls_handshake_is_bounded_by_the_connect_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(30)).await; // accept, never answer the ClientHello
-        drop(s);
-    });
+    let addr = silent_upstream().await; // accepts, never answers the ClientHello
     let gw = start_gateway(
         &format!("https://{addr}/v1"),
         ForwardBuilder::default()
@@ -919,12 +871,7 @@ async fn a_silent_tls_handshake_is_bounded_by_the_connect_timeout() {
     )
     .await;
     let started = std::time::Instant::now();
-    let res = within(
-        "response",
-        client().request(post_json(gw.proxy_url("/chat/completions"), CHAT)),
-    )
-    .await
-    .unwrap();
+    let res = chat(&gw, CHAT).await;
     assert_gateway_error(StatusCode::BAD_GATEWAY, "upstream_unreachable", &res);
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -52,7 +52,60 @@ async fn proxy(
     .await
 }
 
+/// `GET /manage{path}` with `key`.
+async fn get(gw: &TestGateway, path: &str, key: &str) -> Answer {
+    manage(gw, Method::GET, path, Some(key), None).await
+}
+
+/// `PUT /manage{path}` with `key` and a JSON `body`.
+async fn put(gw: &TestGateway, path: &str, key: &str, body: &str) -> Answer {
+    manage(gw, Method::PUT, path, Some(key), Some(body)).await
+}
+
 const CHAT: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Say hello"}]}"#;
+
+/// A [`CHAT`] completion through `/proxy-api/{account}/{endpoint}` with `key` (if any).
+async fn chat(gw: &TestGateway, account: &str, endpoint: &str, key: Option<&str>) -> Answer {
+    proxy(
+        gw,
+        Method::POST,
+        account,
+        endpoint,
+        "/chat/completions",
+        key,
+        Some(CHAT),
+    )
+    .await
+}
+
+/// A `[[keys]]` entry of a configuration file (no `teams` line when `teams` is empty).
+fn key_toml(id: &str, subject: &str, teams: &[&str], key: &str) -> String {
+    let teams = if teams.is_empty() {
+        String::new()
+    } else {
+        format!("teams = [\"{}\"]\n", teams.join("\", \""))
+    };
+    format!("\n[[keys]]\nid = \"{id}\"\nsubject = \"{subject}\"\n{teams}key = \"{key}\"\n")
+}
+
+/// The keys of the platform manager (pat) and the research user (rita).
+fn staff_keys_toml(manager_key: &str, research_key: &str) -> String {
+    [
+        key_toml(
+            "platform-manager",
+            "pat@example.com",
+            &["platform"],
+            manager_key,
+        ),
+        key_toml(
+            "research-user",
+            "rita@example.com",
+            &["research"],
+            research_key,
+        ),
+    ]
+    .concat()
+}
 
 /// Asserts a gateway-made error: status, `x-gateway-error` code, JSON error shape.
 fn assert_gateway_error(ans: &Answer, status: u16, code: &str, context: &str) {
@@ -106,31 +159,14 @@ const ROLE_KEYS: [(&str, &str); 4] = [
     ("outsider", OUT),
 ];
 
-const ROLES_TOML: &str = r#"
-[[keys]]
-id = "platform-manager"
-subject = "pat@example.com"
-teams = ["platform"]
-key = "${MGR_KEY}"
+fn roles_toml() -> String {
+    staff_keys_toml("${MGR_KEY}", "${RES_KEY}")
+        + &key_toml("viewer", "vic@example.com", &["finance"], "${VIEW_KEY}")
+        + &key_toml("outsider", "otto@example.com", &["sales"], "${OUT_KEY}")
+        + ROLES_ACCOUNTS_TOML
+}
 
-[[keys]]
-id = "research-user"
-subject = "rita@example.com"
-teams = ["research"]
-key = "${RES_KEY}"
-
-[[keys]]
-id = "viewer"
-subject = "vic@example.com"
-teams = ["finance"]
-key = "${VIEW_KEY}"
-
-[[keys]]
-id = "outsider"
-subject = "otto@example.com"
-teams = ["sales"]
-key = "${OUT_KEY}"
-
+const ROLES_ACCOUNTS_TOML: &str = r#"
 [[accounts]]
 name = "coreweave-model"
 header_auth = { Authorization = "Bearer ${ACCOUNT_SECRET}" }
@@ -172,7 +208,7 @@ fn role_vars() -> [(&'static str, &'static str); 7] {
 }
 
 async fn role_gateway() -> TestGateway {
-    serve_app(gateway_from(ROLES_TOML, &role_vars())).await
+    serve_app(gateway_from(&roles_toml(), &role_vars())).await
 }
 
 /// One management operation and the status each role gets, in [`ROLE_KEYS`] order.
@@ -362,7 +398,7 @@ async fn each_operation_is_allowed_or_denied_per_role() {
     for op in ops() {
         for (i, (who, key)) in ROLE_KEYS.iter().enumerate() {
             let gw = role_gateway().await;
-            let before = manage(&gw, Method::GET, "/accounts", Some(MGR), None).await;
+            let before = get(&gw, "/accounts", MGR).await;
             assert_eq!(before.status, 200);
             let context = format!("{} by the {who}", op.what);
             let ans = manage(&gw, op.method.clone(), op.path, Some(key), op.body).await;
@@ -372,7 +408,7 @@ async fn each_operation_is_allowed_or_denied_per_role() {
                 200 | 201 => {
                     ans.json();
                     if let Some((path, pointer, want)) = &op.effect {
-                        let after = manage(&gw, Method::GET, path, Some(MGR), None).await;
+                        let after = get(&gw, path, MGR).await;
                         assert_eq!(
                             after.json().pointer(pointer),
                             Some(want),
@@ -389,7 +425,7 @@ async fn each_operation_is_allowed_or_denied_per_role() {
                         _ => panic!("{context}: unexpected {status}"),
                     };
                     assert_gateway_error(&ans, status, code, &context);
-                    let after = manage(&gw, Method::GET, "/accounts", Some(MGR), None).await;
+                    let after = get(&gw, "/accounts", MGR).await;
                     assert_eq!(
                         after.json(),
                         before.json(),
@@ -456,7 +492,7 @@ async fn list_shows_only_what_the_caller_may_view() {
         (OUT, pairs(&[]), vec![]),
     ];
     for (key, endpoints, accounts) in cases {
-        let ans = manage(&gw, Method::GET, "/accounts", Some(key), None).await;
+        let ans = get(&gw, "/accounts", key).await;
         assert_eq!(ans.status, 200, "{}", ans.body);
         let list = ans.json();
         assert_eq!(listed(&list), endpoints, "{key}: {list:#}");
@@ -479,14 +515,7 @@ async fn list_shows_only_what_the_caller_may_view() {
     }
 
     // One account, seen by the viewer: the endpoint whose override drops viewers is hidden.
-    let ans = manage(
-        &gw,
-        Method::GET,
-        "/accounts/coreweave-model",
-        Some(VIEW),
-        None,
-    )
-    .await;
+    let ans = get(&gw, "/accounts/coreweave-model", VIEW).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     let account = ans.json();
     let names: Vec<&str> = account["endpoints"]
@@ -503,12 +532,10 @@ async fn list_shows_only_what_the_caller_may_view() {
     );
 
     // The endpoint's JSON: the override as configured and the grants in force.
-    let ans = manage(
+    let ans = get(
         &gw,
-        Method::GET,
         "/accounts/coreweave-model/endpoints/research-only",
-        Some(RES),
-        None,
+        RES,
     )
     .await;
     let ep = ans.json();
@@ -531,12 +558,10 @@ async fn the_snippet_names_the_proxy_base_url() {
     let gw = role_gateway().await;
     let base = format!("http://{}/proxy-api/coreweave-model/inference", gw.addr);
     for key in [MGR, RES, VIEW] {
-        let ans = manage(
+        let ans = get(
             &gw,
-            Method::GET,
             "/accounts/coreweave-model/endpoints/inference/snippet",
-            Some(key),
-            None,
+            key,
         )
         .await;
         assert_eq!(ans.status, 200, "{}", ans.body);
@@ -770,29 +795,15 @@ async fn no_management_answer_holds_a_header_value() {
 
 const UP_KEY_RT: &str = "up-manage-CANARY-d1e2f3a4";
 
-const RUNTIME_TOML: &str = r#"
-[[keys]]
-id = "platform-manager"
-subject = "pat@example.com"
-teams = ["platform"]
-key = "${MGR_KEY}"
-
-[[keys]]
-id = "research-user"
-subject = "rita@example.com"
-teams = ["research"]
-key = "${RES_KEY}"
-
-[[keys]]
-id = "sales-user"
-subject = "sid@example.com"
-teams = ["sales"]
-key = "${SALES_KEY}"
-
+fn runtime_toml() -> String {
+    staff_keys_toml("${MGR_KEY}", "${RES_KEY}")
+        + &key_toml("sales-user", "sid@example.com", &["sales"], "${SALES_KEY}")
+        + r#"
 [[accounts]]
 name = "coreweave-model"
 access = { managers = ["team:platform"] }
-"#;
+"#
+}
 
 /// Issue 3's "done when": a manager registers an endpoint at run time and a user of the
 /// granted team can call it at once, while a user of another team gets 403 that never reaches
@@ -802,7 +813,7 @@ async fn a_manager_registers_an_endpoint_and_the_granted_team_can_call_it_at_onc
     let mock = MockUpstream::new(UP_KEY_RT, std::time::Duration::ZERO);
     let addr = mock.spawn().await.unwrap();
     let gw = serve_app(gateway_from(
-        RUNTIME_TOML,
+        &runtime_toml(),
         &[("MGR_KEY", MGR), ("RES_KEY", RES), ("SALES_KEY", SALES)],
     ))
     .await;
@@ -810,31 +821,17 @@ async fn a_manager_registers_an_endpoint_and_the_granted_team_can_call_it_at_onc
     let body = format!(
         r#"{{"base_url": "http://{addr}/v1", "headers": {{"Authorization": "Bearer {UP_KEY_RT}"}}, "access": {{"users": ["team:research"]}}}}"#
     );
-    let call = |key: &'static str| {
-        let gw = &gw;
-        async move {
-            proxy(
-                gw,
-                Method::POST,
-                "coreweave-model",
-                "llama",
-                "/chat/completions",
-                Some(key),
-                Some(CHAT),
-            )
-            .await
-        }
-    };
+    let call = |key: &'static str| chat(&gw, "coreweave-model", "llama", Some(key));
 
     assert_gateway_error(&call(RES).await, 404, "not_found", "before registration");
 
     // A user may not register endpoints.
-    let ans = manage(&gw, Method::PUT, path, Some(RES), Some(&body)).await;
+    let ans = put(&gw, path, RES, &body).await;
     assert_gateway_error(&ans, 403, "permission_denied", "PUT by a user");
-    let ans = manage(&gw, Method::GET, path, Some(MGR), None).await;
+    let ans = get(&gw, path, MGR).await;
     assert_eq!(ans.status, 404, "a refused PUT created the endpoint");
 
-    let ans = manage(&gw, Method::PUT, path, Some(MGR), Some(&body)).await;
+    let ans = put(&gw, path, MGR, &body).await;
     assert_eq!(ans.status, 201, "{}", ans.body);
     let ep = ans.json();
     assert_eq!(ep["base_url"], format!("http://{addr}/v1"));
@@ -874,14 +871,11 @@ async fn a_manager_registers_an_endpoint_and_the_granted_team_can_call_it_at_onc
     assert_eq!(mock.requests(), 2);
 
     // Hand the endpoint to sales, keeping the headers (a manager never re-sends secrets).
-    let ans = manage(
+    let ans = put(
         &gw,
-        Method::PUT,
         path,
-        Some(MGR),
-        Some(&format!(
-            r#"{{"base_url": "http://{addr}/v1", "access": {{"users": ["team:sales"]}}}}"#
-        )),
+        MGR,
+        &format!(r#"{{"base_url": "http://{addr}/v1", "access": {{"users": ["team:sales"]}}}}"#),
     )
     .await;
     assert_eq!(ans.status, 200, "{}", ans.body);
@@ -905,19 +899,7 @@ async fn a_manager_registers_an_endpoint_and_the_granted_team_can_call_it_at_onc
 
 fn stream_toml(base_url: &str) -> String {
     format!(
-        r#"
-[[keys]]
-id = "platform-manager"
-subject = "pat@example.com"
-teams = ["platform"]
-key = "{MGR}"
-
-[[keys]]
-id = "research-user"
-subject = "rita@example.com"
-teams = ["research"]
-key = "{RES}"
-
+        r#"{}
 [[accounts]]
 name = "coreweave-model"
 access = {{ managers = ["team:platform"], users = ["team:research"] }}
@@ -926,7 +908,8 @@ access = {{ managers = ["team:platform"], users = ["team:research"] }}
 name = "inference"
 base_url = "{base_url}"
 headers = {{ Authorization = "Bearer up-key" }}
-"#
+"#,
+        staff_keys_toml(MGR, RES)
     )
 }
 
@@ -972,11 +955,11 @@ async fn a_change_mid_stream_leaves_the_stream_intact_and_the_next_request_sees_
         next_data(&mut body).await.unwrap().unwrap(),
         sse_event(0).as_bytes()
     );
-    let put = format!(
+    let to_b = format!(
         r#"{{"base_url": "{}", "headers": {{"Authorization": "Bearer up-key-b"}}}}"#,
         b.base_url()
     );
-    let ans = manage(&gw, Method::PUT, ep, Some(MGR), Some(&put)).await;
+    let ans = put(&gw, ep, MGR, &to_b).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     finish_stream(events, &mut body).await;
     assert_eq!((a.count(), b.count()), (1, 0));
@@ -1000,11 +983,11 @@ async fn a_change_mid_stream_leaves_the_stream_intact_and_the_next_request_sees_
     );
 
     // 2. Back to A; delete the endpoint while a stream runs on it.
-    let put = format!(
+    let to_a = format!(
         r#"{{"base_url": "{}", "headers": {{"Authorization": "Bearer up-key"}}}}"#,
         a.base_url()
     );
-    let ans = manage(&gw, Method::PUT, ep, Some(MGR), Some(&put)).await;
+    let ans = put(&gw, ep, MGR, &to_a).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     let mut body = open_stream(
         gw.url("/proxy-api/coreweave-model/inference/chat/completions"),
@@ -1018,16 +1001,7 @@ async fn a_change_mid_stream_leaves_the_stream_intact_and_the_next_request_sees_
     assert_eq!(ans.status, 200, "{}", ans.body);
     finish_stream(events, &mut body).await;
 
-    let ans = proxy(
-        &gw,
-        Method::POST,
-        "coreweave-model",
-        "inference",
-        "/chat/completions",
-        Some(RES),
-        Some(CHAT),
-    )
-    .await;
+    let ans = chat(&gw, "coreweave-model", "inference", Some(RES)).await;
     assert_gateway_error(&ans, 404, "not_found", "after the delete");
     assert_eq!((a.count(), b.count()), (2, 1));
 }
@@ -1149,13 +1123,11 @@ async fn invalid_updates_are_rejected_with_the_field_named_and_change_nothing() 
         ),
     ];
 
-    let list_before = manage(&gw, Method::GET, "/accounts", Some(MGR), None)
-        .await
-        .json();
-    let ep_before = manage(&gw, Method::GET, ep, Some(MGR), None).await.json();
+    let list_before = get(&gw, "/accounts", MGR).await.json();
+    let ep_before = get(&gw, ep, MGR).await.json();
     for (path, body, field, forbidden) in cases {
         let context = format!("PUT {path} {body:?}");
-        let ans = manage(&gw, Method::PUT, path, Some(MGR), Some(&body)).await;
+        let ans = put(&gw, path, MGR, &body).await;
         assert_gateway_error(&ans, 400, "invalid_request", &context);
         let message = ans.error_message();
         assert!(
@@ -1165,51 +1137,42 @@ async fn invalid_updates_are_rejected_with_the_field_named_and_change_nothing() 
         for piece in forbidden {
             assert!(!ans.body.contains(piece), "{context}: {}", ans.body);
         }
-        let list = manage(&gw, Method::GET, "/accounts", Some(MGR), None)
-            .await
-            .json();
+        let list = get(&gw, "/accounts", MGR).await.json();
         assert_eq!(list, list_before, "{context} changed the configuration");
     }
-    let ep_after = manage(&gw, Method::GET, ep, Some(MGR), None).await.json();
+    let ep_after = get(&gw, ep, MGR).await.json();
     assert_eq!(ep_after, ep_before);
-    let ans = manage(&gw, Method::GET, fresh, Some(MGR), None).await;
+    let ans = get(&gw, fresh, MGR).await;
     assert_eq!(ans.status, 404);
 
     // A body over 64 KiB is refused whole.
     let huge = format!(r#"{{{good}, "colour": "{}"}}"#, "x".repeat(70 * 1024));
-    let ans = manage(&gw, Method::PUT, ep, Some(MGR), Some(&huge)).await;
+    let ans = put(&gw, ep, MGR, &huge).await;
     assert_eq!(ans.status, 413, "{}", ans.body);
 
     // Traffic still flows to the unchanged endpoint, with its headers.
-    let ans = proxy(
-        &gw,
-        Method::POST,
-        "coreweave-model",
-        "inference",
-        "/chat/completions",
-        Some(RES),
-        Some(CHAT),
-    )
-    .await;
+    let ans = chat(&gw, "coreweave-model", "inference", Some(RES)).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     assert_eq!(upstream.count(), 1);
     assert_eq!(upstream.last().uri.path(), "/v1/chat/completions");
     assert_eq!(upstream.last().headers["authorization"], "Bearer up-key");
 }
 
-const HANDOVER_TOML: &str = r#"
-[[keys]]
-id = "platform-manager"
-subject = "pat@example.com"
-teams = ["platform"]
-key = "gw-pat"
+fn handover_toml() -> String {
+    key_toml(
+        "platform-manager",
+        "pat@example.com",
+        &["platform"],
+        "gw-pat",
+    ) + &key_toml(
+        "research-lead",
+        "rita@example.com",
+        &["research"],
+        "gw-rita",
+    ) + HANDOVER_ACCOUNTS_TOML
+}
 
-[[keys]]
-id = "research-lead"
-subject = "rita@example.com"
-teams = ["research"]
-key = "gw-rita"
-
+const HANDOVER_ACCOUNTS_TOML: &str = r#"
 [[accounts]]
 name = "shared"
 access = { managers = ["team:platform"] }
@@ -1233,24 +1196,17 @@ base_url = "http://127.0.0.1:9/v1"
 /// endpoint's override) replaces the endpoint's grants with none.
 #[tokio::test]
 async fn an_endpoint_manager_dropping_their_own_grant_gets_a_success() {
-    let gw = serve_app(gateway_from(HANDOVER_TOML, &[])).await;
-    let ans = manage(
+    let gw = serve_app(gateway_from(&handover_toml(), &[])).await;
+    let ans = put(
         &gw,
-        Method::PUT,
         "/accounts/shared/endpoints/research",
-        Some("gw-rita"),
-        Some(r#"{"base_url": "http://127.0.0.1:9/v2", "access": {"users": []}}"#),
+        "gw-rita",
+        r#"{"base_url": "http://127.0.0.1:9/v2", "access": {"users": []}}"#,
     )
     .await;
-    let after = manage(
-        &gw,
-        Method::GET,
-        "/accounts/shared/endpoints/research",
-        Some("gw-pat"),
-        None,
-    )
-    .await
-    .json();
+    let after = get(&gw, "/accounts/shared/endpoints/research", "gw-pat")
+        .await
+        .json();
     assert_eq!(
         after["base_url"], "http://127.0.0.1:9/v2",
         "the change was applied"
@@ -1272,14 +1228,7 @@ async fn an_endpoint_manager_dropping_their_own_grant_gets_a_success() {
         json!({"managers": ["team:platform"], "users": [], "viewers": []})
     );
     // The caller has indeed lost the endpoint.
-    let ans = manage(
-        &gw,
-        Method::GET,
-        "/accounts/shared/endpoints/research",
-        Some("gw-rita"),
-        None,
-    )
-    .await;
+    let ans = get(&gw, "/accounts/shared/endpoints/research", "gw-rita").await;
     assert_eq!(ans.status, 403, "{}", ans.body);
 }
 
@@ -1287,24 +1236,15 @@ async fn an_endpoint_manager_dropping_their_own_grant_gets_a_success() {
 /// another team; the change is applied and must be answered as a success.
 #[tokio::test]
 async fn a_manager_handing_an_account_over_gets_a_success() {
-    let gw = serve_app(gateway_from(HANDOVER_TOML, &[])).await;
-    let ans = manage(
+    let gw = serve_app(gateway_from(&handover_toml(), &[])).await;
+    let ans = put(
         &gw,
-        Method::PUT,
         "/accounts/handover/access",
-        Some("gw-pat"),
-        Some(r#"{"managers": ["team:research"]}"#),
+        "gw-pat",
+        r#"{"managers": ["team:research"]}"#,
     )
     .await;
-    let after = manage(
-        &gw,
-        Method::GET,
-        "/accounts/handover",
-        Some("gw-rita"),
-        None,
-    )
-    .await
-    .json();
+    let after = get(&gw, "/accounts/handover", "gw-rita").await.json();
     assert_eq!(after["access"]["managers"], json!(["team:research"]));
     assert!(
         ans.status.is_success(),
@@ -1320,7 +1260,7 @@ async fn a_manager_handing_an_account_over_gets_a_success() {
         json!([]),
         "no endpoint is viewable now"
     );
-    let ans = manage(&gw, Method::GET, "/accounts/handover", Some("gw-pat"), None).await;
+    let ans = get(&gw, "/accounts/handover", "gw-pat").await;
     assert_eq!(ans.status, 403, "{}", ans.body);
 }
 
@@ -1337,43 +1277,37 @@ const MATRIX_KEYS: [(&str, &str); 6] = [
 ];
 
 fn matrix_toml(upstream: &str) -> String {
+    let keys = [
+        key_toml(
+            "pat",
+            "pat@example.com",
+            &["platform"],
+            "gw-pat-CANARY-0001",
+        ),
+        key_toml(
+            "rita",
+            "rita@example.com",
+            &["research"],
+            "gw-rita-CANARY-0002",
+        ),
+        key_toml("sam", "sam@example.com", &["sales"], "gw-sam-CANARY-0003"),
+        key_toml("dana", "dana@example.com", &[], "gw-dana-CANARY-0004"),
+        key_toml(
+            "mo",
+            "mo@example.com",
+            &["sales", "research"],
+            "gw-mo-CANARY-0005",
+        ),
+        key_toml(
+            "nobody",
+            "nobody@example.com",
+            &["marketing"],
+            "gw-nobody-CANARY-0006",
+        ),
+    ]
+    .concat();
     format!(
-        r#"
-[[keys]]
-id = "pat"
-subject = "pat@example.com"
-teams = ["platform"]
-key = "gw-pat-CANARY-0001"
-
-[[keys]]
-id = "rita"
-subject = "rita@example.com"
-teams = ["research"]
-key = "gw-rita-CANARY-0002"
-
-[[keys]]
-id = "sam"
-subject = "sam@example.com"
-teams = ["sales"]
-key = "gw-sam-CANARY-0003"
-
-[[keys]]
-id = "dana"
-subject = "dana@example.com"
-key = "gw-dana-CANARY-0004"
-
-[[keys]]
-id = "mo"
-subject = "mo@example.com"
-teams = ["sales", "research"]
-key = "gw-mo-CANARY-0005"
-
-[[keys]]
-id = "nobody"
-subject = "nobody@example.com"
-teams = ["marketing"]
-key = "gw-nobody-CANARY-0006"
-
+        r#"{keys}
 [[accounts]]
 name = "alpha"
 header_auth = {{ X-Caller = "{{key_id}}" }}
@@ -1484,16 +1418,7 @@ async fn matrix_of_keys_teams_roles_accounts_and_endpoints() {
             let may_manage = role == 'M';
 
             let before = upstream.count();
-            let ans = proxy(
-                &gw,
-                Method::POST,
-                account,
-                endpoint,
-                "/chat/completions",
-                Some(key),
-                Some(CHAT),
-            )
-            .await;
+            let ans = chat(&gw, account, endpoint, Some(key)).await;
             if may_use {
                 assert_eq!(ans.status, 200, "use: {context}: {}", ans.body);
                 assert_eq!(upstream.count(), before + 1, "use: {context}");
@@ -1509,7 +1434,7 @@ async fn matrix_of_keys_teams_roles_accounts_and_endpoints() {
             }
 
             let path = format!("/accounts/{account}/endpoints/{endpoint}");
-            let ans = manage(&gw, Method::GET, &path, Some(key), None).await;
+            let ans = get(&gw, &path, key).await;
             if may_view {
                 assert_eq!(ans.status, 200, "view: {context}: {}", ans.body);
                 assert_eq!(ans.json()["your_role"], role_name(role), "view: {context}");
@@ -1518,7 +1443,7 @@ async fn matrix_of_keys_teams_roles_accounts_and_endpoints() {
                 assert_gateway_error(&ans, 403, "permission_denied", &format!("view: {context}"));
             }
 
-            let ans = manage(&gw, Method::PUT, &path, Some(key), Some(put_body)).await;
+            let ans = put(&gw, &path, key, put_body).await;
             if may_manage {
                 assert_eq!(ans.status, 200, "manage: {context}: {}", ans.body);
             } else {
@@ -1530,22 +1455,13 @@ async fn matrix_of_keys_teams_roles_accounts_and_endpoints() {
                 );
             }
         }
-        let list = manage(&gw, Method::GET, "/accounts", Some(key), None).await;
+        let list = get(&gw, "/accounts", key).await;
         assert_eq!(listed(&list.json()), viewable, "list of {id}");
     }
 
     // Without a key nothing gets through.
     for (account, endpoint, _) in &endpoints {
-        let ans = proxy(
-            &gw,
-            Method::POST,
-            account,
-            endpoint,
-            "/chat/completions",
-            None,
-            Some(CHAT),
-        )
-        .await;
+        let ans = chat(&gw, account, endpoint, None).await;
         assert_gateway_error(&ans, 401, "invalid_api_key", "no key");
     }
 
@@ -1583,37 +1499,16 @@ async fn matrix_of_keys_teams_roles_accounts_and_endpoints() {
 // Header templates.
 
 fn templates_toml(upstream: &str) -> String {
+    let keys = [
+        key_toml("pat", "pat@example.com", &["platform"], "gw-t-pat"),
+        key_toml("rita", "rita@example.com", &["research"], "gw-t-rita"),
+        key_toml("sam", "sam@example.com", &["sales"], "gw-t-sam"),
+        key_toml("mo", "mo@example.com", &["sales", "research"], "gw-t-mo"),
+        key_toml("dana", "dana@example.com", &[], "gw-t-dana"),
+    ]
+    .concat();
     format!(
-        r#"
-[[keys]]
-id = "pat"
-subject = "pat@example.com"
-teams = ["platform"]
-key = "gw-t-pat"
-
-[[keys]]
-id = "rita"
-subject = "rita@example.com"
-teams = ["research"]
-key = "gw-t-rita"
-
-[[keys]]
-id = "sam"
-subject = "sam@example.com"
-teams = ["sales"]
-key = "gw-t-sam"
-
-[[keys]]
-id = "mo"
-subject = "mo@example.com"
-teams = ["sales", "research"]
-key = "gw-t-mo"
-
-[[keys]]
-id = "dana"
-subject = "dana@example.com"
-key = "gw-t-dana"
-
+        r#"{keys}
 [[accounts]]
 name = "coreweave-model"
 access = {{ managers = ["team:platform"], users = ["everyone"] }}
@@ -1709,17 +1604,12 @@ async fn header_templates_are_filled_per_caller() {
     assert_eq!(upstream.count(), 5);
 
     // A template set at run time; `${HOME}` is not expanded by the management API.
-    let ans = manage(
-        &gw,
-        Method::PUT,
-        "/accounts/coreweave-model/endpoints/plain",
-        Some("gw-t-pat"),
-        Some(&format!(
-            r#"{{"base_url": "http://{}/plain", "headers": {{"Authorization": "Bearer up-key", "OpenAI-Project": "{{team}}/runtime", "X-Literal": "${{HOME}} {{unknown}}"}}}}"#,
-            upstream.addr
-        )),
-    )
-    .await;
+    let runtime = format!(
+        r#"{{"base_url": "http://{}/plain", "headers": {{"Authorization": "Bearer up-key", "OpenAI-Project": "{{team}}/runtime", "X-Literal": "${{HOME}} {{unknown}}"}}}}"#,
+        upstream.addr
+    );
+    let path = "/accounts/coreweave-model/endpoints/plain";
+    let ans = put(&gw, path, "gw-t-pat", &runtime).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     assert_eq!(
         ans.json()["header_names"],
@@ -1742,30 +1632,27 @@ async fn header_templates_are_filled_per_caller() {
 /// headers again to do so.
 #[tokio::test]
 async fn moving_an_endpoint_to_another_host_does_not_carry_its_credentials() {
-    let gw = serve_app(gateway_from(HANDOVER_TOML, &[])).await;
+    let gw = serve_app(gateway_from(&handover_toml(), &[])).await;
     let path = "/accounts/shared/endpoints/research";
     let evil = r#"{"base_url": "http://127.0.0.2:9/v1"}"#;
     // The endpoint's own manager (research) may change the path, not the host.
-    let ans = manage(&gw, Method::PUT, path, Some("gw-rita"), Some(evil)).await;
+    let ans = put(&gw, path, "gw-rita", evil).await;
     assert_gateway_error(
         &ans,
         403,
         "permission_denied",
         "endpoint manager moving the host",
     );
-    let ans = manage(
+    let ans = put(
         &gw,
-        Method::PUT,
         path,
-        Some("gw-rita"),
-        Some(
-            r#"{"base_url": "http://127.0.0.2:9/v1", "headers": {"Authorization": "Bearer mine"}}"#,
-        ),
+        "gw-rita",
+        r#"{"base_url": "http://127.0.0.2:9/v1", "headers": {"Authorization": "Bearer mine"}}"#,
     )
     .await;
     assert_gateway_error(&ans, 403, "permission_denied", "even with new headers");
     // The account's manager must send headers with a new host.
-    let ans = manage(&gw, Method::PUT, path, Some("gw-pat"), Some(evil)).await;
+    let ans = put(&gw, path, "gw-pat", evil).await;
     assert_gateway_error(
         &ans,
         400,
@@ -1773,21 +1660,16 @@ async fn moving_an_endpoint_to_another_host_does_not_carry_its_credentials() {
         "account manager without headers",
     );
     assert!(ans.body.contains("headers"), "{}", ans.body);
-    let after = manage(&gw, Method::GET, path, Some("gw-pat"), None)
-        .await
-        .json();
+    let after = get(&gw, path, "gw-pat").await.json();
     assert_eq!(
         after["base_url"], "http://127.0.0.1:9/v1",
         "nothing changed"
     );
-    let ans = manage(
+    let ans = put(
         &gw,
-        Method::PUT,
         path,
-        Some("gw-pat"),
-        Some(
-            r#"{"base_url": "http://127.0.0.2:9/v1", "headers": {"Authorization": "Bearer new"}}"#,
-        ),
+        "gw-pat",
+        r#"{"base_url": "http://127.0.0.2:9/v1", "headers": {"Authorization": "Bearer new"}}"#,
     )
     .await;
     assert_eq!(ans.status, 200, "{}", ans.body);

@@ -66,23 +66,37 @@ fn key(id: &str, teams: &str, key: &str) -> String {
     )
 }
 
-/// The first configuration: alice (research), bob (sales) and pat (platform); one account
-/// whose `header_auth` comes from a secret file, usable by everyone, with endpoint `one`.
-fn v1(upstream: &str) -> String {
+/// A file with `keys` and one account whose `header_auth` comes from a secret file, managed by
+/// platform and usable by everyone, with `endpoints` (the TOML of its `[[accounts.endpoints]]`).
+fn file(keys: &[String], endpoints: &str) -> String {
     format!(
-        r#"{}{}{}
+        r#"{}
 [[accounts]]
 name = "coreweave-model"
 header_auth = {{ Authorization = "Bearer ${{file:upstream.key}}" }}
 access = {{ managers = ["team:platform"], users = ["everyone"] }}
+{endpoints}"#,
+        keys.concat()
+    )
+}
 
-[[accounts.endpoints]]
-name = "one"
-base_url = "http://{upstream}/v1"
-"#,
-        key("alice", "\"research\"", ALICE),
-        key("bob", "\"sales\"", BOB),
-        key("pat", "\"platform\"", PAT),
+/// An endpoint `name` of [`file`]'s account at `http://{upstream}/v1`, with `extra` lines.
+fn endpoint(name: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        "\n[[accounts.endpoints]]\nname = \"{name}\"\nbase_url = \"http://{upstream}/v1\"\n{extra}"
+    )
+}
+
+/// The first configuration: alice (research), bob (sales) and pat (platform); one account
+/// whose `header_auth` comes from a secret file, usable by everyone, with endpoint `one`.
+fn v1(upstream: &str) -> String {
+    file(
+        &[
+            key("alice", "\"research\"", ALICE),
+            key("bob", "\"sales\"", BOB),
+            key("pat", "\"platform\"", PAT),
+        ],
+        &endpoint("one", upstream, ""),
     )
 }
 
@@ -108,9 +122,14 @@ async fn chat(gw: &TestGateway, endpoint: &str, key: &str) -> Answer {
     .await
 }
 
+/// `GET path` with `key`.
+async fn get(gw: &TestGateway, path: &str, key: &str) -> Answer {
+    send_json(Method::GET, gw.url(path), Some(key), None).await
+}
+
 /// The management listing as `key` sees it.
 async fn listing(gw: &TestGateway, key: &str) -> serde_json::Value {
-    let ans = send_json(Method::GET, gw.url("/manage/accounts"), Some(key), None).await;
+    let ans = get(gw, "/manage/accounts", key).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     ans.json()
 }
@@ -152,26 +171,18 @@ async fn a_good_file_takes_effect() {
 
     // v2: bob is gone, carol (platform) and dave (sales) are new; `one` is for research only
     // now, `two` is new.
-    let v2 = format!(
-        r#"{}{}{}{}
-[[accounts]]
-name = "coreweave-model"
-header_auth = {{ Authorization = "Bearer ${{file:upstream.key}}" }}
-access = {{ managers = ["team:platform"], users = ["everyone"] }}
-
-[[accounts.endpoints]]
-name = "one"
-base_url = "http://{up}/v1"
-access = {{ users = ["team:research"] }}
-
-[[accounts.endpoints]]
-name = "two"
-base_url = "http://{up}/v1"
-"#,
-        key("alice", "\"research\"", ALICE),
-        key("carol", "\"platform\"", CAROL),
-        key("dave", "\"sales\"", DAVE),
-        key("pat", "\"platform\"", PAT),
+    let v2 = file(
+        &[
+            key("alice", "\"research\"", ALICE),
+            key("carol", "\"platform\"", CAROL),
+            key("dave", "\"sales\"", DAVE),
+            key("pat", "\"platform\"", PAT),
+        ],
+        &[
+            endpoint("one", &up, "access = { users = [\"team:research\"] }\n"),
+            endpoint("two", &up, ""),
+        ]
+        .concat(),
     );
     dir.write("gateway.toml", &v2);
     gw.gateway
@@ -526,29 +537,11 @@ access = {{ users = ["everyone"] }}
         assert!(rest.ends_with("data: [DONE]\n\n"));
     }
 
-    let ans = send_json(
-        Method::GET,
-        gw.url("/proxy-api/coreweave-model/one/models"),
-        Some(ALICE),
-        None,
-    )
-    .await;
+    let ans = get(&gw, "/proxy-api/coreweave-model/one/models", ALICE).await;
     assert_eq!(ans.status, 404, "{}", ans.body);
-    let ans = send_json(
-        Method::GET,
-        gw.url("/proxy-api/coreweave-model/two/models"),
-        Some(BOB),
-        None,
-    )
-    .await;
+    let ans = get(&gw, "/proxy-api/coreweave-model/two/models", BOB).await;
     assert_eq!(ans.status, 401, "{}", ans.body);
-    let ans = send_json(
-        Method::GET,
-        gw.url("/proxy-api/coreweave-model/two/models"),
-        Some(ALICE),
-        None,
-    )
-    .await;
+    let ans = get(&gw, "/proxy-api/coreweave-model/two/models", ALICE).await;
     assert_eq!(ans.status, 200, "{}", ans.body);
     assert_eq!(upstream.count(), 3);
     assert_eq!(
