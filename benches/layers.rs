@@ -11,27 +11,29 @@
 use std::convert::Infallible;
 use std::hint::black_box;
 
+#[path = "support/harness.rs"]
+mod harness;
+
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
+use harness::{GATEWAY_KEY, UPSTREAM_AUTHORIZATION, bench_keys};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_gateway::auth::{GatewayAuthLayer, HashedKeyStore, Principal};
+use tower_gateway::auth::{GatewayAuthLayer, HashedKeyStore};
 use tower_gateway::encoding::IdentityEncodingLayer;
 use tower_gateway::error::RescueLayer;
 use tower_gateway::inject::InjectHeadersLayer;
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry, SharedRegistry};
 use tower_gateway::route::CustomEndpointRouteLayer;
 
-const KEY: &str = "gw-bench-0123456789abcdef0123456789abcdef";
-
 const BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant. Answer briefly and cite sources where you can."},{"role":"user","content":"Explain in two sentences why streaming responses token by token improves perceived latency for chat applications, and name one trade-off."}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"max_tokens":512}"#;
 
 fn request() -> Request<Full<Bytes>> {
     Request::post("/proxy-api/coreweave-model/inference/chat/completions")
         .header("host", "gateway.internal:8080")
-        .header("authorization", format!("Bearer {KEY}"))
+        .header("authorization", format!("Bearer {GATEWAY_KEY}"))
         .header("content-type", "application/json")
         .header("accept", "application/json")
         .header("accept-encoding", "gzip, deflate")
@@ -53,7 +55,7 @@ fn registry() -> SharedRegistry {
     let mut headers = HeaderMap::new();
     headers.insert(
         "authorization",
-        HeaderValue::from_static("Bearer wandb-0123456789abcdef"),
+        HeaderValue::from_static(UPSTREAM_AUTHORIZATION),
     );
     Registry::from_accounts(vec![AccountSpec {
         endpoints: vec![EndpointSpec {
@@ -67,12 +69,7 @@ fn registry() -> SharedRegistry {
 }
 
 fn keys() -> HashedKeyStore {
-    HashedKeyStore::new()
-        .with_key(
-            KEY,
-            Principal::new("bench", "bench@example.com", ["research"]),
-        )
-        .unwrap()
+    bench_keys(GATEWAY_KEY)
 }
 
 fn inner()

@@ -42,47 +42,30 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[path = "support/harness.rs"]
 mod harness;
-#[path = "../examples/support/mock_upstream.rs"]
-mod mock_upstream;
 
 use bytes::Bytes;
-use harness::raise_fd_limit;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use harness::{
+    GATEWAY_KEY, Paced, STREAM_CAP, UPSTREAM_AUTHORIZATION, bench_keys, bench_registry, listen,
+    raise_fd_limit, serve_each,
+};
+use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use mock_upstream::ChannelBody;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tower_gateway::access::{Grants, Subject};
-use tower_gateway::auth::{HashedKeyStore, Principal};
+use tokio::sync::watch;
 use tower_gateway::forward::ForwardBuilder;
 use tower_gateway::gateway::Gateway;
-use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 
-const GATEWAY_KEY: &str = "gw-bench-0123456789abcdef0123456789abcdef";
-const UPSTREAM_AUTHORIZATION: &str = "Bearer wandb-0123456789abcdef";
 const CHILD_FLAG: &str = "--gateway-child";
 const POOL_IDLE_FLAG: &str = "--pool-idle-ms";
 const TRIM_COMMAND: &str = "trim\n";
 
 const REQUEST_BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
 const EVENT: &str = "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"llama-3.1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" tok00042\"},\"finish_reason\":null}]}\n\n";
-const DONE: &str = "data: [DONE]\n\n";
-
-/// One event per stream every `PACE`.
-const PACE: Duration = Duration::from_millis(200);
-/// No stream outlives this, whatever happens to the bench.
-const STREAM_CAP: Duration = Duration::from_secs(60);
-/// Streams being opened at once.
-const OPENING: usize = 256;
 /// File descriptors each process needs besides two per stream.
 const FD_SPARE: u64 = 256;
 
@@ -244,36 +227,21 @@ async fn measure(
     }
 }
 
-/// Opens `n` streams and returns once each has delivered its first event, with the tasks
-/// that read each stream to its end.
+/// Opens `n` streams (one connection, one streaming request each) and returns once each has
+/// delivered its first event (within [`STREAM_CAP`]), with the tasks that read each stream to
+/// its end.
 async fn open_streams(n: usize, addr: SocketAddr) -> Vec<tokio::task::JoinHandle<()>> {
-    let (first_tx, mut first_rx) = mpsc::channel::<()>(n.max(1));
-    let opening = Arc::new(Semaphore::new(OPENING));
-    let streams = (0..n)
-        .map(|_| {
-            let first_tx = first_tx.clone();
-            let opening = opening.clone();
-            tokio::spawn(async move {
-                let permit = opening.acquire_owned().await.unwrap();
-                let mut body = open_stream(addr).await;
-                let first = next_data(&mut body).await.expect("a first event");
-                assert!(first.starts_with(b"data: "));
-                drop(permit);
-                first_tx.send(()).await.unwrap();
-                while next_data(&mut body).await.is_some() {}
-            })
-        })
-        .collect();
-    drop(first_tx);
-    let deadline = tokio::time::sleep(STREAM_CAP);
-    tokio::pin!(deadline);
-    for _ in 0..n {
-        tokio::select! {
-            got = first_rx.recv() => got.expect("a stream failed before its first event"),
-            () = &mut deadline => panic!("the streams did not all open within {STREAM_CAP:?}"),
-        }
-    }
-    streams
+    let make_request = move || {
+        Request::post(format!(
+            "http://{addr}/proxy-api/coreweave-model/inference/chat/completions"
+        ))
+        .header(header::HOST, addr.to_string())
+        .header(header::AUTHORIZATION, format!("Bearer {GATEWAY_KEY}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(REQUEST_BODY.as_bytes())))
+        .unwrap()
+    };
+    harness::open_streams(n, addr, make_request, Some(STREAM_CAP)).await
 }
 
 /// Opens `n` streams, waits for each first event, holds them `hold`, ends them and waits until
@@ -287,102 +255,26 @@ async fn run_streams(n: usize, addr: SocketAddr, release: &watch::Sender<u64>, h
     }
 }
 
-/// One client connection, one streaming request; returns the body once the head is 200.
-/// The connection closes when the body has been read and dropped.
-async fn open_stream(addr: SocketAddr) -> Incoming {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .expect("connect to the gateway");
-    tcp.set_nodelay(true).unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::post(format!(
-        "http://{addr}/proxy-api/coreweave-model/inference/chat/completions"
-    ))
-    .header(header::HOST, addr.to_string())
-    .header(header::AUTHORIZATION, format!("Bearer {GATEWAY_KEY}"))
-    .header(header::CONTENT_TYPE, "application/json")
-    .body(Full::new(Bytes::from_static(REQUEST_BODY.as_bytes())))
-    .unwrap();
-    let res = sender.send_request(req).await.expect("a response head");
-    assert_eq!(res.status(), StatusCode::OK, "the stream did not open");
-    res.into_body()
-}
-
-async fn next_data(body: &mut Incoming) -> Option<Bytes> {
-    loop {
-        let frame = body.frame().await?.expect("the stream was cut");
-        if let Ok(data) = frame.into_data() {
-            return Some(data);
-        }
-    }
-}
-
 /// The upstream: every `POST` gets an SSE stream with an event at once, then one every
-/// [`PACE`], until the generation in `released` changes (then `[DONE]` and the end).
+/// [`harness::PACE`], until the generation in `released` changes (then `[DONE]` and the end).
 async fn spawn_upstream(released: watch::Receiver<u64>) -> SocketAddr {
-    let listener = listen().await;
+    let listener = listen();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let released = released.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let mut released = released.clone();
-                    released.borrow_and_update();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        Ok::<_, Infallible>(paced_stream(released))
-                    }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut released = released.clone();
+        released.borrow_and_update();
+        async move {
+            let _ = req.into_body().collect().await;
+            let mut res = Response::new(Paced::new(Bytes::from_static(EVENT.as_bytes()), released));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            Ok::<_, Infallible>(res)
         }
     });
+    serve_each(listener, svc);
     addr
-}
-
-fn paced_stream(mut released: watch::Receiver<u64>) -> Response<ChannelBody> {
-    let (tx, body) = ChannelBody::channel(4);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PACE);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let cap = tokio::time::sleep(STREAM_CAP);
-        tokio::pin!(cap);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if tx.send(Ok(Bytes::from_static(EVENT.as_bytes()))).await.is_err() {
-                        return;
-                    }
-                }
-                _ = released.changed() => break,
-                () = &mut cap => break,
-            }
-        }
-        let _ = tx.send(Ok(Bytes::from_static(DONE.as_bytes()))).await;
-    });
-    let mut res = Response::new(body);
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    res
-}
-
-/// A loopback listener with a backlog deep enough for a burst of connects.
-async fn listen() -> TcpListener {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    socket.listen(4096).unwrap()
 }
 
 /// The gateway process: serves the full stack for an endpoint at `upstream`, prints its
@@ -394,29 +286,8 @@ fn child(upstream: SocketAddr, pool_idle: Option<Duration>) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static(UPSTREAM_AUTHORIZATION),
-        );
-        let registry = Registry::from_accounts(vec![AccountSpec {
-            endpoints: vec![EndpointSpec {
-                headers,
-                ..EndpointSpec::new("inference", format!("http://{upstream}/v1"))
-            }],
-            access: Grants {
-                users: vec![Subject::Everyone],
-                ..Grants::default()
-            },
-            ..AccountSpec::new("coreweave-model")
-        }])
-        .unwrap();
-        let keys = HashedKeyStore::new()
-            .with_key(
-                GATEWAY_KEY,
-                Principal::new("bench", "bench@example.com", ["research"]),
-            )
-            .unwrap();
+        let registry = bench_registry(upstream, HeaderValue::from_static(UPSTREAM_AUTHORIZATION));
+        let keys = bench_keys(GATEWAY_KEY);
         let mut forward = ForwardBuilder::default();
         if let Some(idle) = pool_idle {
             forward = forward.pool_idle_timeout(idle);
@@ -426,7 +297,7 @@ fn child(upstream: SocketAddr, pool_idle: Option<Duration>) {
             .registry(registry.into())
             .forward(forward)
             .build();
-        let listener = listen().await;
+        let listener = listen();
         println!("{}", listener.local_addr().unwrap());
         let stdin_closed = async {
             let _ = tokio::task::spawn_blocking(serve_commands).await;

@@ -46,7 +46,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[path = "support/harness.rs"]
 mod harness;
@@ -56,40 +56,24 @@ use criterion::{
     BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
     measurement::WallTime,
 };
-use harness::{leak, pin_to, sse_event};
-use http::uri::{Authority, Scheme};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use harness::{
+    BenchClient, COMPLETION, DONE, Frames, GATEWAY_KEY, UPSTREAM_AUTHORIZATION, absolute_to,
+    bench_keys, bench_registry, big_frames, client, discard, drain, frames_len, leak, pin_to, send,
+    serve_each, sse_event, sse_events,
+};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tower::Layer;
 use tower::util::MapRequest;
-use tower_gateway::access::{Grants, Subject};
-use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::error::RescueLayer;
 use tower_gateway::forward::{Forward, ResponseBody};
 use tower_gateway::gateway::Gateway;
-use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 use tower_gateway::usage::UsageTapLayer;
 use tracing::Dispatch;
 use tracing::instrument::WithSubscriber;
-
-/// The gateway key every arm's client sends (the other arms ignore it).
-const CLIENT_AUTHORIZATION: &str = "Bearer gw-bench-0123456789abcdef0123456789abcdef";
-/// The upstream credential the gateway injects.
-const UPSTREAM_AUTHORIZATION: &str = "Bearer wandb-0123456789abcdef";
-
-/// What every client sends: an OpenAI chat request.
-const REQUEST_BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Explain in two sentences why streaming responses token by token improves perceived latency."}],"stream":true,"temperature":0.7,"max_tokens":512}"#;
-
-/// A non-streaming completion, ~400 bytes.
-const COMPLETION: &str = r#"{"id":"chatcmpl-bench-0001","object":"chat.completion","created":1741570283,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Streaming shows the first words as soon as they exist, so the reader starts sooner; the trade-off is more, smaller writes."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":31,"total_tokens":73}}"#;
 
 const SSE_EVENTS: usize = 1_000;
 const STREAMS: usize = 64;
@@ -117,57 +101,14 @@ struct Canned {
 
 impl Canned {
     fn new() -> Self {
-        let mut sse: Vec<Bytes> = (0..SSE_EVENTS - 2)
-            .map(|i| leak(sse_event(i).into_bytes()))
-            .collect();
+        let mut sse = sse_events(SSE_EVENTS - 2);
         sse.push(Bytes::from_static(SSE_USAGE.as_bytes()));
-        sse.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        let frame = leak(vec![b'x'; BIG_FRAME]);
+        sse.push(Bytes::from_static(DONE.as_bytes()));
         Self {
             sse: sse.into(),
-            big: vec![frame; BIG_LEN / BIG_FRAME].into(),
+            big: big_frames(BIG_LEN, BIG_FRAME),
             completion: vec![Bytes::from_static(COMPLETION.as_bytes())].into(),
             first: vec![leak(sse_event(0).into_bytes())].into(),
-        }
-    }
-
-    fn len(frames: &[Bytes]) -> usize {
-        frames.iter().map(Bytes::len).sum()
-    }
-}
-
-/// A response body that hands out canned frames, one per poll, each at once. With `exact`
-/// its size hint is exact, so hyper sends a `Content-Length`; otherwise it is chunked.
-struct Frames {
-    frames: Arc<[Bytes]>,
-    next: usize,
-    exact: bool,
-}
-
-impl Body for Frames {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let Some(frame) = self.frames.get(self.next).cloned() else {
-            return Poll::Ready(None);
-        };
-        self.next += 1;
-        Poll::Ready(Some(Ok(Frame::data(frame))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.next >= self.frames.len()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.exact {
-            SizeHint::with_exact(Canned::len(&self.frames[self.next..]) as u64)
-        } else {
-            SizeHint::default()
         }
     }
 }
@@ -177,12 +118,8 @@ async fn answer(
     req: Request<Incoming>,
     canned: Arc<Canned>,
 ) -> Result<Response<Frames>, Infallible> {
-    let (parts, mut body) = req.into_parts();
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            break;
-        }
-    }
+    let (parts, body) = req.into_parts();
+    discard(body).await;
     let path = parts.uri.path();
     let (frames, exact, content_type) = match path.rsplit('/').next() {
         Some(PATH_SSE) => (&canned.sse, false, "text/event-stream"),
@@ -190,20 +127,12 @@ async fn answer(
         Some(PATH_COMPLETION) => (&canned.completion, true, "application/json"),
         Some(PATH_FIRST) => (&canned.first, false, "text/event-stream"),
         _ => {
-            let mut res = Response::new(Frames {
-                frames: Arc::new([]),
-                next: 0,
-                exact: true,
-            });
+            let mut res = Response::new(Frames::new(Arc::new([]), true));
             *res.status_mut() = StatusCode::NOT_FOUND;
             return Ok(res);
         }
     };
-    let mut res = Response::new(Frames {
-        frames: frames.clone(),
-        next: 0,
-        exact,
-    });
+    let mut res = Response::new(Frames::new(frames.clone(), exact));
     res.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(res)
@@ -212,21 +141,10 @@ async fn answer(
 async fn spawn_upstream(canned: Arc<Canned>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            stream.set_nodelay(true).unwrap();
-            let canned = canned.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| answer(req, canned.clone()));
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    serve_each(
+        listener,
+        hyper::service::service_fn(move |req| answer(req, canned.clone())),
+    );
     addr
 }
 
@@ -235,15 +153,10 @@ async fn spawn_upstream(canned: Arc<Canned>) -> SocketAddr {
 async fn spawn_bare_forward(upstream: SocketAddr) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let authority: Authority = upstream.to_string().parse().unwrap();
-    let absolute = move |mut req: Request<Incoming>| {
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(authority.clone());
-        *req.uri_mut() = Uri::from_parts(parts).expect("origin-form URI made absolute");
-        req
-    };
-    let svc = RescueLayer::new().layer(MapRequest::new(Forward::<Incoming>::new(), absolute));
+    let svc = RescueLayer::new().layer(MapRequest::new(
+        Forward::<Incoming>::new(),
+        absolute_to(upstream),
+    ));
     tokio::spawn(tower_gateway::server::serve(listener, svc, pending()));
     addr
 }
@@ -252,30 +165,8 @@ async fn spawn_bare_forward(upstream: SocketAddr) -> SocketAddr {
 /// `telemetry`, the default usage tap and metrics, and every call under that subscriber;
 /// without, the tap disabled and no metrics.
 async fn spawn_gateway(upstream: SocketAddr, telemetry: Option<Dispatch>) -> SocketAddr {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::AUTHORIZATION,
-        HeaderValue::from_static(UPSTREAM_AUTHORIZATION),
-    );
-    let registry = Registry::from_accounts(vec![AccountSpec {
-        endpoints: vec![EndpointSpec {
-            headers,
-            ..EndpointSpec::new("inference", format!("http://{upstream}/v1"))
-        }],
-        access: Grants {
-            users: vec![Subject::Everyone],
-            ..Grants::default()
-        },
-        ..AccountSpec::new("coreweave-model")
-    }])
-    .unwrap();
-    let key = CLIENT_AUTHORIZATION.strip_prefix("Bearer ").unwrap();
-    let keys = HashedKeyStore::new()
-        .with_key(
-            key,
-            Principal::new("bench", "bench@example.com", ["research"]),
-        )
-        .unwrap();
+    let registry = bench_registry(upstream, HeaderValue::from_static(UPSTREAM_AUTHORIZATION));
+    let keys = bench_keys(GATEWAY_KEY);
     let builder = Gateway::builder().keys(keys).registry(registry.into());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -393,14 +284,6 @@ impl Body for DispatchedBody {
     }
 }
 
-type BenchClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> BenchClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(http)
-}
-
 /// One arm: a client of its own and the URI of each workload.
 struct Arm {
     name: &'static str,
@@ -425,39 +308,6 @@ impl Arm {
     }
 }
 
-fn request(uri: &Uri) -> Request<Full<Bytes>> {
-    let mut req = Request::new(Full::new(Bytes::from_static(REQUEST_BODY.as_bytes())));
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = uri.clone();
-    let headers = req.headers_mut();
-    headers.insert(
-        header::AUTHORIZATION,
-        HeaderValue::from_static(CLIENT_AUTHORIZATION),
-    );
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    req
-}
-
-async fn send(client: &BenchClient, uri: &Uri) -> Incoming {
-    let res = client.request(request(uri)).await.expect("request failed");
-    assert_eq!(res.status(), StatusCode::OK, "{uri}");
-    res.into_body()
-}
-
-/// Reads a body to its end; returns how many bytes it carried.
-async fn drain(mut body: Incoming) -> usize {
-    let mut n = 0;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("response body failed").into_data() {
-            n += data.len();
-        }
-    }
-    n
-}
-
 async fn fetch(client: &BenchClient, uri: &Uri) -> usize {
     drain(send(client, uri).await).await
 }
@@ -465,44 +315,12 @@ async fn fetch(client: &BenchClient, uri: &Uri) -> usize {
 /// Runs `per_task` fetches of `uri` on each of `tasks` spawned tasks; returns the bytes each
 /// task read, summed.
 async fn fetch_concurrently(arm: &Arm, uri: &Uri, tasks: usize, per_task: usize) -> usize {
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let client = arm.client.clone();
-            let uri = uri.clone();
-            tokio::spawn(async move {
-                let mut n = 0;
-                for _ in 0..per_task {
-                    n += fetch(&client, &uri).await;
-                }
-                n
-            })
-        })
-        .collect();
-    let mut n = 0;
-    for handle in handles {
-        n += handle.await.unwrap();
-    }
-    n
+    harness::fetch_concurrently(&arm.client, uri, tasks, per_task, None).await
 }
 
 /// Time from sending the request to the first data frame; the rest is read untimed.
 async fn time_to_first_event(arm: &Arm) -> Duration {
-    let req = request(&arm.first);
-    let start = Instant::now();
-    let res = arm.client.request(req).await.expect("request failed");
-    assert_eq!(res.status(), StatusCode::OK);
-    let mut body = res.into_body();
-    loop {
-        let frame = body
-            .frame()
-            .await
-            .expect("the stream ended before its event")
-            .expect("response body failed");
-        if frame.data_ref().is_some_and(|d| !d.is_empty()) {
-            break;
-        }
-    }
-    let elapsed = start.elapsed();
+    let (elapsed, _, body) = harness::time_to_first_event(&arm.client, &arm.first).await;
     drain(body).await;
     elapsed
 }
@@ -577,10 +395,10 @@ fn setup(layout: &Layout) -> (Vec<Arm>, Expected) {
         .expect("one recorder per process");
     let canned = Arc::new(Canned::new());
     let expected = Expected {
-        sse: Canned::len(&canned.sse),
-        big: Canned::len(&canned.big),
-        completion: Canned::len(&canned.completion),
-        first: Canned::len(&canned.first),
+        sse: frames_len(&canned.sse),
+        big: frames_len(&canned.big),
+        completion: frames_len(&canned.completion),
+        first: frames_len(&canned.first),
     };
     eprintln!("layout: {}", layout.description);
     let upstream = layout.load.block_on(spawn_upstream(canned));

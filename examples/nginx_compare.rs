@@ -70,47 +70,36 @@ use std::time::{Duration, Instant};
 mod harness;
 
 use bytes::Bytes;
-use harness::{leak, pin_to, raise_fd_limit, sse_event};
-use http::uri::{Authority, Scheme};
+use harness::{
+    BenchClient, COMPLETION, DONE, Frames, GATEWAY_KEY, Paced, UPSTREAM_AUTHORIZATION, absolute_to,
+    big_frames, client, discard, drain, frames_len, leak, listen, pin_to, raise_fd_limit, request,
+    send, serve_each, sse_event, sse_events,
+};
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Either, Empty, Full};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::watch;
 use tower::Layer;
 use tower::util::MapRequest;
 use tower_gateway::error::RescueLayer;
 use tower_gateway::forward::Forward;
 
-const GATEWAY_KEY: &str = "gw-bench-0123456789abcdef0123456789abcdef";
-const UPSTREAM_AUTHORIZATION: &str = "Bearer wandb-0123456789abcdef";
-
 const PROXY_CORE: usize = 0;
 const LOAD_CORE: usize = 1;
-
-/// What every client sends: an OpenAI chat request.
-const REQUEST_BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Explain in two sentences why streaming responses token by token improves perceived latency."}],"stream":true,"temperature":0.7,"max_tokens":512}"#;
-/// A non-streaming completion, ~400 bytes.
-const COMPLETION: &str = r#"{"id":"chatcmpl-bench-0001","object":"chat.completion","created":1741570283,"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Streaming shows the first words as soon as they exist, so the reader starts sooner; the trade-off is more, smaller writes."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":31,"total_tokens":73}}"#;
-const DONE: &str = "data: [DONE]\n\n";
 
 const SSE_EVENTS: usize = 1_000;
 const SSE_STREAMS: usize = 64;
 const BIG_LEN: usize = 64 << 20;
 const BIG_FRAME: usize = 16 << 10;
 const CLIENTS: usize = 64;
-/// One event per paced stream every `PACE`.
-const PACE: Duration = Duration::from_millis(200);
-/// Paced streams being opened at once.
-const OPENING: usize = 256;
-/// No paced stream outlives this, whatever happens.
-const STREAM_CAP: Duration = Duration::from_secs(60);
 /// No workload runs longer than this.
 const WORKLOAD_LIMIT: Duration = Duration::from_secs(180);
 /// How long a proxy may take to start listening.
@@ -409,14 +398,6 @@ impl Kind {
             Kind::Gateway => "gateway",
         }
     }
-}
-
-type BenchClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> BenchClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(http)
 }
 
 /// A proxy process (and, for nginx, its worker), killed with its process group on drop.
@@ -738,14 +719,7 @@ fn bare_proxy(upstream: SocketAddr, forward: bool) {
     rt.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("listening on http://{}", listener.local_addr().unwrap());
-        let authority: Authority = upstream.to_string().parse().unwrap();
-        let absolute = move |mut req: Request<Incoming>| {
-            let mut parts = std::mem::take(req.uri_mut()).into_parts();
-            parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(authority.clone());
-            *req.uri_mut() = Uri::from_parts(parts).expect("origin-form URI made absolute");
-            req
-        };
+        let absolute = absolute_to(upstream);
         if forward {
             let svc =
                 RescueLayer::new().layer(MapRequest::new(Forward::<Incoming>::new(), absolute));
@@ -802,34 +776,22 @@ struct Canned {
 
 impl Canned {
     fn new() -> Self {
-        let mut sse: Vec<Bytes> = (0..SSE_EVENTS - 1)
-            .map(|i| leak(sse_event(i).into_bytes()))
-            .collect();
+        let mut sse = sse_events(SSE_EVENTS - 1);
         sse.push(Bytes::from_static(DONE.as_bytes()));
-        let frame = leak(vec![b'x'; BIG_FRAME]);
         Self {
             sse: sse.into(),
-            big: vec![frame; BIG_LEN / BIG_FRAME].into(),
+            big: big_frames(BIG_LEN, BIG_FRAME),
             completion: vec![Bytes::from_static(COMPLETION.as_bytes())].into(),
             first: vec![leak(sse_event(0).into_bytes())].into(),
             paced_event: leak(sse_event(42).into_bytes()),
         }
     }
-
-    fn len(frames: &[Bytes]) -> usize {
-        frames.iter().map(Bytes::len).sum()
-    }
 }
 
-/// An upstream response body: canned frames, one per poll, each at once (with `exact`, a
-/// `Content-Length`, otherwise chunked); or a paced stream fed by a task.
+/// An upstream response body: canned frames, or a paced stream fed by a task.
 enum UpBody {
-    Frames {
-        frames: Arc<[Bytes]>,
-        next: usize,
-        exact: bool,
-    },
-    Paced(mpsc::Receiver<Bytes>),
+    Frames(Frames),
+    Paced(Paced),
 }
 
 impl Body for UpBody {
@@ -841,32 +803,22 @@ impl Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            UpBody::Frames { frames, next, .. } => {
-                let Some(frame) = frames.get(*next).cloned() else {
-                    return Poll::Ready(None);
-                };
-                *next += 1;
-                Poll::Ready(Some(Ok(Frame::data(frame))))
-            }
-            UpBody::Paced(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
+            UpBody::Frames(body) => Pin::new(body).poll_frame(cx),
+            UpBody::Paced(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpBody::Frames { frames, next, .. } => *next >= frames.len(),
-            UpBody::Paced(_) => false,
+            UpBody::Frames(body) => body.is_end_stream(),
+            UpBody::Paced(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpBody::Frames {
-                frames,
-                next,
-                exact: true,
-            } => SizeHint::with_exact(Canned::len(&frames[*next..]) as u64),
-            _ => SizeHint::default(),
+            UpBody::Frames(body) => body.size_hint(),
+            UpBody::Paced(body) => body.size_hint(),
         }
     }
 }
@@ -878,24 +830,16 @@ async fn answer(
     mut released: watch::Receiver<u64>,
 ) -> Result<Response<UpBody>, Infallible> {
     released.borrow_and_update();
-    let (parts, mut body) = req.into_parts();
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            break;
-        }
-    }
-    let frames = |frames: &Arc<[Bytes]>, exact| UpBody::Frames {
-        frames: frames.clone(),
-        next: 0,
-        exact,
-    };
+    let (parts, body) = req.into_parts();
+    discard(body).await;
+    let frames = |frames: &Arc<[Bytes]>, exact| UpBody::Frames(Frames::new(frames.clone(), exact));
     let (body, content_type) = match parts.uri.path().rsplit('/').next() {
         Some(PATH_SSE) => (frames(&canned.sse, false), "text/event-stream"),
         Some(PATH_BIG) => (frames(&canned.big, true), "application/octet-stream"),
         Some(PATH_COMPLETION) => (frames(&canned.completion, true), "application/json"),
         Some(PATH_FIRST) => (frames(&canned.first, false), "text/event-stream"),
         Some(PATH_PACED) => (
-            paced_stream(canned.paced_event.clone(), released),
+            UpBody::Paced(Paced::new(canned.paced_event.clone(), released)),
             "text/event-stream",
         ),
         _ => {
@@ -910,101 +854,18 @@ async fn answer(
     Ok(res)
 }
 
-/// An event at once, then one every [`PACE`], until the generation in `released` changes
-/// (then `[DONE]` and the end).
-fn paced_stream(event: Bytes, mut released: watch::Receiver<u64>) -> UpBody {
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PACE);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let cap = tokio::time::sleep(STREAM_CAP);
-        tokio::pin!(cap);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if tx.send(event.clone()).await.is_err() {
-                        return;
-                    }
-                }
-                _ = released.changed() => break,
-                () = &mut cap => break,
-            }
-        }
-        let _ = tx.send(Bytes::from_static(DONE.as_bytes())).await;
-    });
-    UpBody::Paced(rx)
-}
-
-/// A loopback listener with a backlog deep enough for a burst of connects.
-fn listen() -> TcpListener {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    socket.listen(4096).unwrap()
-}
-
 async fn spawn_upstream(canned: Arc<Canned>, released: watch::Receiver<u64>) -> SocketAddr {
     let listener = listen();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let canned = canned.clone();
-            let released = released.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    answer(req, canned.clone(), released.clone())
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    serve_each(
+        listener,
+        hyper::service::service_fn(move |req| answer(req, canned.clone(), released.clone())),
+    );
     addr
 }
 
 // ---------------------------------------------------------------------------------------------
 // The clients.
-
-fn request(uri: &Uri) -> Request<Full<Bytes>> {
-    let mut req = Request::new(Full::new(Bytes::from_static(REQUEST_BODY.as_bytes())));
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = uri.clone();
-    let headers = req.headers_mut();
-    headers.insert(
-        header::AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {GATEWAY_KEY}")).unwrap(),
-    );
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    req
-}
-
-async fn send(client: &BenchClient, uri: &Uri) -> Incoming {
-    let res = client.request(request(uri)).await.expect("request failed");
-    let status = res.status();
-    if status != StatusCode::OK {
-        let body = res.into_body().collect().await.map(|b| b.to_bytes());
-        panic!("{uri}: {status}: {body:?}");
-    }
-    res.into_body()
-}
-
-/// Reads a body to its end; returns how many bytes it carried.
-async fn drain(mut body: Incoming) -> usize {
-    let mut n = 0;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("response body failed").into_data() {
-            n += data.len();
-        }
-    }
-    n
-}
 
 /// Runs `per_task` fetches of `uri` on each of `tasks` tasks and checks every body's length.
 async fn fetch_concurrently(
@@ -1014,107 +875,30 @@ async fn fetch_concurrently(
     per_task: usize,
     expected: usize,
 ) {
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let client = client.clone();
-            let uri = uri.clone();
-            tokio::spawn(async move {
-                for _ in 0..per_task {
-                    let n = drain(send(&client, &uri).await).await;
-                    assert_eq!(n, expected, "{uri}: body length");
-                }
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.unwrap();
-    }
+    harness::fetch_concurrently(client, uri, tasks, per_task, Some(expected)).await;
 }
 
 /// Time from sending the request to the first data frame; the rest is read untimed.
 async fn time_to_first_event(client: &BenchClient, uri: &Uri, expected: usize) -> Duration {
-    let req = request(uri);
-    let start = Instant::now();
-    let res = client.request(req).await.expect("request failed");
-    assert_eq!(res.status(), StatusCode::OK);
-    let mut body = res.into_body();
-    let mut n;
-    loop {
-        let frame = body
-            .frame()
-            .await
-            .expect("the stream ended before its event")
-            .expect("response body failed");
-        if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
-            n = data.len();
-            break;
-        }
-    }
-    let elapsed = start.elapsed();
-    n += drain(body).await;
+    let (elapsed, first, body) = harness::time_to_first_event(client, uri).await;
+    let n = first.len() + drain(body).await;
     assert_eq!(n, expected, "{uri}: body length");
     elapsed
 }
 
-/// One client connection, one paced streaming request; returns the body once the head is 200.
-async fn open_stream(addr: SocketAddr, uri: Uri) -> Incoming {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .expect("connect to the proxy");
-    tcp.set_nodelay(true).unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = request(&uri);
-    req.headers_mut().insert(
-        header::HOST,
-        HeaderValue::from_str(&addr.to_string()).unwrap(),
-    );
-    *req.uri_mut() = uri.path().parse().unwrap();
-    let res = sender.send_request(req).await.expect("a response head");
-    assert_eq!(res.status(), StatusCode::OK, "the stream did not open");
-    res.into_body()
-}
-
-async fn next_data(body: &mut Incoming) -> Option<Bytes> {
-    loop {
-        let frame = body.frame().await?.expect("the stream was cut");
-        if let Ok(data) = frame.into_data() {
-            return Some(data);
-        }
-    }
-}
-
-/// Opens `n` paced streams and returns once each has delivered its first event, with the
-/// tasks that read each stream to its end.
+/// Opens `n` paced streams, each on a connection of its own, and returns once each has
+/// delivered its first event, with the tasks that read each stream to its end.
 async fn open_streams(n: usize, addr: SocketAddr, uri: Uri) -> Vec<tokio::task::JoinHandle<()>> {
-    let (first_tx, mut first_rx) = mpsc::channel::<()>(n.max(1));
-    let opening = Arc::new(Semaphore::new(OPENING));
-    let streams = (0..n)
-        .map(|_| {
-            let first_tx = first_tx.clone();
-            let opening = opening.clone();
-            let uri = uri.clone();
-            tokio::spawn(async move {
-                let permit = opening.acquire_owned().await.unwrap();
-                let mut body = open_stream(addr, uri).await;
-                let first = next_data(&mut body).await.expect("a first event");
-                assert!(first.starts_with(b"data: "));
-                drop(permit);
-                first_tx.send(()).await.unwrap();
-                while next_data(&mut body).await.is_some() {}
-            })
-        })
-        .collect();
-    drop(first_tx);
-    for _ in 0..n {
-        first_rx
-            .recv()
-            .await
-            .expect("a stream failed before its first event");
-    }
-    streams
+    let make_request = move || {
+        let mut req = request(&uri);
+        req.headers_mut().insert(
+            header::HOST,
+            HeaderValue::from_str(&addr.to_string()).unwrap(),
+        );
+        *req.uri_mut() = uri.path().parse().unwrap();
+        req
+    };
+    harness::open_streams(n, addr, make_request, None).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1283,10 +1067,10 @@ impl Bench {
             .unwrap();
         let canned = Arc::new(Canned::new());
         let expected = Expected {
-            sse: Canned::len(&canned.sse),
-            big: Canned::len(&canned.big),
-            completion: Canned::len(&canned.completion),
-            first: Canned::len(&canned.first),
+            sse: frames_len(&canned.sse),
+            big: frames_len(&canned.big),
+            completion: frames_len(&canned.completion),
+            first: frames_len(&canned.first),
         };
         let (release, released) = watch::channel(0u64);
         let upstream = rt.block_on(spawn_upstream(canned, released));

@@ -12,6 +12,8 @@
 //! descriptors (client, gateway in and out, upstream): N = 10,000 needs `ulimit -n` ≥ 45,000,
 //! or run it as several smaller soaks.
 
+#[path = "../benches/support/harness.rs"]
+mod harness;
 #[path = "support/mock_upstream.rs"]
 mod mock_upstream;
 
@@ -20,15 +22,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request};
+use harness::bench_registry;
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
-use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::gateway::Gateway;
-use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 
 const GATEWAY_KEY: &str = "gw-soak-key";
 const UPSTREAM_KEY: &str = "soak-upstream-key";
@@ -74,23 +75,7 @@ async fn main() {
 
     let mock = mock_upstream::MockUpstream::new(UPSTREAM_KEY, token_delay);
     let upstream = mock.spawn().await.expect("mock upstream");
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        format!("Bearer {UPSTREAM_KEY}").parse().unwrap(),
-    );
-    let registry = Registry::from_accounts(vec![AccountSpec {
-        access: Grants {
-            users: vec![Subject::Everyone],
-            ..Grants::default()
-        },
-        endpoints: vec![EndpointSpec {
-            headers,
-            ..EndpointSpec::new("inference", format!("http://{upstream}/v1"))
-        }],
-        ..AccountSpec::new("coreweave-model")
-    }])
-    .unwrap();
+    let registry = bench_registry(upstream, format!("Bearer {UPSTREAM_KEY}").parse().unwrap());
     let keys = HashedKeyStore::new()
         .with_key(
             GATEWAY_KEY,
