@@ -6,6 +6,14 @@
 //! completes stops accepting, lets in-flight requests and streams finish within a grace
 //! period, then closes what is left.
 //!
+//! After a burst, [`serve`] also gives memory back to the system: the allocator keeps what
+//! closed connections freed (on glibc, most of it, however long the process then idles), so
+//! once at least [`RELEASE_MEMORY_AFTER`] connections have closed and at most half of the most
+//! that were open remain, it asks glibc to return its free pages (`malloc_trim`), off the
+//! runtime's worker threads, at most once per [`RELEASE_MEMORY_INTERVAL`]. A steady load never
+//! triggers it. [`ServeOptions::release_memory`] turns it off; it does nothing on other C
+//! libraries, or for memory a custom `#[global_allocator]` owns (tune that allocator instead).
+//!
 //! ```no_run
 //! use tower_gateway::gateway::Gateway;
 //!
@@ -83,6 +91,62 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request head: 30 s.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many connections must have closed since the last release before [`serve`] gives free
+/// memory back to the system: 64.
+pub const RELEASE_MEMORY_AFTER: usize = 64;
+
+/// How often [`serve`] looks at whether connections have closed, and so the most often it
+/// gives memory back: 1 s.
+pub const RELEASE_MEMORY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How [`serve_with_options`] runs: the grace period, and whether memory goes back to the
+/// system after bursts.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_gateway::server::ServeOptions;
+///
+/// let options = ServeOptions::new()
+///     .grace_period(Duration::from_secs(10))
+///     .release_memory(false);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    grace: Duration,
+    release_memory: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            grace: DEFAULT_GRACE_PERIOD,
+            release_memory: true,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// The defaults: a grace period of [`DEFAULT_GRACE_PERIOD`], memory released after bursts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long in-flight requests may run on after shutdown begins.
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Whether to give the allocator's free memory back to the system once many connections
+    /// have closed (see the [module docs](self)). On by default.
+    pub fn release_memory(mut self, release: bool) -> Self {
+        self.release_memory = release;
+        self
+    }
+}
+
 /// Serves `service` on `listener` until `shutdown` completes, then drains for
 /// [`DEFAULT_GRACE_PERIOD`].
 pub async fn serve<S, B, F>(listener: TcpListener, service: S, shutdown: F) -> io::Result<()>
@@ -96,7 +160,7 @@ where
     B::Error: Into<BoxError>,
     F: Future<Output = ()>,
 {
-    serve_with_grace(listener, service, shutdown, DEFAULT_GRACE_PERIOD).await
+    serve_with_options(listener, service, shutdown, ServeOptions::default()).await
 }
 
 /// Like [`serve`], with the grace period given.
@@ -105,6 +169,27 @@ pub async fn serve_with_grace<S, B, F>(
     service: S,
     shutdown: F,
     grace: Duration,
+) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()>,
+{
+    let options = ServeOptions::default().grace_period(grace);
+    serve_with_options(listener, service, shutdown, options).await
+}
+
+/// Like [`serve`], with [`ServeOptions`].
+pub async fn serve_with_options<S, B, F>(
+    listener: TcpListener,
+    service: S,
+    shutdown: F,
+    options: ServeOptions,
 ) -> io::Result<()>
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -129,10 +214,14 @@ where
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut release = MemoryRelease::new(options.release_memory);
+    let mut check = tokio::time::interval(RELEASE_MEMORY_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Reap finished connection tasks so the set stays as small as the open connections.
         while connections.try_join_next().is_some() {}
         tokio::select! {
+            _ = check.tick(), if release.enabled => release.check(connections.len()),
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
@@ -156,6 +245,7 @@ where
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                 });
+                release.opened(connections.len());
             }
             () = &mut shutdown => break,
         }
@@ -164,11 +254,102 @@ where
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, open = connections.len(), "grace period over; closing remaining connections");
+        () = tokio::time::sleep(options.grace) => {
+            tracing::warn!(grace = ?options.grace, open = connections.len(), "grace period over; closing remaining connections");
             connections.abort_all();
         }
     }
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// When to give free memory back: after at least [`RELEASE_MEMORY_AFTER`] connections closed
+/// and at most half of the most recently seen peak remain open.
+#[derive(Debug)]
+struct MemoryRelease {
+    enabled: bool,
+    /// The most connections open at once since the last release.
+    peak: usize,
+}
+
+impl MemoryRelease {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled: enabled && cfg!(all(target_os = "linux", target_env = "gnu")),
+            peak: 0,
+        }
+    }
+
+    fn opened(&mut self, open: usize) {
+        self.peak = self.peak.max(open);
+    }
+
+    /// Whether `open` connections, against the peak, call for a release.
+    fn due(&self, open: usize) -> bool {
+        self.peak - open.min(self.peak) >= RELEASE_MEMORY_AFTER && open <= self.peak / 2
+    }
+
+    fn check(&mut self, open: usize) {
+        if self.due(open) {
+            let closed = self.peak - open;
+            self.peak = open;
+            // malloc_trim walks every arena: keep it off the runtime's worker threads.
+            drop(tokio::task::spawn_blocking(move || {
+                let start = std::time::Instant::now();
+                release_free_memory();
+                tracing::debug!(closed, took = ?start.elapsed(), "gave free memory back to the system");
+            }));
+        }
+    }
+}
+
+/// Asks the allocator to return its free pages to the system: glibc's `malloc_trim(0)`, which
+/// also returns free pages in the middle of its heaps, not only at their top.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: malloc_trim has no preconditions; it takes the allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_release_waits_for_a_burst_to_end() {
+        let mut release = MemoryRelease {
+            enabled: true,
+            peak: 0,
+        };
+        // A steady load: connections come and go, never many fewer than the peak.
+        for open in [10, 40, 35, 50, 45] {
+            release.opened(open);
+            assert!(
+                !release.due(open),
+                "{open} open of a peak of {}",
+                release.peak
+            );
+        }
+        // A burst of 1,000 that ends: not due while more than half remain.
+        release.opened(1_000);
+        assert!(!release.due(900));
+        assert!(!release.due(501));
+        assert!(release.due(500));
+        assert!(release.due(0));
+        // Releasing resets the peak to what is open, so it is not due again at once.
+        release.check(0);
+        assert_eq!(release.peak, 0);
+        assert!(!release.due(0));
+        // Fewer than RELEASE_MEMORY_AFTER closed is never due, however small the rest.
+        release.opened(RELEASE_MEMORY_AFTER - 1);
+        assert!(!release.due(0));
+        release.opened(RELEASE_MEMORY_AFTER);
+        assert!(release.due(0));
+    }
 }
