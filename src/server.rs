@@ -2,7 +2,9 @@
 //!
 //! [`serve`] accepts connections (HTTP/1.1 and HTTP/2, `TCP_NODELAY` on every socket so a
 //! small token event is never held back by Nagle), refuses an HTTP/1.1 request without exactly
-//! one `Host` (400), serves each with hyper-util's auto connection builder (a client has 30 s to send a request head), and when `shutdown`
+//! one `Host` (400), serves each as HTTP/1.1 or, when its first bytes are the HTTP/2 preface,
+//! HTTP/2 (a client has 30 s to send a request head; a connection's task holds only its own
+//! protocol's state, which keeps an open stream's memory down), and when `shutdown`
 //! completes stops accepting, lets in-flight requests and streams finish within a grace
 //! period, then closes what is left.
 //!
@@ -32,17 +34,19 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
 use crate::BoxError;
@@ -201,17 +205,10 @@ where
     B::Error: Into<BoxError>,
     F: Future<Output = ()>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Without a timer hyper has no header-read timeout at all (slowloris).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(20));
+    let builders = Arc::new(Builders::new());
     let graceful = GracefulShutdown::new();
+    // Tells connections still waiting for their first bytes that shutdown has begun.
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(());
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut release = MemoryRelease::new(options.release_memory);
@@ -235,13 +232,36 @@ where
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "could not set TCP_NODELAY");
                 }
-                let svc = HostGuard { inner: service.clone() };
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                let svc = TowerToHyperService::new(HostGuard { inner: service.clone() });
+                let builders = Arc::clone(&builders);
+                let watcher = graceful.watcher();
+                let mut stopping = stopping_rx.clone();
                 connections.spawn(async move {
-                    if let Err(err) = conn.await {
+                    let sniffed = tokio::select! {
+                        sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff(&stream)) => sniffed,
+                        _ = stopping.changed() => return,
+                    };
+                    let io = TokioIo::new(stream);
+                    // Each protocol's connection is its own future, so an HTTP/1.1 connection's
+                    // task holds HTTP/1.1 state only; the others are boxed.
+                    let served: Result<(), BoxError> = match sniffed {
+                        Ok(Ok(Protocol::Http1)) => watcher
+                            .watch(builders.http1.serve_connection(io, svc))
+                            .await
+                            .map_err(Into::into),
+                        Ok(Ok(Protocol::Http2)) => {
+                            Box::pin(watcher.watch(builders.http2.serve_connection(io, svc)))
+                                .await
+                                .map_err(Into::into)
+                        }
+                        Ok(Ok(Protocol::Unsure)) => {
+                            Box::pin(watcher.watch(builders.auto.serve_connection(io, svc))).await
+                        }
+                        Ok(Err(err)) => Err(err.into()),
+                        // Nothing sent within the header-read timeout.
+                        Err(_) => return,
+                    };
+                    if let Err(err) = served {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                 });
@@ -252,6 +272,7 @@ where
     }
     drop(listener);
     tracing::info!("shutting down: no new connections, draining in-flight requests");
+    drop(stopping);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(options.grace) => {
@@ -261,6 +282,67 @@ where
     }
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// hyper's connection builders, shared by every connection.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// For a connection whose first bytes do not tell yet: hyper-util reads until they do.
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Self {
+        let mut http1 = http1::Builder::new();
+        // Without a timer hyper has no header-read timeout at all (slowloris).
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20));
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20));
+        Self { http1, http2, auto }
+    }
+}
+
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge: the connection preface.
+    Http2,
+    /// The start of the preface, not all of it yet.
+    Unsure,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits for a connection's first bytes and tells its protocol from them, without reading
+/// them (hyper reads them again).
+async fn sniff(stream: &TcpStream) -> io::Result<Protocol> {
+    let mut first = [0; H2_PREFACE.len()];
+    let n = stream.peek(&mut first).await?;
+    Ok(protocol_of(&first[..n]))
+}
+
+fn protocol_of(first: &[u8]) -> Protocol {
+    if first.is_empty() || !H2_PREFACE.starts_with(first) {
+        Protocol::Http1
+    } else if first.len() == H2_PREFACE.len() {
+        Protocol::Http2
+    } else {
+        Protocol::Unsure
+    }
 }
 
 /// When to give free memory back: after at least [`RELEASE_MEMORY_AFTER`] connections closed
@@ -351,5 +433,18 @@ mod tests {
         assert!(!release.due(0));
         release.opened(RELEASE_MEMORY_AFTER);
         assert!(release.due(0));
+    }
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol() {
+        assert_eq!(protocol_of(b""), Protocol::Http1);
+        assert_eq!(
+            protocol_of(b"POST /proxy-api/a/b HTTP/1.1\r\n"),
+            Protocol::Http1
+        );
+        assert_eq!(protocol_of(b"PRI * HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(protocol_of(b"P"), Protocol::Unsure);
+        assert_eq!(protocol_of(b"PRI * HTTP/2.0\r\n"), Protocol::Unsure);
+        assert_eq!(protocol_of(H2_PREFACE), Protocol::Http2);
     }
 }

@@ -646,6 +646,128 @@ async fn http2_clients_are_served_too() {
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
 
+/// The server tells HTTP/2 from HTTP/1.1 by the connection's first bytes; a client whose
+/// first packet holds only the start of the HTTP/2 preface is still served HTTP/2.
+#[tokio::test]
+async fn an_http2_preface_split_across_packets_is_still_http2() {
+    const SENT_FIRST: usize = 9; // "PRI * HTT"
+    let (_mock, gw) = mock_gateway(Duration::ZERO).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .write_all(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..SENT_FIRST])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let io = hyper_util::rt::TokioIo::new(SkipWritten {
+        inner: stream,
+        skip: SENT_FIRST,
+    });
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let res = within(
+        "h2 response",
+        send.send_request(post_json(gw.proxy_url("/chat/completions"), CHAT_STREAM)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    let text = String::from_utf8(read_to_end(&mut res.into_body()).await.unwrap()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+/// An HTTP/1.1 request whose first packet is a lone `P` (which could start the HTTP/2
+/// preface) is served as HTTP/1.1 once the rest arrives.
+#[tokio::test]
+async fn an_http1_request_that_starts_like_the_http2_preface_is_http1() {
+    let (_mock, gw) = mock_gateway(Duration::ZERO).await;
+    let request = format!(
+        "POST /proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions HTTP/1.1\r\nHost: gw\r\n\
+         Authorization: Bearer {GW_KEY}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{CHAT}",
+        CHAT.len()
+    );
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(&request.as_bytes()[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(&request.as_bytes()[1..]).await.unwrap();
+    let mut out = Vec::new();
+    within("raw response", stream.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let response = String::from_utf8_lossy(&out);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+/// A connection that has sent nothing does not hold shutdown up for the grace period.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_connections_that_sent_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tower_gateway::server::serve_with_grace(
+        listener,
+        tower_gateway::gateway::Gateway::builder().build().service(),
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(3600),
+    ));
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.send(()).unwrap();
+    within("shutdown", server).await.unwrap().unwrap();
+}
+
+/// Pretends to write the first `skip` bytes (the test sent them itself), then writes through.
+struct SkipWritten {
+    inner: TcpStream,
+    skip: usize,
+}
+
+impl tokio::io::AsyncRead for SkipWritten {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SkipWritten {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A client's `Connection` header may name hop-by-hop headers of its own, but never strip
 /// what the gateway guarantees: the injected credential and `Accept-Encoding: identity`.
 #[tokio::test]
