@@ -19,7 +19,10 @@
 //!    connections; after a 2 s settle it reads the RSS (*after*) and the gateway's open
 //!    sockets;
 //! 5. asks the gateway to call glibc's `malloc_trim(0)` and reads the RSS again: what that
-//!    gives back was free in the allocator but not returned to the system.
+//!    gives back was free in the allocator but not returned to the system. `serve` already
+//!    does this itself within a second of a burst ending
+//!    ([`ServeOptions::release_memory`](tower_gateway::server::ServeOptions::release_memory)),
+//!    so the two figures should agree.
 //!
 //! It prints, per N: the RSS before, its growth with N streams open, that growth per stream,
 //! the growth left after they closed, the share of the growth returned, the growth left after
