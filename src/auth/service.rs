@@ -124,12 +124,17 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
         return Err("Send exactly one Authorization header.");
     }
     if let Some(value) = first {
+        // `to_str` leaves visible ASCII and tabs, so ASCII trimming is all the trimming there is.
         let value = value
             .to_str()
-            .map_err(|_| "The Authorization header is malformed.")?;
-        let (scheme, token) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
+            .map_err(|_| "The Authorization header is malformed.")?
+            .trim_ascii();
+        let (scheme, token) = match value.bytes().position(|b| b == b' ') {
+            Some(space) => (&value[..space], &value[space + 1..]),
+            None => (value, ""),
+        };
         if scheme.eq_ignore_ascii_case("bearer") {
-            let token = token.trim();
+            let token = token.trim_ascii();
             return if token.is_empty() {
                 Err(
                     "The Authorization header has no key; send `Authorization: Bearer <gateway key>`.",
@@ -148,7 +153,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
             "Missing gateway API key; send `Authorization: Bearer <gateway key>` or `x-api-key`.",
         ),
         (Some(_), Some(_)) => Err("Send exactly one x-api-key header."),
-        (Some(v), None) => match v.to_str().map(str::trim) {
+        (Some(v), None) => match v.to_str().map(str::trim_ascii) {
             Ok(key) if !key.is_empty() => Ok(key),
             _ => Err("The x-api-key header is malformed."),
         },
@@ -538,5 +543,26 @@ mod tests {
         );
         assert!(credential(&h(&[])).is_err());
         assert!(credential(&h(&[("authorization", "Token k1")])).is_err());
+        // Spaces and tabs around the scheme and the key; the scheme ends at the first space.
+        assert_eq!(
+            credential(&h(&[("authorization", "\t Bearer \t k1\t ")])),
+            Ok("k1")
+        );
+        assert_eq!(
+            credential(&h(&[("authorization", "bearer  k 1")])),
+            Ok("k 1")
+        );
+        assert!(credential(&h(&[("authorization", "Bearer\tk1")])).is_err());
+        assert!(credential(&h(&[("authorization", "Bearer \t ")])).is_err());
+        assert!(credential(&h(&[("x-api-key", "\t ")])).is_err());
+        let mut raw = HeaderMap::new();
+        raw.insert(
+            AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer k\xe9").unwrap(),
+        );
+        assert_eq!(
+            credential(&raw),
+            Err("The Authorization header is malformed.")
+        );
     }
 }
