@@ -53,6 +53,7 @@
 mod path;
 mod service;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub use self::path::{PathError, ProxyPath, parse_proxy_path, rewrite, upstream_uri};
@@ -62,6 +63,23 @@ pub use self::service::{CustomEndpointRoute, CustomEndpointRouteLayer};
 pub use crate::error::ResponseFuture;
 
 use crate::registry::Endpoint;
+
+/// The upstream paths kept as static strings in [`RouteMatch::upstream_path`].
+const COMMON_PATHS: [&str; 5] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/models",
+    "/responses",
+];
+
+/// `rest` as a [`RouteMatch::upstream_path`]: borrowed if it is one of the common paths.
+pub(crate) fn upstream_path(rest: &str) -> Cow<'static, str> {
+    match COMMON_PATHS.iter().find(|common| **common == rest) {
+        Some(common) => Cow::Borrowed(common),
+        None => Cow::Owned(rest.to_owned()),
+    }
+}
 
 /// The default path prefix, `/proxy-api`.
 pub const DEFAULT_PATH_PREFIX: &str = "/proxy-api";
@@ -75,7 +93,11 @@ pub struct RouteMatch {
     /// The endpoint name.
     pub endpoint: Arc<str>,
     /// The upstream path as the client sent it (empty or starting with `/`), without the query.
-    pub upstream_path: Box<str>,
+    ///
+    /// The paths clients call most (`/chat/completions`, `/completions`, `/embeddings`,
+    /// `/models`, `/responses`) are borrowed static strings, so routing to them allocates
+    /// nothing for this field; any other path is owned.
+    pub upstream_path: Cow<'static, str>,
     /// The endpoint's configuration, from the registry snapshot the request was routed with.
     pub target: Arc<Endpoint>,
 }

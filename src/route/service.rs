@@ -7,7 +7,9 @@ use http::{Method, Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{DEFAULT_PATH_PREFIX, PathError, RouteMatch, parse_proxy_path, upstream_uri};
+use super::{
+    DEFAULT_PATH_PREFIX, PathError, RouteMatch, parse_proxy_path, upstream_path, upstream_uri,
+};
 use crate::error::{GatewayError, ResponseFuture};
 use crate::registry::{SharedRegistry, is_valid_name};
 
@@ -149,7 +151,7 @@ impl<S> CustomEndpointRoute<S> {
         let route = RouteMatch {
             account: target.account().clone(),
             endpoint: target.name().clone(),
-            upstream_path: path.rest.into(),
+            upstream_path: upstream_path(path.rest),
             target: target.clone(),
         };
         *req.uri_mut() = uri;
@@ -249,6 +251,26 @@ mod tests {
         );
         let (_, _, body) = call(Method::GET, "/proxy-api/coreweave-model/local/models").await;
         assert!(body.ends_with("http://127.0.0.1:9999/models"), "{body}");
+    }
+
+    #[test]
+    fn common_upstream_paths_are_static() {
+        use std::borrow::Cow;
+        for (rest, borrowed) in [
+            ("/chat/completions", true),
+            ("/completions", true),
+            ("/embeddings", true),
+            ("/models", true),
+            ("/responses", true),
+            ("/chat/completions/", false),
+            ("/models/llama", false),
+            ("/Models", false),
+            ("", false),
+        ] {
+            let path = upstream_path(rest);
+            assert_eq!(path, rest);
+            assert_eq!(matches!(path, Cow::Borrowed(_)), borrowed, "{rest:?}");
+        }
     }
 
     #[tokio::test]
