@@ -48,6 +48,7 @@ use http::uri::{Authority, Scheme, Uri};
 
 use crate::access::Grants;
 use crate::inject::HeaderTemplate;
+use crate::route::{COMMON_PATHS, upstream_uri};
 
 /// The parsed base URL of an endpoint: the upstream path is appended to `path`, and the
 /// scheme and authority can never change.
@@ -282,6 +283,8 @@ pub struct Endpoint {
     access: Option<Grants>,
     grants: Arc<Grants>,
     timeouts: Timeouts,
+    /// The upstream URI of each of the route's common paths, without a query.
+    common_uris: [Option<Uri>; COMMON_PATHS.len()],
     #[cfg(feature = "forward")]
     pub(crate) tls: Option<Arc<crate::forward::TlsSettings>>,
     #[cfg(feature = "forward")]
@@ -336,6 +339,11 @@ impl Endpoint {
     /// The timeouts.
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
+    }
+
+    /// The upstream URI for the `i`th of the route's common paths, without a query.
+    pub(crate) fn common_uri(&self, i: usize) -> Option<&Uri> {
+        self.common_uris.get(i)?.as_ref()
     }
 
     /// Whether the endpoint has TLS settings of its own (extra roots or a client certificate).
@@ -587,6 +595,7 @@ impl Registry {
                         v.insert(account.endpoints.len());
                     }
                 }
+                let common_uris = COMMON_PATHS.map(|path| upstream_uri(&base, path, None).ok());
                 account.endpoints.push(Arc::new(Endpoint {
                     account: account_name.clone(),
                     name,
@@ -596,6 +605,7 @@ impl Registry {
                     access: ep.access,
                     grants,
                     timeouts: ep.timeouts,
+                    common_uris,
                     #[cfg(feature = "forward")]
                     tls: ep.tls,
                     #[cfg(feature = "forward")]
@@ -719,6 +729,30 @@ impl fmt::Debug for SharedRegistry {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn endpoints_hold_the_upstream_uris_of_the_common_paths() {
+        let registry = Registry::from_accounts(vec![AccountSpec {
+            endpoints: vec![EndpointSpec::new("e", "https://api.inference.wandb.ai/v1")],
+            ..AccountSpec::new("a")
+        }])
+        .unwrap();
+        let ep = registry.endpoint("a", "e").unwrap();
+        let uris: Vec<String> = (0..COMMON_PATHS.len())
+            .map(|i| ep.common_uri(i).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            uris,
+            [
+                "https://api.inference.wandb.ai/v1/chat/completions",
+                "https://api.inference.wandb.ai/v1/completions",
+                "https://api.inference.wandb.ai/v1/embeddings",
+                "https://api.inference.wandb.ai/v1/models",
+                "https://api.inference.wandb.ai/v1/responses",
+            ]
+        );
+        assert!(ep.common_uri(COMMON_PATHS.len()).is_none());
+    }
 
     #[test]
     fn the_name_hasher_spreads_similar_names() {

@@ -64,8 +64,9 @@ pub use crate::error::ResponseFuture;
 
 use crate::registry::Endpoint;
 
-/// The upstream paths kept as static strings in [`RouteMatch::upstream_path`].
-const COMMON_PATHS: [&str; 5] = [
+/// The upstream paths clients call most. For these [`RouteMatch::upstream_path`] is a static
+/// string, and each [`Endpoint`] holds its upstream URI for them ready-made.
+pub(crate) const COMMON_PATHS: [&str; 5] = [
     "/chat/completions",
     "/completions",
     "/embeddings",
@@ -73,10 +74,15 @@ const COMMON_PATHS: [&str; 5] = [
     "/responses",
 ];
 
-/// `rest` as a [`RouteMatch::upstream_path`]: borrowed if it is one of the common paths.
-pub(crate) fn upstream_path(rest: &str) -> Cow<'static, str> {
-    match COMMON_PATHS.iter().find(|common| **common == rest) {
-        Some(common) => Cow::Borrowed(common),
+/// The index of `rest` in [`COMMON_PATHS`].
+pub(crate) fn common_path(rest: &str) -> Option<usize> {
+    COMMON_PATHS.iter().position(|common| *common == rest)
+}
+
+/// `rest` as a [`RouteMatch::upstream_path`]: borrowed if it is the common path `common`.
+pub(crate) fn upstream_path(common: Option<usize>, rest: &str) -> Cow<'static, str> {
+    match common {
+        Some(i) => Cow::Borrowed(COMMON_PATHS[i]),
         None => Cow::Owned(rest.to_owned()),
     }
 }

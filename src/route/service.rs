@@ -8,7 +8,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
-    DEFAULT_PATH_PREFIX, PathError, RouteMatch, parse_proxy_path, upstream_path, upstream_uri,
+    DEFAULT_PATH_PREFIX, PathError, RouteMatch, common_path, parse_proxy_path, upstream_path,
+    upstream_uri,
 };
 use crate::error::{GatewayError, ResponseFuture};
 use crate::registry::{SharedRegistry, is_valid_name};
@@ -153,12 +154,22 @@ impl<S> CustomEndpointRoute<S> {
                 account.name()
             ))
         })?;
-        let uri = upstream_uri(target.base(), path.rest, req.uri().query())
-            .map_err(|e| self.path_error(e))?;
+        let common = common_path(path.rest);
+        // A common path without a query has its upstream URI ready-made: a clone, where
+        // building one allocates and parses.
+        let uri = match common.filter(|_| req.uri().query().is_none()) {
+            Some(i) => target.common_uri(i).cloned(),
+            None => None,
+        };
+        let uri = match uri {
+            Some(uri) => uri,
+            None => upstream_uri(target.base(), path.rest, req.uri().query())
+                .map_err(|e| self.path_error(e))?,
+        };
         let route = RouteMatch {
             account: target.account().clone(),
             endpoint: target.name().clone(),
-            upstream_path: upstream_path(path.rest),
+            upstream_path: upstream_path(common, path.rest),
             target: target.clone(),
         };
         *req.uri_mut() = uri;
@@ -260,6 +271,49 @@ mod tests {
         assert!(body.ends_with("http://127.0.0.1:9999/models"), "{body}");
     }
 
+    #[tokio::test]
+    async fn ready_made_and_built_upstream_uris_agree() {
+        let bases = [
+            "https://api.inference.wandb.ai/v1",
+            "http://127.0.0.1:9999",
+            "http://up.example:8080/openai/deployments/gpt-4o",
+        ];
+        let registry = Registry::from_accounts(vec![AccountSpec {
+            endpoints: bases
+                .iter()
+                .enumerate()
+                .map(|(i, base)| EndpointSpec::new(format!("e{i}"), *base))
+                .collect(),
+            ..AccountSpec::new("a")
+        }])
+        .unwrap();
+        let svc = CustomEndpointRouteLayer::new(registry.into()).layer(service_fn(
+            |req: Request<Full<Bytes>>| async move {
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(req.uri().to_string())))
+            },
+        ));
+        let mut checked = 0;
+        for (i, base) in bases.iter().enumerate() {
+            let parsed = crate::registry::UpstreamBase::parse(base).unwrap();
+            let ready_made = crate::route::COMMON_PATHS.iter().copied();
+            for rest in ready_made.chain(["", "/", "/chat/completions/", "/models/x"]) {
+                for query in [None, Some(""), Some("stream=true")] {
+                    let target = match query {
+                        Some(q) => format!("/proxy-api/a/e{i}{rest}?{q}"),
+                        None => format!("/proxy-api/a/e{i}{rest}"),
+                    };
+                    let req = Request::get(&target).body(Full::default()).unwrap();
+                    let res = svc.clone().oneshot(req).await.unwrap();
+                    let body = res.into_body().collect().await.unwrap().to_bytes();
+                    let expected = upstream_uri(&parsed, rest, query).unwrap().to_string();
+                    assert_eq!(body, expected, "{target}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 3 * 9 * 3);
+    }
+
     #[test]
     fn common_upstream_paths_are_static() {
         use std::borrow::Cow;
@@ -274,7 +328,7 @@ mod tests {
             ("/Models", false),
             ("", false),
         ] {
-            let path = upstream_path(rest);
+            let path = upstream_path(common_path(rest), rest);
             assert_eq!(path, rest);
             assert_eq!(matches!(path, Cow::Borrowed(_)), borrowed, "{rest:?}");
         }
