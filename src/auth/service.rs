@@ -216,10 +216,14 @@ where
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
         ResponseFuture {
+            // Boxed, so that the future of a store that answers at once, the common case,
+            // does not carry room for a request and a service it never holds.
             state: State::Lookup {
-                lookup,
-                inner: Some(inner),
-                req: Some(req),
+                pending: Box::pin(Pending {
+                    lookup,
+                    inner: Some(inner),
+                    req: Some(req),
+                }),
             },
         }
     }
@@ -243,10 +247,7 @@ pin_project! {
         S: Service<Request<ReqBody>>,
     {
         Lookup {
-            #[pin]
-            lookup: L,
-            inner: Option<S>,
-            req: Option<Request<ReqBody>>,
+            pending: Pin<Box<Pending<L, S, ReqBody>>>,
         },
         Inner {
             #[pin]
@@ -258,6 +259,17 @@ pin_project! {
         Failed {
             error: Option<BoxError>,
         },
+    }
+}
+
+pin_project! {
+    /// A lookup by a store that answers asynchronously, with what the inner call needs.
+    #[project = PendingProj]
+    struct Pending<L, S, ReqBody> {
+        #[pin]
+        lookup: L,
+        inner: Option<S>,
+        req: Option<Request<ReqBody>>,
     }
 }
 
@@ -299,24 +311,27 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Lookup { lookup, inner, req } => match ready!(lookup.poll(cx)) {
-                    Ok(Some(principal)) => {
-                        let mut req = req.take().expect("polled after completion");
-                        let mut inner = inner.take().expect("polled after completion");
-                        record_principal(&principal);
-                        req.extensions_mut().insert(principal);
-                        let future = inner.call(req);
-                        state.set(State::Inner { future });
+                StateProj::Lookup { pending } => {
+                    let PendingProj { lookup, inner, req } = pending.as_mut().project();
+                    match ready!(lookup.poll(cx)) {
+                        Ok(Some(principal)) => {
+                            let mut req = req.take().expect("polled after completion");
+                            let mut inner = inner.take().expect("polled after completion");
+                            record_principal(&principal);
+                            req.extensions_mut().insert(principal);
+                            let future = inner.call(req);
+                            state.set(State::Inner { future });
+                        }
+                        Ok(None) => {
+                            let err = GatewayError::unauthorized(INVALID_KEY);
+                            return Poll::Ready(Ok(err.into_response()));
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "key store lookup failed");
+                            return Poll::Ready(Err(KeyStoreUnavailable::new().into()));
+                        }
                     }
-                    Ok(None) => {
-                        let err = GatewayError::unauthorized(INVALID_KEY);
-                        return Poll::Ready(Ok(err.into_response()));
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "key store lookup failed");
-                        return Poll::Ready(Err(KeyStoreUnavailable::new().into()));
-                    }
-                },
+                }
                 StateProj::Inner { future } => return future.poll(cx).map_err(Into::into),
                 StateProj::Reject { response } => {
                     return Poll::Ready(Ok(response.take().expect("polled after completion")));
