@@ -436,15 +436,18 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let kind = match self.failed.take() {
-            Some(err) => RescueKind::Failed {
-                response: Some(err.into_response()),
-            },
-            None => RescueKind::Inner {
-                future: self.inner.call(req),
-            },
-        };
-        RescueFuture { kind }
+        // The inner future is built where it stays, not moved through a temporary.
+        if self.failed.is_none() {
+            return RescueFuture {
+                kind: RescueKind::Inner {
+                    future: self.inner.call(req),
+                },
+            };
+        }
+        let response = self.failed.take().map(GatewayError::into_response);
+        RescueFuture {
+            kind: RescueKind::Failed { response },
+        }
     }
 }
 

@@ -301,11 +301,16 @@ impl<S> InjectHeaders<S> {
 
 /// Replaces, in `target`, every header named in `injected` with the injected values.
 fn apply(target: &mut HeaderMap, injected: &HeaderMap) {
-    for name in injected.keys() {
-        target.remove(name);
-    }
+    // A name's values come one after another: the first replaces whatever the client sent,
+    // the others join it.
+    let mut last: Option<&HeaderName> = None;
     for (name, value) in injected {
-        target.append(name.clone(), value.clone());
+        if last == Some(name) {
+            target.append(name.clone(), value.clone());
+        } else {
+            target.insert(name.clone(), value.clone());
+            last = Some(name);
+        }
     }
 }
 
@@ -444,6 +449,36 @@ mod tests {
             .body(Full::default())
             .unwrap();
         assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+    }
+
+    #[tokio::test]
+    async fn every_injected_value_replaces_every_client_value() {
+        let mut injected = map(&[("authorization", "Bearer up"), ("x-b", "b1")]);
+        injected.append("x-multi", HeaderValue::from_static("m1"));
+        injected.append("x-multi", HeaderValue::from_static("m2"));
+        injected.append("x-b", HeaderValue::from_static("b2"));
+        let svc = InjectHeaders::fixed(
+            service_fn(|req: Request<Full<Bytes>>| async move {
+                let h = req.headers();
+                let all = |n: &str| h.get_all(n).iter().cloned().collect::<Vec<_>>();
+                assert_eq!(all("authorization"), ["Bearer up"]);
+                assert_eq!(all("x-multi"), ["m1", "m2"]);
+                assert_eq!(all("x-b"), ["b1", "b2"]);
+                assert_eq!(all("x-client"), ["kept"]);
+                assert_eq!(h.len(), 6);
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+            }),
+            injected,
+        );
+        let req = Request::get("/")
+            .header("x-multi", "client-1")
+            .header("authorization", "Bearer client")
+            .header("x-multi", "client-2")
+            .header("x-b", "client")
+            .header("x-client", "kept")
+            .body(Full::default())
+            .unwrap();
+        svc.oneshot(req).await.unwrap();
     }
 
     #[tokio::test]

@@ -36,6 +36,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 #[cfg(feature = "forward")]
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,7 @@ use http::uri::{Authority, Scheme, Uri};
 
 use crate::access::Grants;
 use crate::inject::HeaderTemplate;
+use crate::route::{COMMON_PATHS, upstream_uri};
 
 /// The parsed base URL of an endpoint: the upstream path is appended to `path`, and the
 /// scheme and authority can never change.
@@ -281,6 +283,8 @@ pub struct Endpoint {
     access: Option<Grants>,
     grants: Arc<Grants>,
     timeouts: Timeouts,
+    /// The upstream URI of each of the route's common paths, without a query.
+    common_uris: [Option<Uri>; COMMON_PATHS.len()],
     #[cfg(feature = "forward")]
     pub(crate) tls: Option<Arc<crate::forward::TlsSettings>>,
     #[cfg(feature = "forward")]
@@ -337,6 +341,11 @@ impl Endpoint {
         self.timeouts
     }
 
+    /// The upstream URI for the `i`th of the route's common paths, without a query.
+    pub(crate) fn common_uri(&self, i: usize) -> Option<&Uri> {
+        self.common_uris.get(i)?.as_ref()
+    }
+
     /// Whether the endpoint has TLS settings of its own (extra roots or a client certificate).
     pub fn has_tls(&self) -> bool {
         #[cfg(feature = "forward")]
@@ -360,6 +369,48 @@ impl fmt::Debug for Endpoint {
     }
 }
 
+/// Account and endpoint names to their index, hashed with [`NameHasher`].
+type NameMap = HashMap<Arc<str>, usize, BuildHasherDefault<NameHasher>>;
+
+/// A multiply-rotate hasher (FxHash's) for the name maps, several times cheaper than SipHash
+/// on a short name, and every request looks up two.
+///
+/// SipHash's random key guards a map whose keys an attacker chooses. Here the keys come from
+/// the configuration; a client only looks names up, and a lookup probes no further than the
+/// configured names' own collisions, whatever name it asks for.
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl NameHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.add(u64::from_le_bytes(word.try_into().expect("8 bytes")));
+        }
+        let tail = words.remainder();
+        if !tail.is_empty() {
+            let mut word = [0; 8];
+            word[..tail.len()].copy_from_slice(tail);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn finish(&self) -> u64 {
+        // The multiplication leaves its best bits on top; the table indexes by the low ones.
+        self.0.rotate_left(26)
+    }
+}
+
 /// A compiled account.
 #[derive(Debug)]
 pub struct Account {
@@ -367,7 +418,7 @@ pub struct Account {
     access: Grants,
     header_names: Vec<HeaderName>,
     endpoints: Vec<Arc<Endpoint>>,
-    by_name: HashMap<Arc<str>, usize>,
+    by_name: NameMap,
 }
 
 impl Account {
@@ -401,7 +452,7 @@ impl Account {
 #[derive(Debug, Default)]
 pub struct Registry {
     accounts: Vec<Account>,
-    by_name: HashMap<Arc<str>, usize>,
+    by_name: NameMap,
     specs: Vec<AccountSpec>,
 }
 
@@ -469,7 +520,10 @@ impl Registry {
                 access: spec.access,
                 header_names: spec.header_auth.keys().cloned().collect(),
                 endpoints: Vec::with_capacity(spec.endpoints.len()),
-                by_name: HashMap::with_capacity(spec.endpoints.len()),
+                by_name: NameMap::with_capacity_and_hasher(
+                    spec.endpoints.len(),
+                    Default::default(),
+                ),
             };
             for (j, ep) in spec.endpoints.into_iter().enumerate() {
                 let field = format!("{field}.endpoints[{j}]");
@@ -541,6 +595,7 @@ impl Registry {
                         v.insert(account.endpoints.len());
                     }
                 }
+                let common_uris = COMMON_PATHS.map(|path| upstream_uri(&base, path, None).ok());
                 account.endpoints.push(Arc::new(Endpoint {
                     account: account_name.clone(),
                     name,
@@ -550,6 +605,7 @@ impl Registry {
                     access: ep.access,
                     grants,
                     timeouts: ep.timeouts,
+                    common_uris,
                     #[cfg(feature = "forward")]
                     tls: ep.tls,
                     #[cfg(feature = "forward")]
@@ -673,6 +729,51 @@ impl fmt::Debug for SharedRegistry {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn endpoints_hold_the_upstream_uris_of_the_common_paths() {
+        let registry = Registry::from_accounts(vec![AccountSpec {
+            endpoints: vec![EndpointSpec::new("e", "https://api.inference.wandb.ai/v1")],
+            ..AccountSpec::new("a")
+        }])
+        .unwrap();
+        let ep = registry.endpoint("a", "e").unwrap();
+        let uris: Vec<String> = (0..COMMON_PATHS.len())
+            .map(|i| ep.common_uri(i).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            uris,
+            [
+                "https://api.inference.wandb.ai/v1/chat/completions",
+                "https://api.inference.wandb.ai/v1/completions",
+                "https://api.inference.wandb.ai/v1/embeddings",
+                "https://api.inference.wandb.ai/v1/models",
+                "https://api.inference.wandb.ai/v1/responses",
+            ]
+        );
+        assert!(ep.common_uri(COMMON_PATHS.len()).is_none());
+    }
+
+    #[test]
+    fn the_name_hasher_spreads_similar_names() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<NameHasher>::default();
+        let names: Vec<String> = (0..4096)
+            .flat_map(|i| {
+                [
+                    format!("account-{i}"),
+                    format!("endpoint{i}"),
+                    format!("{i}"),
+                ]
+            })
+            .collect();
+        let hashes: std::collections::HashSet<u64> =
+            names.iter().map(|n| build.hash_one(n.as_str())).collect();
+        assert_eq!(hashes.len(), names.len());
+        // The low bits pick the bucket: they must differ too.
+        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 0xfff).collect();
+        assert!(low.len() > 3000, "{} distinct low bits", low.len());
+    }
 
     #[test]
     fn base_urls() {

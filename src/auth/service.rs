@@ -124,12 +124,17 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
         return Err("Send exactly one Authorization header.");
     }
     if let Some(value) = first {
+        // `to_str` leaves visible ASCII and tabs, so ASCII trimming is all the trimming there is.
         let value = value
             .to_str()
-            .map_err(|_| "The Authorization header is malformed.")?;
-        let (scheme, token) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
+            .map_err(|_| "The Authorization header is malformed.")?
+            .trim_ascii();
+        let (scheme, token) = match value.bytes().position(|b| b == b' ') {
+            Some(space) => (&value[..space], &value[space + 1..]),
+            None => (value, ""),
+        };
         if scheme.eq_ignore_ascii_case("bearer") {
-            let token = token.trim();
+            let token = token.trim_ascii();
             return if token.is_empty() {
                 Err(
                     "The Authorization header has no key; send `Authorization: Bearer <gateway key>`.",
@@ -148,7 +153,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
             "Missing gateway API key; send `Authorization: Bearer <gateway key>` or `x-api-key`.",
         ),
         (Some(_), Some(_)) => Err("Send exactly one x-api-key header."),
-        (Some(v), None) => match v.to_str().map(str::trim) {
+        (Some(v), None) => match v.to_str().map(str::trim_ascii) {
             Ok(key) if !key.is_empty() => Ok(key),
             _ => Err("The x-api-key header is malformed."),
         },
@@ -158,9 +163,13 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
 /// Removes every header that can carry a client credential.
 fn strip_credentials(headers: &mut HeaderMap) {
     headers.remove(AUTHORIZATION);
-    headers.remove(PROXY_AUTHORIZATION);
-    headers.remove(X_API_KEY);
-    headers.remove(API_KEY);
+    // The others are rare: one look over the names is cheaper than three lookups that miss.
+    let others = [PROXY_AUTHORIZATION, X_API_KEY, API_KEY];
+    if headers.keys().any(|name| others.contains(name)) {
+        for name in others {
+            headers.remove(name);
+        }
+    }
 }
 
 impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for GatewayAuth<S, K>
@@ -207,10 +216,14 @@ where
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
         ResponseFuture {
+            // Boxed, so that the future of a store that answers at once, the common case,
+            // does not carry room for a request and a service it never holds.
             state: State::Lookup {
-                lookup,
-                inner: Some(inner),
-                req: Some(req),
+                pending: Box::pin(Pending {
+                    lookup,
+                    inner: Some(inner),
+                    req: Some(req),
+                }),
             },
         }
     }
@@ -234,10 +247,7 @@ pin_project! {
         S: Service<Request<ReqBody>>,
     {
         Lookup {
-            #[pin]
-            lookup: L,
-            inner: Option<S>,
-            req: Option<Request<ReqBody>>,
+            pending: Pin<Box<Pending<L, S, ReqBody>>>,
         },
         Inner {
             #[pin]
@@ -249,6 +259,17 @@ pin_project! {
         Failed {
             error: Option<BoxError>,
         },
+    }
+}
+
+pin_project! {
+    /// A lookup by a store that answers asynchronously, with what the inner call needs.
+    #[project = PendingProj]
+    struct Pending<L, S, ReqBody> {
+        #[pin]
+        lookup: L,
+        inner: Option<S>,
+        req: Option<Request<ReqBody>>,
     }
 }
 
@@ -290,24 +311,27 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Lookup { lookup, inner, req } => match ready!(lookup.poll(cx)) {
-                    Ok(Some(principal)) => {
-                        let mut req = req.take().expect("polled after completion");
-                        let mut inner = inner.take().expect("polled after completion");
-                        record_principal(&principal);
-                        req.extensions_mut().insert(principal);
-                        let future = inner.call(req);
-                        state.set(State::Inner { future });
+                StateProj::Lookup { pending } => {
+                    let PendingProj { lookup, inner, req } = pending.as_mut().project();
+                    match ready!(lookup.poll(cx)) {
+                        Ok(Some(principal)) => {
+                            let mut req = req.take().expect("polled after completion");
+                            let mut inner = inner.take().expect("polled after completion");
+                            record_principal(&principal);
+                            req.extensions_mut().insert(principal);
+                            let future = inner.call(req);
+                            state.set(State::Inner { future });
+                        }
+                        Ok(None) => {
+                            let err = GatewayError::unauthorized(INVALID_KEY);
+                            return Poll::Ready(Ok(err.into_response()));
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "key store lookup failed");
+                            return Poll::Ready(Err(KeyStoreUnavailable::new().into()));
+                        }
                     }
-                    Ok(None) => {
-                        let err = GatewayError::unauthorized(INVALID_KEY);
-                        return Poll::Ready(Ok(err.into_response()));
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "key store lookup failed");
-                        return Poll::Ready(Err(KeyStoreUnavailable::new().into()));
-                    }
-                },
+                }
                 StateProj::Inner { future } => return future.poll(cx).map_err(Into::into),
                 StateProj::Reject { response } => {
                     return Poll::Ready(Ok(response.take().expect("polled after completion")));
@@ -382,6 +406,16 @@ mod tests {
                 ("proxy-authorization", "Basic Zm9v"),
                 ("api-key", "azure-style"),
                 ("x-api-key", "other"),
+            ],
+            &[
+                ("authorization", "Bearer gw-alice-key"),
+                ("api-key", "one"),
+                ("api-key", "two"),
+            ],
+            &[
+                ("x-client", "kept"),
+                ("authorization", "Bearer gw-alice-key"),
+                ("proxy-authorization", "Basic Zm9v"),
             ],
         ];
         for headers in cases {
@@ -538,5 +572,26 @@ mod tests {
         );
         assert!(credential(&h(&[])).is_err());
         assert!(credential(&h(&[("authorization", "Token k1")])).is_err());
+        // Spaces and tabs around the scheme and the key; the scheme ends at the first space.
+        assert_eq!(
+            credential(&h(&[("authorization", "\t Bearer \t k1\t ")])),
+            Ok("k1")
+        );
+        assert_eq!(
+            credential(&h(&[("authorization", "bearer  k 1")])),
+            Ok("k 1")
+        );
+        assert!(credential(&h(&[("authorization", "Bearer\tk1")])).is_err());
+        assert!(credential(&h(&[("authorization", "Bearer \t ")])).is_err());
+        assert!(credential(&h(&[("x-api-key", "\t ")])).is_err());
+        let mut raw = HeaderMap::new();
+        raw.insert(
+            AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer k\xe9").unwrap(),
+        );
+        assert_eq!(
+            credential(&raw),
+            Err("The Authorization header is malformed.")
+        );
     }
 }

@@ -53,6 +53,7 @@
 mod path;
 mod service;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub use self::path::{PathError, ProxyPath, parse_proxy_path, rewrite, upstream_uri};
@@ -62,6 +63,29 @@ pub use self::service::{CustomEndpointRoute, CustomEndpointRouteLayer};
 pub use crate::error::ResponseFuture;
 
 use crate::registry::Endpoint;
+
+/// The upstream paths clients call most. For these [`RouteMatch::upstream_path`] is a static
+/// string, and each [`Endpoint`] holds its upstream URI for them ready-made.
+pub(crate) const COMMON_PATHS: [&str; 5] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/models",
+    "/responses",
+];
+
+/// The index of `rest` in [`COMMON_PATHS`].
+pub(crate) fn common_path(rest: &str) -> Option<usize> {
+    COMMON_PATHS.iter().position(|common| *common == rest)
+}
+
+/// `rest` as a [`RouteMatch::upstream_path`]: borrowed if it is the common path `common`.
+pub(crate) fn upstream_path(common: Option<usize>, rest: &str) -> Cow<'static, str> {
+    match common {
+        Some(i) => Cow::Borrowed(COMMON_PATHS[i]),
+        None => Cow::Owned(rest.to_owned()),
+    }
+}
 
 /// The default path prefix, `/proxy-api`.
 pub const DEFAULT_PATH_PREFIX: &str = "/proxy-api";
@@ -75,7 +99,11 @@ pub struct RouteMatch {
     /// The endpoint name.
     pub endpoint: Arc<str>,
     /// The upstream path as the client sent it (empty or starting with `/`), without the query.
-    pub upstream_path: Box<str>,
+    ///
+    /// The paths clients call most (`/chat/completions`, `/completions`, `/embeddings`,
+    /// `/models`, `/responses`) are borrowed static strings, so routing to them allocates
+    /// nothing for this field; any other path is owned.
+    pub upstream_path: Cow<'static, str>,
     /// The endpoint's configuration, from the registry snapshot the request was routed with.
     pub target: Arc<Endpoint>,
 }

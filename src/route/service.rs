@@ -7,23 +7,35 @@ use http::{Method, Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{DEFAULT_PATH_PREFIX, PathError, RouteMatch, parse_proxy_path, upstream_uri};
+use super::{
+    DEFAULT_PATH_PREFIX, PathError, RouteMatch, common_path, parse_proxy_path, upstream_path,
+    upstream_uri,
+};
 use crate::error::{GatewayError, ResponseFuture};
 use crate::registry::{SharedRegistry, is_valid_name};
 
 /// Layer that applies [`CustomEndpointRoute`]. See the [module docs](super) for an example.
 #[derive(Clone, Debug)]
 pub struct CustomEndpointRouteLayer {
+    config: Arc<Config>,
+}
+
+/// What a [`CustomEndpointRoute`] routes with, behind one `Arc`: the service is cloned per
+/// request, and one reference count is cheaper than two.
+#[derive(Clone, Debug)]
+struct Config {
     registry: SharedRegistry,
-    prefix: Arc<str>,
+    prefix: Box<str>,
 }
 
 impl CustomEndpointRouteLayer {
     /// Routes under [`DEFAULT_PATH_PREFIX`] (`/proxy-api`) to the endpoints of `registry`.
     pub fn new(registry: SharedRegistry) -> Self {
         Self {
-            registry,
-            prefix: DEFAULT_PATH_PREFIX.into(),
+            config: Arc::new(Config {
+                registry,
+                prefix: DEFAULT_PATH_PREFIX.into(),
+            }),
         }
     }
 
@@ -38,7 +50,7 @@ impl CustomEndpointRouteLayer {
             is_valid_prefix(prefix),
             "a path prefix is empty or starts with `/` and does not end with `/`"
         );
-        self.prefix = prefix.into();
+        Arc::make_mut(&mut self.config).prefix = prefix.into();
         self
     }
 }
@@ -57,8 +69,7 @@ impl<S> Layer<S> for CustomEndpointRouteLayer {
     fn layer(&self, inner: S) -> Self::Service {
         CustomEndpointRoute {
             inner,
-            registry: self.registry.clone(),
-            prefix: self.prefix.clone(),
+            config: self.config.clone(),
         }
     }
 }
@@ -69,8 +80,7 @@ impl<S> Layer<S> for CustomEndpointRouteLayer {
 #[derive(Clone)]
 pub struct CustomEndpointRoute<S> {
     inner: S,
-    registry: SharedRegistry,
-    prefix: Arc<str>,
+    config: Arc<Config>,
 }
 
 impl<S> CustomEndpointRoute<S> {
@@ -104,7 +114,7 @@ impl<S: fmt::Debug> fmt::Debug for CustomEndpointRoute<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CustomEndpointRoute")
             .field("inner", &self.inner)
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.config.prefix)
             .finish_non_exhaustive()
     }
 }
@@ -114,7 +124,7 @@ impl<S> CustomEndpointRoute<S> {
         match e.status() {
             StatusCode::NOT_FOUND => GatewayError::not_found(format!(
                 "No route: use {}/{{providerAccountName}}/{{endpointName}}/{{path}}.",
-                self.prefix
+                self.config.prefix
             )),
             StatusCode::URI_TOO_LONG => {
                 GatewayError::new(StatusCode::URI_TOO_LONG, "uri_too_long", e.message())
@@ -130,9 +140,9 @@ impl<S> CustomEndpointRoute<S> {
                 req.method()
             )));
         }
-        let path =
-            parse_proxy_path(&self.prefix, req.uri().path()).map_err(|e| self.path_error(e))?;
-        let registry = self.registry.load();
+        let path = parse_proxy_path(&self.config.prefix, req.uri().path())
+            .map_err(|e| self.path_error(e))?;
+        let registry = self.config.registry.load();
         // Error messages name only what the registry knows: a client that pasted a key into
         // the path must not get it echoed back.
         let account = registry
@@ -144,12 +154,22 @@ impl<S> CustomEndpointRoute<S> {
                 account.name()
             ))
         })?;
-        let uri = upstream_uri(target.base(), path.rest, req.uri().query())
-            .map_err(|e| self.path_error(e))?;
+        let common = common_path(path.rest);
+        // A common path without a query has its upstream URI ready-made: a clone, where
+        // building one allocates and parses.
+        let uri = match common.filter(|_| req.uri().query().is_none()) {
+            Some(i) => target.common_uri(i).cloned(),
+            None => None,
+        };
+        let uri = match uri {
+            Some(uri) => uri,
+            None => upstream_uri(target.base(), path.rest, req.uri().query())
+                .map_err(|e| self.path_error(e))?,
+        };
         let route = RouteMatch {
             account: target.account().clone(),
             endpoint: target.name().clone(),
-            upstream_path: path.rest.into(),
+            upstream_path: upstream_path(common, path.rest),
             target: target.clone(),
         };
         *req.uri_mut() = uri;
@@ -249,6 +269,69 @@ mod tests {
         );
         let (_, _, body) = call(Method::GET, "/proxy-api/coreweave-model/local/models").await;
         assert!(body.ends_with("http://127.0.0.1:9999/models"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn ready_made_and_built_upstream_uris_agree() {
+        let bases = [
+            "https://api.inference.wandb.ai/v1",
+            "http://127.0.0.1:9999",
+            "http://up.example:8080/openai/deployments/gpt-4o",
+        ];
+        let registry = Registry::from_accounts(vec![AccountSpec {
+            endpoints: bases
+                .iter()
+                .enumerate()
+                .map(|(i, base)| EndpointSpec::new(format!("e{i}"), *base))
+                .collect(),
+            ..AccountSpec::new("a")
+        }])
+        .unwrap();
+        let svc = CustomEndpointRouteLayer::new(registry.into()).layer(service_fn(
+            |req: Request<Full<Bytes>>| async move {
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(req.uri().to_string())))
+            },
+        ));
+        let mut checked = 0;
+        for (i, base) in bases.iter().enumerate() {
+            let parsed = crate::registry::UpstreamBase::parse(base).unwrap();
+            let ready_made = crate::route::COMMON_PATHS.iter().copied();
+            for rest in ready_made.chain(["", "/", "/chat/completions/", "/models/x"]) {
+                for query in [None, Some(""), Some("stream=true")] {
+                    let target = match query {
+                        Some(q) => format!("/proxy-api/a/e{i}{rest}?{q}"),
+                        None => format!("/proxy-api/a/e{i}{rest}"),
+                    };
+                    let req = Request::get(&target).body(Full::default()).unwrap();
+                    let res = svc.clone().oneshot(req).await.unwrap();
+                    let body = res.into_body().collect().await.unwrap().to_bytes();
+                    let expected = upstream_uri(&parsed, rest, query).unwrap().to_string();
+                    assert_eq!(body, expected, "{target}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 3 * 9 * 3);
+    }
+
+    #[test]
+    fn common_upstream_paths_are_static() {
+        use std::borrow::Cow;
+        for (rest, borrowed) in [
+            ("/chat/completions", true),
+            ("/completions", true),
+            ("/embeddings", true),
+            ("/models", true),
+            ("/responses", true),
+            ("/chat/completions/", false),
+            ("/models/llama", false),
+            ("/Models", false),
+            ("", false),
+        ] {
+            let path = upstream_path(common_path(rest), rest);
+            assert_eq!(path, rest);
+            assert_eq!(matches!(path, Cow::Borrowed(_)), borrowed, "{rest:?}");
+        }
     }
 
     #[tokio::test]
