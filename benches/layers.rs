@@ -4,6 +4,13 @@
 //! OpenAI SDK sends, a JSON body) with an inner `service_fn` that answers at once; the `bare`
 //! arm is that service alone, so each arm's extra time over `bare` is the layer's own cost.
 //!
+//! The `telemetry` group measures what the gateway runs on top of those five layers: the
+//! usage tap (between routing and injection, reading a JSON completion's `model` and `usage`)
+//! and the trace layers (request id, `gateway.request` span, id propagation), with no
+//! subscriber and no metrics recorder installed, as in production at `RUST_LOG=warn`. Its
+//! baseline is the five-layer stack, and every arm there reads the response body to its end,
+//! where the tap and the span finish.
+//!
 //! ```text
 //! cargo bench --bench layers
 //! ```
@@ -17,9 +24,9 @@ mod harness;
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
-use harness::{GATEWAY_KEY, UPSTREAM_AUTHORIZATION, bench_keys};
+use harness::{COMPLETION, GATEWAY_KEY, UPSTREAM_AUTHORIZATION, bench_keys};
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_gateway::auth::{GatewayAuthLayer, HashedKeyStore};
 use tower_gateway::encoding::IdentityEncodingLayer;
@@ -27,6 +34,8 @@ use tower_gateway::error::RescueLayer;
 use tower_gateway::inject::InjectHeadersLayer;
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry, SharedRegistry};
 use tower_gateway::route::CustomEndpointRouteLayer;
+use tower_gateway::trace::{self, AcceptRequestIdLayer, UpstreamRequestIdLayer};
+use tower_gateway::usage::UsageTapLayer;
 
 const BODY: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant. Answer briefly and cite sources where you can."},{"role":"user","content":"Explain in two sentences why streaming responses token by token improves perceived latency for chat applications, and name one trade-off."}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"max_tokens":512}"#;
 
@@ -138,5 +147,86 @@ fn layers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, layers);
+/// The inner service of the `telemetry` group: answers a non-streaming chat completion.
+fn completion<B>()
+-> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone {
+    service_fn(|req: Request<B>| async move {
+        black_box(&req);
+        let mut res = Response::new(Full::from(COMPLETION));
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok::<_, Infallible>(res)
+    })
+}
+
+/// Like [`run`], but reads the response body to its end inside the measurement.
+fn run_to_end<S, B>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    svc: S,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.iter_batched(
+            request,
+            |req| {
+                let res = svc
+                    .clone()
+                    .oneshot(req)
+                    .now_or_never()
+                    .expect("ready at once")
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                let body = res
+                    .into_body()
+                    .collect()
+                    .now_or_never()
+                    .expect("a body that is all there")
+                    .unwrap();
+                black_box(body.to_bytes().len())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn telemetry(c: &mut Criterion) {
+    let mut g = c.benchmark_group("telemetry");
+    let stack = |tap: Option<UsageTapLayer>| {
+        let inner = InjectHeadersLayer::from_route()
+            .layer(IdentityEncodingLayer::new().layer(completion()));
+        let tapped = tap.map_or_else(
+            || UsageTapLayer::disabled().layer(inner.clone()),
+            |tap| tap.layer(inner.clone()),
+        );
+        RescueLayer::new().layer(
+            GatewayAuthLayer::new(keys())
+                .layer(CustomEndpointRouteLayer::new(registry()).layer(tapped)),
+        )
+    };
+    let traced = |svc| {
+        let svc = UpstreamRequestIdLayer::new().layer(svc);
+        let svc = trace::propagate_request_id().layer(svc);
+        let svc = trace::layer("proxy", true).layer(svc);
+        let svc = trace::set_request_id().layer(svc);
+        AcceptRequestIdLayer::new().layer(svc)
+    };
+    run_to_end(&mut g, "five_layers", stack(None));
+    run_to_end(&mut g, "five_layers+tap", stack(Some(UsageTapLayer::new())));
+    run_to_end(&mut g, "five_layers+trace", traced(stack(None)));
+    run_to_end(
+        &mut g,
+        "five_layers+tap+trace",
+        traced(stack(Some(UsageTapLayer::new()))),
+    );
+    g.finish();
+}
+
+criterion_group!(benches, layers, telemetry);
 criterion_main!(benches);
