@@ -294,22 +294,23 @@ struct Builders {
 
 impl Builders {
     fn new() -> Self {
+        // The same settings on each builder. Without a timer hyper has no header-read timeout
+        // at all (slowloris).
         let mut http1 = http1::Builder::new();
-        // Without a timer hyper has no header-read timeout at all (slowloris).
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20));
+            .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL);
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
         auto.http2()
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20));
+            .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL);
         Self { http1, http2, auto }
     }
 }
@@ -323,6 +324,9 @@ enum Protocol {
     /// The start of the preface, not all of it yet.
     Unsure,
 }
+
+/// How often an HTTP/2 connection pings its client: 20 s.
+const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -368,7 +372,7 @@ impl MemoryRelease {
 
     /// Whether `open` connections, against the peak, call for a release.
     fn due(&self, open: usize) -> bool {
-        self.peak - open.min(self.peak) >= RELEASE_MEMORY_AFTER && open <= self.peak / 2
+        self.peak.saturating_sub(open) >= RELEASE_MEMORY_AFTER && open <= self.peak / 2
     }
 
     fn check(&mut self, open: usize) {

@@ -723,6 +723,34 @@ async fn shutdown_does_not_wait_for_connections_that_sent_nothing() {
     within("shutdown", server).await.unwrap().unwrap();
 }
 
+/// A connection that sends nothing, or stops halfway through its request head, is closed once
+/// the header-read timeout has passed (slowloris). Time is paused, so the 30 s pass at once.
+#[tokio::test(start_paused = true)]
+async fn a_silent_or_stalled_connection_is_closed_after_the_header_timeout() {
+    use tower_gateway::server::HEADER_READ_TIMEOUT;
+    let (_mock, gw) = mock_gateway(Duration::ZERO).await;
+    for sent in [&b""[..], b"POST /proxy-api/a/b HTTP/1.1\r\nHost: gw\r\n"] {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(sent).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        // Ends (EOF or reset) only when the gateway closes the connection.
+        let closed =
+            tokio::time::timeout(2 * HEADER_READ_TIMEOUT, stream.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "still open having sent {sent:?}");
+        assert!(
+            start.elapsed() >= HEADER_READ_TIMEOUT,
+            "closed after {:?} having sent {sent:?}",
+            start.elapsed()
+        );
+        assert!(
+            out.is_empty() || String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+}
+
 /// Pretends to write the first `skip` bytes (the test sent them itself), then writes through.
 struct SkipWritten {
     inner: TcpStream,
