@@ -135,12 +135,7 @@ async fn the_offline_demo_serves_and_drains_streams_on_sigterm() {
         "{printed}"
     );
 
-    let req = Request::post(format!("{base}/chat/completions"))
-        .header("authorization", "Bearer gw-demo-key")
-        .header("content-type", "application/json")
-        .body(Full::<Bytes>::from(STREAM))
-        .unwrap();
-    let res = within("demo response", client().request(req))
+    let res = within("demo response", client().request(stream_request(&base)))
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
@@ -176,12 +171,7 @@ async fn a_streamed_call_through_the_demo_logs_one_span_and_one_usage_record() {
         all
     });
     let base = format!("http://{}/proxy-api/coreweave-model/inference", demo.addr);
-    let req = Request::post(format!("{base}/chat/completions"))
-        .header("authorization", "Bearer gw-demo-key")
-        .header("content-type", "application/json")
-        .body(Full::<Bytes>::from(STREAM))
-        .unwrap();
-    let res = within("demo response", client().request(req))
+    let res = within("demo response", client().request(stream_request(&base)))
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
@@ -327,4 +317,13 @@ headers = {{ Authorization = "Bearer ${{WANDB_API_KEY}}" }}
     );
     assert!(!stderr.contains("CANARY"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A streaming chat completion with the demo's key.
+fn stream_request(base: &str) -> Request<Full<Bytes>> {
+    Request::post(format!("{base}/chat/completions"))
+        .header("authorization", "Bearer gw-demo-key")
+        .header("content-type", "application/json")
+        .body(Full::<Bytes>::from(STREAM))
+        .unwrap()
 }
