@@ -327,3 +327,33 @@ fn stream_request(base: &str) -> Request<Full<Bytes>> {
         .body(Full::<Bytes>::from(STREAM))
         .unwrap()
 }
+
+/// A wrong flag or value stops the example with exit code 2, a line naming the flag, and the
+/// usage, before anything listens.
+#[test]
+fn bad_flags_are_refused_with_the_flag_named() {
+    for (args, said) in [
+        (
+            &["--log-format", "xml"][..],
+            "--log-format needs text or json",
+        ),
+        (&["--log-format"][..], "--log-format needs text or json"),
+        (
+            &["--metrics", "not-an-address"][..],
+            "--metrics: \"not-an-address\"",
+        ),
+        (&["--metrics"][..], "--metrics needs an address"),
+        (&["--listen", "8080"][..], "--listen: \"8080\""),
+        (
+            &["--include-usage", "--bogus"][..],
+            "unknown argument \"--bogus\"",
+        ),
+    ] {
+        let out = Command::new(example_binary()).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+        assert!(stderr.contains("usage: gateway"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
+    }
+}
