@@ -129,10 +129,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
             .to_str()
             .map_err(|_| "The Authorization header is malformed.")?
             .trim_ascii();
-        let (scheme, token) = match value.bytes().position(|b| b == b' ') {
-            Some(space) => (&value[..space], &value[space + 1..]),
-            None => (value, ""),
-        };
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let token = token.trim_ascii();
             return if token.is_empty() {
