@@ -197,11 +197,9 @@ pub fn parse_proxy_path<'a>(prefix: &str, path: &'a str) -> Result<ProxyPath<'a>
     if !body.is_empty() {
         check_segments(body)?;
     }
-    let slash = |s: &str| s.bytes().position(|b| b == b'/');
-    let account_len = slash(after).ok_or(PathError::NotFound)?;
-    let (account, tail) = (&after[..account_len], &after[account_len + 1..]);
+    let (account, tail) = after.split_once('/').ok_or(PathError::NotFound)?;
     // `rest` keeps its leading slash.
-    let (endpoint, rest) = tail.split_at(slash(tail).unwrap_or(tail.len()));
+    let (endpoint, rest) = tail.split_at(tail.find('/').unwrap_or(tail.len()));
     if account.is_empty() || endpoint.is_empty() {
         return Err(PathError::NotFound);
     }
