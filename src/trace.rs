@@ -262,7 +262,8 @@ impl OnFailure<ServerErrorsFailureClass> for RecordFailure {
 /// unique in a process and unlikely to repeat across processes. Cheap: no system call.
 #[derive(Clone)]
 pub struct GatewayRequestId {
-    prefix: u64,
+    /// The random prefix, as hex digits once for all ids.
+    prefix: [u8; 16],
     counter: std::sync::Arc<AtomicU64>,
 }
 
@@ -277,8 +278,10 @@ impl GatewayRequestId {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos()),
         );
+        let mut prefix = [0; 16];
+        hex(hasher.finish(), &mut prefix);
         Self {
-            prefix: hasher.finish(),
+            prefix,
             counter: std::sync::Arc::new(AtomicU64::new(0)),
         }
     }
@@ -287,7 +290,7 @@ impl GatewayRequestId {
     pub fn next_id(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
-        hex(self.prefix, &mut buf[..16]);
+        buf[..16].copy_from_slice(&self.prefix);
         hex(n, &mut buf[16..]);
         HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
     }
