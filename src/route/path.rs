@@ -604,6 +604,20 @@ mod tests {
     }
 
     #[test]
+    fn every_plain_byte_passes_the_segment_check_whatever_it_follows() {
+        // The table against the mechanism, for all 256 bytes: a plain byte is accepted alone,
+        // after a dot (never a dot segment) and after a plain letter.
+        for b in 0..=u8::MAX {
+            if PLAIN[usize::from(b)] {
+                for seg in [&[b][..], &[b'.', b], &[b'a', b]] {
+                    assert_eq!(check_segment(seg), Ok(()), "{seg:?}");
+                }
+            }
+        }
+        assert_eq!(PLAIN.iter().filter(|&&p| p).count(), 94 - 5);
+    }
+
+    #[test]
     fn the_one_pass_check_agrees_with_the_segment_by_segment_one() {
         // Every path of up to five bytes over an alphabet of plain bytes, separators and the
         // bytes that need a closer look.
