@@ -36,10 +36,8 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
-#[cfg(feature = "forward")]
-use std::sync::OnceLock;
-use std::sync::{Arc, Mutex};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -370,16 +368,35 @@ impl fmt::Debug for Endpoint {
 }
 
 /// Account and endpoint names to their index, hashed with [`NameHasher`].
-type NameMap = HashMap<Arc<str>, usize, BuildHasherDefault<NameHasher>>;
+type NameMap = HashMap<Arc<str>, usize, NameHasherBuilder>;
 
 /// A multiply-rotate hasher (FxHash's) for the name maps, several times cheaper than SipHash
 /// on a short name, and every request looks up two.
 ///
-/// SipHash's random key guards a map whose keys an attacker chooses. Here the keys come from
-/// the configuration; a client only looks names up, and a lookup probes no further than the
-/// configured names' own collisions, whatever name it asks for.
-#[derive(Default)]
+/// A client only looks names up, and a lookup probes no further than the configured names' own
+/// collisions, whatever name it asks for. The names themselves come from the configuration or
+/// from a manager of the account (the [management API](crate::manage) adds endpoints), so the
+/// hasher starts from a random per-process seed: colliding names cannot be worked out ahead.
 struct NameHasher(u64);
+
+/// Builds [`NameHasher`]s from the per-process seed.
+#[derive(Clone, Copy)]
+struct NameHasherBuilder(u64);
+
+impl Default for NameHasherBuilder {
+    fn default() -> Self {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        Self(*SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(())))
+    }
+}
+
+impl BuildHasher for NameHasherBuilder {
+    type Hasher = NameHasher;
+
+    fn build_hasher(&self) -> NameHasher {
+        NameHasher(self.0)
+    }
+}
 
 impl NameHasher {
     fn add(&mut self, word: u64) {
@@ -755,9 +772,23 @@ mod tests {
     }
 
     #[test]
+    fn the_name_hashes_depend_on_the_seed() {
+        // Names that collide under one seed need not under another: the low bits (the bucket)
+        // of the same names differ between two seeds.
+        let (a, b) = (NameHasherBuilder(1), NameHasherBuilder(2));
+        for name in ["e", "chat", "endpoint-0123456789"] {
+            assert_ne!(a.hash_one(name) & 0xfff, b.hash_one(name) & 0xfff, "{name}");
+        }
+        assert_eq!(
+            NameHasherBuilder::default().0,
+            NameHasherBuilder::default().0,
+            "one seed per process"
+        );
+    }
+
+    #[test]
     fn the_name_hasher_spreads_similar_names() {
-        use std::hash::BuildHasher;
-        let build = BuildHasherDefault::<NameHasher>::default();
+        let build = NameHasherBuilder::default();
         let names: Vec<String> = (0..4096)
             .flat_map(|i| {
                 [

@@ -262,7 +262,8 @@ impl OnFailure<ServerErrorsFailureClass> for RecordFailure {
 /// unique in a process and unlikely to repeat across processes. Cheap: no system call.
 #[derive(Clone)]
 pub struct GatewayRequestId {
-    prefix: u64,
+    /// The random prefix, as hex digits once for all ids.
+    prefix: [u8; 16],
     counter: std::sync::Arc<AtomicU64>,
 }
 
@@ -277,8 +278,10 @@ impl GatewayRequestId {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos()),
         );
+        let mut prefix = [0; 16];
+        hex(hasher.finish(), &mut prefix);
         Self {
-            prefix: hasher.finish(),
+            prefix,
             counter: std::sync::Arc::new(AtomicU64::new(0)),
         }
     }
@@ -287,7 +290,7 @@ impl GatewayRequestId {
     pub fn next_id(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
-        hex(self.prefix, &mut buf[..16]);
+        buf[..16].copy_from_slice(&self.prefix);
         hex(n, &mut buf[16..]);
         HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
     }
@@ -457,20 +460,14 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let headers = req.headers_mut();
         let mut ids = headers.get_all(X_REQUEST_ID).iter();
-        let keep = match (ids.next(), ids.next()) {
-            (Some(first), None) => is_valid_request_id(first),
-            (None, _) => true,
-            (Some(first), Some(_)) => {
-                let first = first.clone();
-                headers.remove(X_REQUEST_ID);
-                if is_valid_request_id(&first) {
-                    headers.insert(X_REQUEST_ID, first);
-                }
-                true
-            }
-        };
-        if !keep {
+        let first = ids.next();
+        // Usually one valid id, or none: nothing to do.
+        if first.is_some_and(|first| ids.next().is_some() || !is_valid_request_id(first)) {
+            let keep = first.filter(|id| is_valid_request_id(id)).cloned();
             headers.remove(X_REQUEST_ID);
+            if let Some(id) = keep {
+                headers.insert(X_REQUEST_ID, id);
+            }
         }
         self.inner.call(req)
     }
@@ -527,6 +524,38 @@ mod tests {
         let res = upstream("req-1").oneshot(request()).await.unwrap();
         assert_eq!(res.headers()[X_REQUEST_ID], "req-1", "the same id stays");
         assert!(!res.headers().contains_key(X_UPSTREAM_REQUEST_ID));
+    }
+
+    #[tokio::test]
+    async fn only_a_valid_first_request_id_is_accepted() {
+        use tower::{ServiceExt, service_fn};
+        let cases: [(&[&str], &[&str]); 6] = [
+            (&[], &[]),
+            (&["ok-1"], &["ok-1"]),
+            (&["bad id"], &[]),
+            (&["first-1", "second-2"], &["first-1"]),
+            (&["first-1", "bad id"], &["first-1"]),
+            // An invalid first id is dropped, and the next does not take its place.
+            (&["bad id", "second-2"], &[]),
+        ];
+        for (sent, kept) in cases {
+            let svc =
+                AcceptRequestIdLayer::new().layer(service_fn(|req: Request<()>| async move {
+                    let ids: Vec<HeaderValue> = req
+                        .headers()
+                        .get_all(X_REQUEST_ID)
+                        .iter()
+                        .cloned()
+                        .collect();
+                    Ok::<_, std::convert::Infallible>(ids)
+                }));
+            let mut req = Request::new(());
+            for id in sent {
+                req.headers_mut()
+                    .append(X_REQUEST_ID, HeaderValue::from_static(id));
+            }
+            assert_eq!(svc.oneshot(req).await.unwrap(), kept, "{sent:?}");
+        }
     }
 
     #[test]

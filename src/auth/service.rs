@@ -129,10 +129,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, &'static str> {
             .to_str()
             .map_err(|_| "The Authorization header is malformed.")?
             .trim_ascii();
-        let (scheme, token) = match value.bytes().position(|b| b == b' ') {
-            Some(space) => (&value[..space], &value[space + 1..]),
-            None => (value, ""),
-        };
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let token = token.trim_ascii();
             return if token.is_empty() {
@@ -552,6 +549,61 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(res.status(), status);
+        }
+    }
+
+    /// The fields recorded on spans while it is the default subscriber, as `name=value`.
+    #[derive(Clone, Default)]
+    struct Recorded(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Fields<'a>(&'a mut Vec<String>);
+            impl tracing::field::Visit for Fields<'_> {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                    self.0.push(format!("{}={value:?}", field.name()));
+                }
+            }
+            values.record(&mut Fields(&mut self.0.lock().unwrap()));
+        }
+    }
+
+    async fn recorded_on_the_span<K: KeyStore>(store: K) -> Vec<String> {
+        use tracing::Instrument;
+        use tracing_subscriber::layer::SubscriberExt;
+        let recorded = Recorded::default();
+        let _default =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(recorded.clone()));
+        let span = tracing::info_span!(
+            "request",
+            gateway.key_id = tracing::field::Empty,
+            gateway.subject = tracing::field::Empty,
+        );
+        let svc = GatewayAuthLayer::new(store).layer(service_fn(|_: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        }));
+        let req = request(&[("authorization", "Bearer gw-alice-key")]);
+        let res = svc.oneshot(req).instrument(span).await.unwrap();
+        assert_eq!(res.status(), 200);
+        recorded.0.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn who_called_is_recorded_on_the_span_and_never_the_key() {
+        let expected = [
+            r#"gateway.key_id="alice-laptop""#,
+            r#"gateway.subject="alice@example.com""#,
+        ];
+        for recorded in [
+            recorded_on_the_span(store()).await,
+            recorded_on_the_span(SlowStore(store())).await,
+        ] {
+            assert_eq!(recorded, expected);
         }
     }
 

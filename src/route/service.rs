@@ -157,12 +157,11 @@ impl<S> CustomEndpointRoute<S> {
         let common = common_path(path.rest);
         // A common path without a query has its upstream URI ready-made: a clone, where
         // building one allocates and parses.
-        let uri = match common.filter(|_| req.uri().query().is_none()) {
-            Some(i) => target.common_uri(i).cloned(),
-            None => None,
-        };
-        let uri = match uri {
-            Some(uri) => uri,
+        let ready_made = common
+            .filter(|_| req.uri().query().is_none())
+            .and_then(|i| target.common_uri(i));
+        let uri = match ready_made {
+            Some(uri) => uri.clone(),
             None => upstream_uri(target.base(), path.rest, req.uri().query())
                 .map_err(|e| self.path_error(e))?,
         };
