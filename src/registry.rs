@@ -375,8 +375,10 @@ type NameMap = HashMap<Arc<str>, usize, NameHasherBuilder>;
 ///
 /// A client only looks names up, and a lookup probes no further than the configured names' own
 /// collisions, whatever name it asks for. The names themselves come from the configuration or
-/// from a manager of the account (the [management API](crate::manage) adds endpoints), so the
-/// hasher starts from a random per-process seed: colliding names cannot be worked out ahead.
+/// from a manager of the account (the [management API](crate::manage) adds endpoints), an
+/// authenticated caller. The hasher starts from a random per-process seed, so a set of
+/// colliding names is not fixed ahead of time; it is not a keyed hash like SipHash, so it
+/// limits, rather than rules out, what a manager who adds many crafted names can do to lookups.
 struct NameHasher(u64);
 
 /// Builds [`NameHasher`]s from the per-process seed.
