@@ -578,6 +578,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_empty_body_returns_its_connection_without_being_polled() {
+        let (addr, accepted, _) =
+            upstream(|_| Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec())).await;
+        let mut fwd = forward();
+        for n in 0..2 {
+            let req = Request::get(format!("http://{addr}/v1/models"))
+                .body(Full::default())
+                .unwrap();
+            let res = tokio::time::timeout(WAIT, fwd.call(req))
+                .await
+                .unwrap()
+                .unwrap();
+            // As hyper's server does: a body already at its end is never polled.
+            assert!(http_body::Body::is_end_stream(res.body()));
+            drop(res);
+            assert_eq!(idle_count(&fwd), 1, "request {n} returned its connection");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_response_with_connection_close_does_not_go_back_to_the_pool() {
         let (addr, accepted, _) = upstream(|n| {
             Some(
