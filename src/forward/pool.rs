@@ -253,11 +253,7 @@ impl Inner {
                 },
             );
             // The reaper expires a shared HTTP/2 connection too, as it does idle HTTP/1 ones.
-            if !state.reaping && !self.idle_timeout.is_zero() {
-                state.reaping = true;
-                drop(state);
-                spawn_reaper(Arc::downgrade(self), self.idle_timeout);
-            }
+            self.reap_later(state);
             return Ok(Checkout {
                 kind: Kind::H2(send),
                 reused: false,
@@ -318,11 +314,18 @@ impl Inner {
             conn,
             since: Instant::now(),
         });
-        if !state.reaping {
-            state.reaping = true;
-            drop(state);
-            spawn_reaper(Arc::downgrade(self), self.idle_timeout);
+        self.reap_later(state);
+    }
+
+    /// Starts the task that expires idle connections, unless it runs already (or nothing
+    /// expires). Takes the lock so that one task at most is started.
+    fn reap_later(self: &Arc<Self>, mut state: MutexGuard<'_, State>) {
+        if state.reaping || self.idle_timeout.is_zero() {
+            return;
         }
+        state.reaping = true;
+        drop(state);
+        spawn_reaper(Arc::downgrade(self), self.idle_timeout);
     }
 
     /// Drops expired and closed connections; returns whether any idle one is left.
@@ -451,7 +454,7 @@ impl UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::Forward;
+    use crate::forward::{Forward, ForwardBuilder};
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use std::net::SocketAddr;
@@ -596,6 +599,25 @@ mod tests {
             assert_eq!(idle_count(&fwd), 1, "request {n} returned its connection");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_after_the_pool_idle_timeout() {
+        let (addr, accepted, _) = upstream(sized).await;
+        let mut fwd: Forward<Full<Bytes>> = ForwardBuilder::default()
+            .pool_idle_timeout(Duration::from_millis(100))
+            .build();
+        get(&mut fwd, addr).await;
+        assert_eq!(idle_count(&fwd), 1);
+        tokio::time::timeout(WAIT, async {
+            while idle_count(&fwd) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the reaper drops the expired connection");
+        get(&mut fwd, addr).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
