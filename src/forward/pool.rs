@@ -519,15 +519,23 @@ mod tests {
         Forward::new()
     }
 
-    async fn get(fwd: &mut Forward<Full<Bytes>>, addr: SocketAddr) -> (Vec<u8>, usize) {
-        let req = Request::get(format!("http://{addr}/v1/models"))
+    /// Sends a GET to the upstream at `addr`; the response, in time.
+    async fn call(
+        fwd: &mut Forward<Full<Bytes>>,
+        addr: SocketAddr,
+    ) -> Response<crate::forward::ResponseBody> {
+        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
             .body(Full::default())
             .unwrap();
-        let res = tokio::time::timeout(WAIT, fwd.call(req))
+        tokio::time::timeout(WAIT, fwd.call(req))
             .await
             .expect("response in time")
-            .expect("response");
-        let mut body = Box::pin(res.into_body());
+            .expect("response")
+    }
+
+    /// Sends a GET and reads the whole body: its bytes, and how many frames brought them.
+    async fn get(fwd: &mut Forward<Full<Bytes>>, addr: SocketAddr) -> (Vec<u8>, usize) {
+        let mut body = Box::pin(call(fwd, addr).await.into_body());
         let (mut data, mut frames) = (Vec::new(), 0);
         while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
             data.extend_from_slice(&frame.unwrap().into_data().unwrap());
@@ -586,13 +594,7 @@ mod tests {
             upstream(|_| Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec())).await;
         let mut fwd = forward();
         for n in 0..2 {
-            let req = Request::get(format!("http://{addr}/v1/models"))
-                .body(Full::default())
-                .unwrap();
-            let res = tokio::time::timeout(WAIT, fwd.call(req))
-                .await
-                .unwrap()
-                .unwrap();
+            let res = call(&mut fwd, addr).await;
             // As hyper's server does: a body already at its end is never polled.
             assert!(http_body::Body::is_end_stream(res.body()));
             drop(res);
@@ -689,10 +691,7 @@ mod tests {
             stream.write_all(b"0\r\n\r\n").await.unwrap();
         });
         let mut fwd = forward();
-        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
-            .body(Full::default())
-            .unwrap();
-        let mut body = Box::pin(fwd.call(req).await.unwrap().into_body());
+        let mut body = Box::pin(call(&mut fwd, addr).await.into_body());
         for i in 0..3 {
             let frame = tokio::time::timeout(WAIT, body.frame())
                 .await
@@ -716,10 +715,7 @@ mod tests {
             stream.write_all(cut.as_bytes()).await.unwrap();
         });
         let mut fwd = forward();
-        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
-            .body(Full::default())
-            .unwrap();
-        let mut body = Box::pin(fwd.call(req).await.unwrap().into_body());
+        let mut body = Box::pin(call(&mut fwd, addr).await.into_body());
         let mut data = Vec::new();
         let err = loop {
             match tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
@@ -758,6 +754,7 @@ mod tests {
             );
         }
     }
+
     #[tokio::test]
     async fn a_last_frame_held_while_joining_still_returns_the_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -774,10 +771,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
         let mut fwd = forward();
-        let req = Request::get(format!("http://{addr}/v1/x"))
-            .body(Full::default())
-            .unwrap();
-        let res = fwd.call(req).await.unwrap();
+        let res = call(&mut fwd, addr).await;
         // Both writes are read before the body is polled: a small frame, then a large last one
         // that waits while the small one goes out. (Slower, the path is not taken, and the
         // test still passes.)
