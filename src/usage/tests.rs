@@ -416,3 +416,52 @@ async fn a_body_longer_than_it_declared_is_not_read_past_the_limit() {
     req.extensions_mut().insert(alice());
     svc.oneshot(req).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_hidden_usage_stream_ends_with_its_unfinished_last_event() {
+    const TAIL: &str = "data: {\"cut\":";
+    let stream = Bytes::from([FIRST, USAGE, TAIL].concat());
+    let expected = [FIRST, TAIL].concat();
+    // Of known length (hyper stops once the body says it is at its end), and not.
+    for known_length in [true, false] {
+        let upstream = stream.clone();
+        let (svc, records) = tap(UsageTapLayer::new().include_usage(true), move |_req| {
+            let body = match known_length {
+                true => ResponseBody::from(upstream.clone()),
+                false => frames_body(vec![upstream.clone()], false),
+            };
+            async move {
+                Ok(Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body)
+                    .unwrap())
+            }
+        });
+        let res = svc
+            .oneshot(request(r#"{"model":"llama","stream":true}"#))
+            .await
+            .unwrap();
+        let mut body = Box::pin(res.into_body());
+        let mut got = Vec::new();
+        while !body.is_end_stream() {
+            match body.frame().await {
+                Some(frame) => got.extend_from_slice(&frame.unwrap().into_data().unwrap()),
+                None => break,
+            }
+        }
+        drop(body);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            expected,
+            "known length: {known_length}"
+        );
+        let usage = one(&records);
+        assert_eq!(
+            usage.outcome,
+            Outcome::Complete,
+            "known length: {known_length}"
+        );
+        assert_eq!(usage.output_tokens, Some(2));
+        assert_eq!(usage.response_bytes, expected.len() as u64);
+    }
+}
