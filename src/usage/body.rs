@@ -312,12 +312,12 @@ struct Filter {
 }
 
 impl<B> UsageBody<B> {
-    pub(crate) fn new(inner: B, meter: Option<Meter>, hide_usage_event: bool) -> Self {
-        let filter = (hide_usage_event && meter.is_some()).then(Box::default);
+    /// A body read by `meter`; `hide_usage_event` filters out the usage-only event.
+    pub(crate) fn new(inner: B, meter: Meter, hide_usage_event: bool) -> Self {
         Self {
             inner,
-            meter: meter.map(Box::new),
-            filter,
+            meter: Some(Box::new(meter)),
+            filter: hide_usage_event.then(Box::default),
         }
     }
 
