@@ -156,13 +156,18 @@ impl UpstreamBody {
         }
     }
 
-    /// A body that drives its own HTTP/1.1 connection.
+    /// A body that drives its own HTTP/1.1 connection. An empty body (`Content-Length: 0`,
+    /// 204, 304, `HEAD`) is never polled: its connection goes back to the pool at once.
     pub(crate) fn driving(body: Incoming, conn: Box<H1Conn>, ret: Return) -> Self {
-        Self {
+        let mut this = Self {
             body,
             conn: Some((conn, ret)),
             next: None,
+        };
+        if this.body.is_end_stream() {
+            this.release();
         }
+        this
     }
 
     /// Drives the connection, then takes the next frame if there is one.
@@ -173,7 +178,7 @@ impl UpstreamBody {
         };
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(None) => {
-                self.release(cx);
+                self.release();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
@@ -188,22 +193,17 @@ impl UpstreamBody {
 
     /// Hands on `frame`. A body with a `Content-Length` is not polled after its last byte: when
     /// this is it, the connection goes back to the pool now.
-    fn pass(
-        &mut self,
-        cx: &mut Context<'_>,
-        frame: Frame<Bytes>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn pass(&mut self, frame: Frame<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.next.is_none() && self.body.is_end_stream() {
-            self.release(cx);
+            self.release();
         }
         Poll::Ready(Some(Ok(frame)))
     }
 
-    /// Returns the connection to the pool once the body has ended.
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some((mut conn, ret)) = self.conn.take() {
-            // Lets the connection see the end of the response and wait for the next request.
-            conn.drive(cx);
+    /// Returns the connection to the pool once the body has ended (the pool drives it to see
+    /// the end of the response before it keeps it).
+    fn release(&mut self) {
+        if let Some((conn, ret)) = self.conn.take() {
             ret.checkin(conn);
         }
     }
@@ -222,15 +222,15 @@ impl Body for UpstreamBody {
             // A held last frame of a body of known length ends it: hyper will not poll again,
             // so the connection goes back to the pool now, as in `pass`.
             return match next {
-                Some(Ok(frame)) => this.pass(cx, frame),
+                Some(Ok(frame)) => this.pass(frame),
                 other => Poll::Ready(other),
             };
         }
         let first = match ready!(this.poll_one(cx)) {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.len() < SMALL_FRAME => data,
-                Ok(data) => return this.pass(cx, Frame::data(data)),
-                Err(frame) => return this.pass(cx, frame),
+                Ok(data) => return this.pass(Frame::data(data)),
+                Err(frame) => return this.pass(frame),
             },
             other => return Poll::Ready(other),
         };
@@ -265,7 +265,7 @@ impl Body for UpstreamBody {
             }
         }
         let data = joined.freeze();
-        this.pass(cx, Frame::data(data))
+        this.pass(Frame::data(data))
     }
 
     fn is_end_stream(&self) -> bool {

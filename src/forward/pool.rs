@@ -253,11 +253,7 @@ impl Inner {
                 },
             );
             // The reaper expires a shared HTTP/2 connection too, as it does idle HTTP/1 ones.
-            if !state.reaping && !self.idle_timeout.is_zero() {
-                state.reaping = true;
-                drop(state);
-                spawn_reaper(Arc::downgrade(self), self.idle_timeout);
-            }
+            self.reap_later(state);
             return Ok(Checkout {
                 kind: Kind::H2(send),
                 reused: false,
@@ -318,11 +314,18 @@ impl Inner {
             conn,
             since: Instant::now(),
         });
-        if !state.reaping {
-            state.reaping = true;
-            drop(state);
-            spawn_reaper(Arc::downgrade(self), self.idle_timeout);
+        self.reap_later(state);
+    }
+
+    /// Starts the task that expires idle connections, unless it runs already (or nothing
+    /// expires). Takes the lock so that one task at most is started.
+    fn reap_later(self: &Arc<Self>, mut state: MutexGuard<'_, State>) {
+        if state.reaping || self.idle_timeout.is_zero() {
+            return;
         }
+        state.reaping = true;
+        drop(state);
+        spawn_reaper(Arc::downgrade(self), self.idle_timeout);
     }
 
     /// Drops expired and closed connections; returns whether any idle one is left.
@@ -451,7 +454,7 @@ impl UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::Forward;
+    use crate::forward::{Forward, ForwardBuilder};
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use std::net::SocketAddr;
@@ -516,15 +519,23 @@ mod tests {
         Forward::new()
     }
 
-    async fn get(fwd: &mut Forward<Full<Bytes>>, addr: SocketAddr) -> (Vec<u8>, usize) {
-        let req = Request::get(format!("http://{addr}/v1/models"))
+    /// Sends a GET to the upstream at `addr`; the response, in time.
+    async fn call(
+        fwd: &mut Forward<Full<Bytes>>,
+        addr: SocketAddr,
+    ) -> Response<crate::forward::ResponseBody> {
+        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
             .body(Full::default())
             .unwrap();
-        let res = tokio::time::timeout(WAIT, fwd.call(req))
+        tokio::time::timeout(WAIT, fwd.call(req))
             .await
             .expect("response in time")
-            .expect("response");
-        let mut body = Box::pin(res.into_body());
+            .expect("response")
+    }
+
+    /// Sends a GET and reads the whole body: its bytes, and how many frames brought them.
+    async fn get(fwd: &mut Forward<Full<Bytes>>, addr: SocketAddr) -> (Vec<u8>, usize) {
+        let mut body = Box::pin(call(fwd, addr).await.into_body());
         let (mut data, mut frames) = (Vec::new(), 0);
         while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
             data.extend_from_slice(&frame.unwrap().into_data().unwrap());
@@ -575,6 +586,40 @@ mod tests {
             tokio::time::timeout(WAIT, closed.recv()).await.unwrap();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_returns_its_connection_without_being_polled() {
+        let (addr, accepted, _) =
+            upstream(|_| Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec())).await;
+        let mut fwd = forward();
+        for n in 0..2 {
+            let res = call(&mut fwd, addr).await;
+            // As hyper's server does: a body already at its end is never polled.
+            assert!(http_body::Body::is_end_stream(res.body()));
+            drop(res);
+            assert_eq!(idle_count(&fwd), 1, "request {n} returned its connection");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_after_the_pool_idle_timeout() {
+        let (addr, accepted, _) = upstream(sized).await;
+        let mut fwd: Forward<Full<Bytes>> = ForwardBuilder::default()
+            .pool_idle_timeout(Duration::from_millis(100))
+            .build();
+        get(&mut fwd, addr).await;
+        assert_eq!(idle_count(&fwd), 1);
+        tokio::time::timeout(WAIT, async {
+            while idle_count(&fwd) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the reaper drops the expired connection");
+        get(&mut fwd, addr).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -646,10 +691,7 @@ mod tests {
             stream.write_all(b"0\r\n\r\n").await.unwrap();
         });
         let mut fwd = forward();
-        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
-            .body(Full::default())
-            .unwrap();
-        let mut body = Box::pin(fwd.call(req).await.unwrap().into_body());
+        let mut body = Box::pin(call(&mut fwd, addr).await.into_body());
         for i in 0..3 {
             let frame = tokio::time::timeout(WAIT, body.frame())
                 .await
@@ -673,10 +715,7 @@ mod tests {
             stream.write_all(cut.as_bytes()).await.unwrap();
         });
         let mut fwd = forward();
-        let req = Request::get(format!("http://{addr}/v1/chat/completions"))
-            .body(Full::default())
-            .unwrap();
-        let mut body = Box::pin(fwd.call(req).await.unwrap().into_body());
+        let mut body = Box::pin(call(&mut fwd, addr).await.into_body());
         let mut data = Vec::new();
         let err = loop {
             match tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
@@ -715,6 +754,7 @@ mod tests {
             );
         }
     }
+
     #[tokio::test]
     async fn a_last_frame_held_while_joining_still_returns_the_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -731,10 +771,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
         let mut fwd = forward();
-        let req = Request::get(format!("http://{addr}/v1/x"))
-            .body(Full::default())
-            .unwrap();
-        let res = fwd.call(req).await.unwrap();
+        let res = call(&mut fwd, addr).await;
         // Both writes are read before the body is polled: a small frame, then a large last one
         // that waits while the small one goes out. (Slower, the path is not taken, and the
         // test still passes.)

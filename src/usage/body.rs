@@ -127,6 +127,16 @@ impl Meter {
         self.finish(Outcome::Complete, None);
     }
 
+    /// Records a body that ended. A filtered stream's unfinished last event goes out as it is
+    /// (next, from `filter`), so it counts.
+    fn end(&mut self, filter: Option<&mut Filter>) {
+        if let Some(filter) = filter {
+            filter.ended = true;
+            self.saw(&filter.held);
+        }
+        self.finish_complete();
+    }
+
     fn finish(&mut self, outcome: Outcome, error: Option<&BoxError>) {
         if std::mem::replace(&mut self.done, true) {
             return;
@@ -302,12 +312,12 @@ struct Filter {
 }
 
 impl<B> UsageBody<B> {
-    pub(crate) fn new(inner: B, meter: Option<Meter>, hide_usage_event: bool) -> Self {
-        let filter = (hide_usage_event && meter.is_some()).then(Box::default);
+    /// A body read by `meter`; `hide_usage_event` filters out the usage-only event.
+    pub(crate) fn new(inner: B, meter: Meter, hide_usage_event: bool) -> Self {
         Self {
             inner,
-            meter: meter.map(Box::new),
-            filter,
+            meter: Some(Box::new(meter)),
+            filter: hide_usage_event.then(Box::default),
         }
     }
 
@@ -341,8 +351,12 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            if this.filter.as_deref().is_some_and(|f| f.ended) {
-                return Poll::Ready(None);
+            if let Some(filter) = this.filter.as_deref_mut()
+                && filter.ended
+            {
+                // An unfinished last event goes out as it is.
+                let rest = filter.held.split().freeze();
+                return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
             }
             let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
@@ -354,20 +368,14 @@ where
                     return Poll::Ready(Some(Err(err)));
                 }
                 None => {
-                    let mut rest = Bytes::new();
-                    if let Some(filter) = this.filter.as_deref_mut() {
-                        // An unfinished last event goes out as it is.
-                        filter.ended = true;
-                        rest = filter.held.split().freeze();
-                    }
                     if let Some(meter) = this.meter.as_deref_mut() {
-                        meter.saw(&rest);
-                        meter.finish(Outcome::Complete, None);
+                        meter.end(this.filter.as_deref_mut());
                     }
-                    if rest.is_empty() {
+                    if this.filter.is_none() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    // The filter hands on what it held.
+                    continue;
                 }
             };
             let Some(meter) = this.meter.as_deref_mut() else {
@@ -379,35 +387,19 @@ where
             };
             // A body of known length ends with its last frame: hyper never polls it again.
             let last = this.inner.is_end_stream();
-            match this.filter.as_deref_mut() {
+            let out = match this.filter.as_deref_mut() {
                 None => {
                     meter.data(&data);
-                    if last {
-                        meter.finish(Outcome::Complete, None);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                    data
                 }
-                Some(filter) => {
-                    let mut out = meter.filter(data, &mut filter.held);
-                    if last {
-                        filter.ended = true;
-                        if !filter.held.is_empty() {
-                            // An unfinished last event goes out as it is.
-                            let rest = filter.held.split();
-                            meter.saw(&rest);
-                            let mut all = BytesMut::from(&out[..]);
-                            all.extend_from_slice(&rest);
-                            out = all.freeze();
-                        }
-                        meter.finish(Outcome::Complete, None);
-                        if out.is_empty() {
-                            return Poll::Ready(None);
-                        }
-                    }
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
-                    }
-                }
+                Some(filter) => meter.filter(data, &mut filter.held),
+            };
+            if last {
+                meter.end(this.filter.as_deref_mut());
+            }
+            // A filtered frame that held all it read goes nowhere: read on (or end).
+            if !out.is_empty() || this.filter.is_none() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
             }
         }
     }

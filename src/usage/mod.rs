@@ -78,7 +78,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::{Collect, MapErr};
@@ -614,13 +614,7 @@ fn respond<RB: Body>(
         .headers
         .get(CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let media = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::trim);
-    let mode = match media {
+    let mode = match request::media_type(&parts.headers) {
         _ if encoded => Mode::Count,
         Some(m) if m.eq_ignore_ascii_case("text/event-stream") => Mode::Sse(SseParser::default()),
         Some(m) if m.eq_ignore_ascii_case("application/json") => {
@@ -638,7 +632,7 @@ fn respond<RB: Body>(
         // hyper does not poll a body that is already at its end.
         meter.finish_complete();
     }
-    Response::from_parts(parts, UsageBody::new(body, Some(meter), hide))
+    Response::from_parts(parts, UsageBody::new(body, meter, hide))
 }
 
 #[cfg(all(test, feature = "forward"))]

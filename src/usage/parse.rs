@@ -70,47 +70,31 @@ impl Observed {
     }
 }
 
-fn usage_finder() -> &'static memmem::Finder<'static> {
+/// What follows each `"usage"` in `raw`: the value after its `:` (leading whitespace trimmed),
+/// or `None` where no `:` follows (the key is not one, or its value is on another line).
+fn usage_values(raw: &[u8]) -> impl Iterator<Item = Option<&[u8]>> {
     static FINDER: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
-    &FINDER
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let at = from + FINDER.find(&raw[from..])?;
+        from = at + FINDER.needle().len();
+        let rest = raw[from..].trim_ascii_start().strip_prefix(b":");
+        Some(rest.map(<[u8]>::trim_ascii_start))
+    })
 }
 
 /// Whether every `"usage"` in the raw bytes of some events is followed by `: null`: only then
 /// may the fast path pass over them. Stricter than [`has_usage_object`] on purpose, since the
 /// raw bytes are not the events' data (an event may split its JSON over several `data:` lines).
 fn only_null_usage(raw: &[u8]) -> bool {
-    let finder = usage_finder();
-    let mut from = 0;
-    while let Some(at) = finder.find(&raw[from..]) {
-        let rest = raw[from + at + 7..].trim_ascii_start();
-        let Some(rest) = rest.strip_prefix(b":") else {
-            return false;
-        };
-        if !rest.trim_ascii_start().starts_with(b"null") {
-            return false;
-        }
-        from += at + 7;
-    }
-    true
+    usage_values(raw).all(|v| v.is_some_and(|v| v.starts_with(b"null")))
 }
 
 /// Whether `json` has a `"usage"` key followed by an object (not `null`): the only events worth
 /// parsing once the model is known.
 fn has_usage_object(json: &[u8]) -> bool {
-    let finder = usage_finder();
-    let mut from = 0;
-    while let Some(at) = finder.find(&json[from..]) {
-        let rest = &json[from + at + 7..];
-        let rest = rest.trim_ascii_start();
-        if let Some(rest) = rest.strip_prefix(b":")
-            && rest.trim_ascii_start().first() == Some(&b'{')
-        {
-            return true;
-        }
-        from += at + 7;
-    }
-    false
+    usage_values(json).any(|v| v.is_some_and(|v| v.first() == Some(&b'{')))
 }
 
 /// An event boundary reported by [`SseParser::feed`].
@@ -349,8 +333,6 @@ mod tests {
         }
     }
 
-    /// Boundaries match, but one that falls between the `\r` and the `\n` of a split `\r\n`
-    /// may come one byte early: the `\n` then opens the next segment as an empty line.
     /// What a caller relies on: every boundary reported is one of the stream's (the fast path
     /// reports only the last of a run of events without usage), the usage-only ones are all
     /// there, and so is the last. A boundary that falls between the `\r` and the `\n` of a

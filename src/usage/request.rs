@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Method, Request};
+use http::{HeaderMap, Method, Request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde::Deserialize;
@@ -182,19 +182,19 @@ pub(crate) fn may_ask_for_usage<B>(req: &Request<B>, upstream_path: &str) -> boo
     req.method() == Method::POST
         && (upstream_path.ends_with("/chat/completions") || upstream_path.ends_with("/completions"))
         && !headers.contains_key(CONTENT_ENCODING)
-        && headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(';')
-                    .next()
-                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-            })
+        && media_type(headers).is_some_and(|m| m.eq_ignore_ascii_case("application/json"))
         && headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|n| n <= MAX_REWRITE)
+}
+
+/// The media type of `Content-Type`, without its parameters (`text/event-stream` of
+/// `text/event-stream; charset=utf-8`).
+pub(crate) fn media_type(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    value.split(';').next().map(str::trim)
 }
 
 #[derive(Deserialize)]

@@ -347,6 +347,22 @@ async fn a_body_of_known_length_is_complete_at_its_last_frame() {
     assert_eq!(usage.output_tokens, Some(2));
 }
 
+/// An upstream that reads the request body, expects it to fail, and checks the status the
+/// error would get: what Forward does with a client body error, then RescueLayer.
+async fn fails_as<B>(
+    req: Request<TapRequestBody<B>>,
+    status: u16,
+) -> Result<Response<ResponseBody>, Infallible>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    let err = req.into_body().collect().await.unwrap_err();
+    let wrapped = crate::error::InvalidRequestBody(err);
+    assert_eq!(crate::error::classify(&wrapped).status(), status);
+    Ok(Response::new(ResponseBody::default()))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stalled_upload_read_for_include_usage_is_a_408_not_a_hang() {
     let registry = Registry::from_accounts(vec![AccountSpec {
@@ -363,15 +379,9 @@ async fn a_stalled_upload_read_for_include_usage_is_a_408_not_a_hang() {
     let svc = ServiceBuilder::new()
         .layer(CustomEndpointRouteLayer::new(registry.into()))
         .layer(UsageTapLayer::new().include_usage(true))
-        .service(service_fn(
-            |req: Request<TapRequestBody<StreamBody<_>>>| async move {
-                let err = req.into_body().collect().await.unwrap_err();
-                // What Forward does with a client body error, then RescueLayer.
-                let wrapped = crate::error::InvalidRequestBody(err);
-                assert_eq!(crate::error::classify(&wrapped).status(), 408);
-                Ok::<_, Infallible>(Response::new(ResponseBody::default()))
-            },
-        ));
+        .service(service_fn(|req: Request<TapRequestBody<StreamBody<_>>>| {
+            fails_as(req, 408)
+        }));
     // Declares 100 bytes, sends 10, then nothing.
     let first: Result<http_body::Frame<Bytes>, Infallible> =
         Ok(http_body::Frame::data(Bytes::from_static(b"{\"stream\":")));
@@ -396,15 +406,9 @@ async fn a_body_longer_than_it_declared_is_not_read_past_the_limit() {
     let svc = ServiceBuilder::new()
         .layer(CustomEndpointRouteLayer::new(registry().into()))
         .layer(UsageTapLayer::new().include_usage(true))
-        .service(service_fn(
-            |req: Request<TapRequestBody<StreamBody<_>>>| async move {
-                let err = req.into_body().collect().await.unwrap_err();
-                // What Forward does with a client body error, then RescueLayer.
-                let wrapped = crate::error::InvalidRequestBody(err);
-                assert_eq!(crate::error::classify(&wrapped).status(), 413);
-                Ok::<_, Infallible>(Response::new(ResponseBody::default()))
-            },
-        ));
+        .service(service_fn(|req: Request<TapRequestBody<StreamBody<_>>>| {
+            fails_as(req, 413)
+        }));
     // Declares 10 bytes, sends 2 MiB (a layer used without hyper's framing in front of it).
     let chunk = Bytes::from(vec![b' '; 64 << 10]);
     let frames = (0..32).map(move |_| Ok::<_, Infallible>(http_body::Frame::data(chunk.clone())));
@@ -415,4 +419,53 @@ async fn a_body_longer_than_it_declared_is_not_read_past_the_limit() {
         .unwrap();
     req.extensions_mut().insert(alice());
     svc.oneshot(req).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hidden_usage_stream_ends_with_its_unfinished_last_event() {
+    const TAIL: &str = "data: {\"cut\":";
+    let stream = Bytes::from([FIRST, USAGE, TAIL].concat());
+    let expected = [FIRST, TAIL].concat();
+    // Of known length (hyper stops once the body says it is at its end), and not.
+    for known_length in [true, false] {
+        let upstream = stream.clone();
+        let (svc, records) = tap(UsageTapLayer::new().include_usage(true), move |_req| {
+            let body = match known_length {
+                true => ResponseBody::from(upstream.clone()),
+                false => frames_body(vec![upstream.clone()], false),
+            };
+            async move {
+                Ok(Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body)
+                    .unwrap())
+            }
+        });
+        let res = svc
+            .oneshot(request(r#"{"model":"llama","stream":true}"#))
+            .await
+            .unwrap();
+        let mut body = Box::pin(res.into_body());
+        let mut got = Vec::new();
+        while !body.is_end_stream() {
+            match body.frame().await {
+                Some(frame) => got.extend_from_slice(&frame.unwrap().into_data().unwrap()),
+                None => break,
+            }
+        }
+        drop(body);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            expected,
+            "known length: {known_length}"
+        );
+        let usage = one(&records);
+        assert_eq!(
+            usage.outcome,
+            Outcome::Complete,
+            "known length: {known_length}"
+        );
+        assert_eq!(usage.output_tokens, Some(2));
+        assert_eq!(usage.response_bytes, expected.len() as u64);
+    }
 }
