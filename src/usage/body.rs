@@ -309,6 +309,8 @@ pin_project! {
 struct Filter {
     held: BytesMut,
     ended: bool,
+    /// The upstream's trailers, which go out after what was held.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl<B> UsageBody<B> {
@@ -354,9 +356,12 @@ where
             if let Some(filter) = this.filter.as_deref_mut()
                 && filter.ended
             {
-                // An unfinished last event goes out as it is.
+                // An unfinished last event goes out as it is, then the trailers.
                 let rest = filter.held.split().freeze();
-                return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                if !rest.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                return Poll::Ready(filter.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
@@ -383,7 +388,20 @@ where
             };
             let data = match frame.into_data() {
                 Ok(data) => data,
-                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                // Trailers are a body's last frame: the body has ended.
+                Err(frame) => {
+                    meter.end(this.filter.as_deref_mut());
+                    match (this.filter.as_deref_mut(), frame.into_trailers()) {
+                        (Some(filter), Ok(trailers)) => {
+                            filter.trailers = Some(trailers);
+                            continue;
+                        }
+                        (_, Ok(trailers)) => {
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        (_, Err(frame)) => return Poll::Ready(Some(Ok(frame))),
+                    }
+                }
             };
             // A body of known length ends with its last frame: hyper never polls it again.
             let last = this.inner.is_end_stream();
@@ -406,7 +424,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.filter {
-            Some(filter) => filter.ended && filter.held.is_empty(),
+            Some(filter) => filter.ended && filter.held.is_empty() && filter.trailers.is_none(),
             None => self.inner.is_end_stream(),
         }
     }

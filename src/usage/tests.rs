@@ -469,3 +469,72 @@ async fn a_hidden_usage_stream_ends_with_its_unfinished_last_event() {
         assert_eq!(usage.response_bytes, expected.len() as u64);
     }
 }
+
+/// Trailers are a body's last frame: the call is complete when they arrive (hyper may not
+/// poll again), and a filtered stream's held bytes go out before them.
+#[tokio::test]
+async fn a_stream_that_ends_with_trailers_is_complete_and_keeps_its_order() {
+    const TAIL: &str = "data: {\"cut\":";
+    let frames = || {
+        vec![
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+                [FIRST, USAGE, TAIL].concat(),
+            ))),
+            Ok(http_body::Frame::trailers(http::HeaderMap::from_iter([(
+                http::HeaderName::from_static("x-trailer"),
+                http::HeaderValue::from_static("1"),
+            )]))),
+        ]
+    };
+    for include_usage in [false, true] {
+        let (svc, records) = tap(
+            UsageTapLayer::new().include_usage(include_usage),
+            move |_req| {
+                let body = ResponseBody::new(StreamBody::new(futures_util::stream::iter(frames())));
+                async move {
+                    Ok(Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(body)
+                        .unwrap())
+                }
+            },
+        );
+        let res = svc
+            .oneshot(request(r#"{"model":"llama","stream":true}"#))
+            .await
+            .unwrap();
+        let mut body = Box::pin(res.into_body());
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            assert!(trailers.is_none(), "a frame after the trailers");
+            match frame.into_data() {
+                Ok(chunk) => data.extend_from_slice(&chunk),
+                Err(frame) => trailers = Some(frame.into_trailers().unwrap()),
+            }
+            // hyper stops polling once the trailers are out.
+            if trailers.is_some() {
+                break;
+            }
+        }
+        let expected = match include_usage {
+            true => [FIRST, TAIL].concat(),
+            false => [FIRST, USAGE, TAIL].concat(),
+        };
+        assert_eq!(
+            String::from_utf8(data).unwrap(),
+            expected,
+            "{include_usage}"
+        );
+        assert_eq!(trailers.expect("trailers")["x-trailer"], "1");
+        // Recorded before the body is dropped: the trailers ended it.
+        let usage = records
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("recorded at the trailers");
+        assert_eq!(usage.outcome, Outcome::Complete, "{include_usage}");
+        assert_eq!(usage.response_bytes, expected.len() as u64);
+        drop(body);
+    }
+}
