@@ -43,9 +43,14 @@ fn frames_body(frames: Vec<Bytes>, fail_at_end: bool) -> ResponseBody {
 }
 
 fn sse(frames: Vec<Bytes>) -> Response<ResponseBody> {
+    sse_with(frames_body(frames, false))
+}
+
+/// An SSE response with `body`.
+fn sse_with(body: ResponseBody) -> Response<ResponseBody> {
     Response::builder()
         .header("content-type", "text/event-stream")
-        .body(frames_body(frames, false))
+        .body(body)
         .unwrap()
 }
 
@@ -253,13 +258,10 @@ async fn a_client_that_goes_away_is_recorded_as_cancelled() {
 #[tokio::test]
 async fn a_stream_cut_short_is_recorded_as_failed_and_the_client_sees_the_error() {
     let (svc, records) = tap(UsageTapLayer::new(), |_req| async {
-        Ok(Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(frames_body(
-                vec![Bytes::from_static(FIRST.as_bytes())],
-                true,
-            ))
-            .unwrap())
+        Ok(sse_with(frames_body(
+            vec![Bytes::from_static(FIRST.as_bytes())],
+            true,
+        )))
     });
     let res = svc.oneshot(request("{}")).await.unwrap();
     let mut body = Box::pin(res.into_body());
@@ -434,12 +436,7 @@ async fn a_hidden_usage_stream_ends_with_its_unfinished_last_event() {
                 true => ResponseBody::from(upstream.clone()),
                 false => frames_body(vec![upstream.clone()], false),
             };
-            async move {
-                Ok(Response::builder()
-                    .header("content-type", "text/event-stream")
-                    .body(body)
-                    .unwrap())
-            }
+            async move { Ok(sse_with(body)) }
         });
         let res = svc
             .oneshot(request(r#"{"model":"llama","stream":true}"#))
@@ -491,12 +488,7 @@ async fn a_stream_that_ends_with_trailers_is_complete_and_keeps_its_order() {
             UsageTapLayer::new().include_usage(include_usage),
             move |_req| {
                 let body = ResponseBody::new(StreamBody::new(futures_util::stream::iter(frames())));
-                async move {
-                    Ok(Response::builder()
-                        .header("content-type", "text/event-stream")
-                        .body(body)
-                        .unwrap())
-                }
+                async move { Ok(sse_with(body)) }
             },
         );
         let res = svc
