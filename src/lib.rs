@@ -80,6 +80,7 @@ pub mod auth;
 pub mod config;
 pub mod encoding;
 pub mod error;
+pub mod ext;
 #[cfg(feature = "forward")]
 pub mod forward;
 #[cfg(feature = "gateway")]
@@ -88,10 +89,16 @@ mod hop;
 pub mod inject;
 #[cfg(feature = "manage")]
 pub mod manage;
+#[cfg(feature = "trace")]
+pub mod metric;
+pub mod model;
 pub mod registry;
+pub mod request_id;
 pub mod route;
 #[cfg(feature = "gateway")]
 pub mod server;
+#[cfg(feature = "forward")]
+pub mod tls;
 #[cfg(feature = "trace")]
 pub mod trace;
 #[cfg(feature = "trace")]

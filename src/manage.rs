@@ -61,7 +61,6 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::access::{Grants, Permission, Role};
 use crate::auth::Principal;
-use crate::config::{RawGrants, RawTimeouts, build_grants};
 use crate::error::GatewayError;
 use crate::forward::ResponseBody;
 use crate::registry::{
@@ -247,6 +246,40 @@ fn denied(principal: &Principal, permission: Permission, what: &str) -> GatewayE
         "The key \"{}\" may not {permission} {what}.",
         principal.key_id
     ))
+}
+
+/// The grants of a `PUT`: subjects as strings, each list `[]` when left out.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    #[serde(default)]
+    managers: Vec<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    viewers: Vec<String>,
+}
+
+fn build_grants(raw: RawGrants, field: &str) -> Result<Grants, RegistryError> {
+    Grants::parse(&raw.managers, &raw.users, &raw.viewers, field)
+}
+
+/// The timeouts of an endpoint, in milliseconds; each one left out takes the default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default)]
+    connect_ms: Option<u64>,
+    #[serde(default)]
+    first_byte_ms: Option<u64>,
+    #[serde(default)]
+    idle_ms: Option<u64>,
+}
+
+impl RawTimeouts {
+    fn to_timeouts(&self) -> crate::model::Timeouts {
+        crate::model::Timeouts::from_millis(self.connect_ms, self.first_byte_ms, self.idle_ms)
+    }
 }
 
 /// The endpoint body of `PUT .../endpoints/{endpoint}`.

@@ -95,7 +95,9 @@ use tracing::Span;
 use tracing::field::Empty;
 
 use crate::error::X_GATEWAY_ERROR;
-use crate::usage::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, metric};
+use crate::metric;
+pub use crate::request_id::is_valid_request_id;
+use crate::request_id::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 
 /// The [`TraceLayer`] the gateway uses: [`MakeGatewaySpan`], [`RecordResponse`] and
 /// [`RecordFailure`], failures being 5xx responses.
@@ -407,16 +409,6 @@ impl<F> fmt::Debug for UpstreamRequestIdFuture<F> {
         f.debug_struct("UpstreamRequestIdFuture")
             .finish_non_exhaustive()
     }
-}
-
-/// Whether a client's request id may be kept: 1 to 128 characters from
-/// `A–Z a–z 0–9 - _ . : / + =`. Anything else could smuggle text into logs.
-pub fn is_valid_request_id(value: &HeaderValue) -> bool {
-    let bytes = value.as_bytes();
-    (1..=128).contains(&bytes.len())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(b))
 }
 
 /// Removes a client's `x-request-id` that [`is_valid_request_id`] refuses (and all but the first

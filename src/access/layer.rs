@@ -7,9 +7,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::Permission;
-use crate::auth::Principal;
 use crate::error::{GatewayError, ResponseFuture};
-use crate::route::RouteMatch;
+use crate::ext::{Principal, RouteMatch};
 
 /// Decides whether a request may go on. `Err` is the response to send instead (a 403, say).
 ///

@@ -46,42 +46,7 @@
 mod key_store;
 mod service;
 
-use std::sync::Arc;
-
-pub use self::key_store::{
-    DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyStore, SharedKeyStore,
-};
+pub use self::key_store::{KeyStore, SharedKeyStore};
+pub use crate::ext::Principal;
+pub use crate::model::{DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest};
 pub use self::service::{GatewayAuth, GatewayAuthLayer, ResponseFuture};
-
-/// Who is calling: inserted into the request extensions by [`GatewayAuthLayer`].
-///
-/// It holds no secret: `key_id` is a label for logs, never the key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
-    /// The label of the key that authenticated the request.
-    pub key_id: Arc<str>,
-    /// The person or service that owns the key.
-    pub subject: Arc<str>,
-    /// The teams the subject belongs to.
-    pub teams: Arc<[Arc<str>]>,
-}
-
-impl Principal {
-    /// A principal.
-    pub fn new<T: Into<Arc<str>>>(
-        key_id: impl Into<Arc<str>>,
-        subject: impl Into<Arc<str>>,
-        teams: impl IntoIterator<Item = T>,
-    ) -> Self {
-        Self {
-            key_id: key_id.into(),
-            subject: subject.into(),
-            teams: teams.into_iter().map(Into::into).collect(),
-        }
-    }
-
-    /// Whether the principal belongs to `team`.
-    pub fn in_team(&self, team: &str) -> bool {
-        self.teams.iter().any(|t| &**t == team)
-    }
-}

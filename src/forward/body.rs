@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use super::IdleTimeoutBody;
-use super::pool::{ConnectionClosed, H1Conn, Return};
+use super::conn::{ConnectionClosed, H1Conn, Return};
 
 use crate::BoxError;
 

@@ -1,4 +1,3 @@
-use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -8,18 +7,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
-
-/// No body frame arrived within the idle timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyIdleTimeout(pub(crate) Duration);
-
-impl fmt::Display for BodyIdleTimeout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "no body data for {:?}", self.0)
-    }
-}
-
-impl std::error::Error for BodyIdleTimeout {}
+use crate::error::BodyIdleTimeout;
 
 pin_project! {
     /// A body that fails with [`BodyIdleTimeout`] when its source stays silent for `idle`

@@ -58,15 +58,17 @@
 //! ```
 
 mod body;
+mod conn;
 mod idle;
 mod pool;
-mod tls;
 
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -83,19 +85,21 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 pub use self::body::ResponseBody;
-pub use self::idle::BodyIdleTimeout;
+pub use crate::error::{BodyIdleTimeout, ConnectError};
 use self::idle::IdleTimeoutBody;
-pub use self::pool::{ConnectError, UpstreamClient};
-pub use self::tls::{TlsError, TlsSettings};
+pub use self::pool::UpstreamClient;
+pub use crate::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
 use crate::error::{
     InvalidRequestBody, NoUpstream, PayloadTooLarge, UnsupportedTransferEncoding,
     UpstreamCredentialRejected, UpstreamTimeout,
 };
+use crate::ext::RouteMatch;
 use crate::hop::remove_hop_by_hop;
-use crate::registry::{Endpoint, Timeouts};
-use crate::route::RouteMatch;
+use crate::model::Timeouts;
+use crate::registry::Endpoint;
+use crate::tls;
 
 /// The request body sent upstream: the client's body behind an idle timeout.
 pub type UpstreamRequestBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -176,10 +180,53 @@ impl Resolved {
     }
 }
 
-/// What every clone of a [`Forward`] shares: the default pool and the settings it was built with.
+/// What every clone of a [`Forward`] shares: the default pool, the pools of endpoints that
+/// connect differently, and the settings it was built with.
 struct Shared {
     client: UpstreamClient,
+    clients: Mutex<HashMap<PoolKey, UpstreamClient>>,
     settings: ForwardBuilder,
+}
+
+/// What decides how a connection is made, beyond the upstream's scheme and authority (which
+/// key the connections inside each pool): the TLS settings and the connect timeout. Endpoints
+/// that agree on both share one pool, whatever registry snapshot they come from, so a change
+/// to one endpoint leaves every other endpoint's warm connections alone.
+#[derive(Clone)]
+struct PoolKey {
+    /// Compared by identity: the registry keeps an endpoint's settings (an `Arc`) across
+    /// every change that does not touch them.
+    tls: Option<Arc<TlsSettings>>,
+    connect: Duration,
+}
+
+impl PoolKey {
+    fn tls_ptr(&self) -> *const TlsSettings {
+        self.tls.as_ref().map_or(std::ptr::null(), Arc::as_ptr)
+    }
+
+    /// Whether some endpoint may still use this pool: its TLS settings are held by a
+    /// registry snapshot. A pool for the connect timeout alone is cheap and always kept.
+    fn in_use(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_none_or(|tls| Arc::strong_count(tls) > 1)
+    }
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.tls_ptr() == other.tls_ptr() && self.connect == other.connect
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl Hash for PoolKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.tls_ptr().hash(state);
+        self.connect.hash(state);
+    }
 }
 
 /// A pooled client over `tls`, with the pool settings of `settings`.
@@ -290,6 +337,7 @@ impl ForwardBuilder {
         Forward {
             shared: Arc::new(Shared {
                 client,
+                clients: Mutex::new(HashMap::new()),
                 settings: self,
             }),
             _body: PhantomData,
@@ -326,23 +374,42 @@ impl<B> Forward<B> {
     }
 
     /// The client and timeouts for an endpoint. Endpoints with their own TLS settings or
-    /// connect timeout get their own pool, created on first use and dropped with the registry
-    /// snapshot; the others share this forwarder's pool.
-    fn client_for<'a>(&'a self, ep: &'a Endpoint) -> (&'a UpstreamClient, Resolved) {
+    /// connect timeout get a pool of their own, kept by this forwarder (not by the registry)
+    /// and shared by every endpoint that connects the same way; the others share the default
+    /// pool.
+    fn client_for(&self, ep: &Endpoint) -> (UpstreamClient, Resolved) {
         let defaults = self.shared.settings.defaults;
         let t = defaults.with(ep.timeouts());
-        let own_connect = t.connect != defaults.connect;
-        if ep.tls.is_none() && !own_connect {
-            return (&self.shared.client, t);
+        if ep.tls().is_none() && t.connect == defaults.connect {
+            return (self.shared.client.clone(), t);
         }
-        let client = ep.client.get_or_init(|| {
-            let tls = ep
-                .tls
-                .as_ref()
-                .map_or_else(tls::default_client_config, |s| s.client_config());
-            build_client(tls, t.connect, &self.shared.settings)
-        });
+        let key = PoolKey {
+            tls: ep.tls().cloned(),
+            connect: t.connect,
+        };
+        let mut clients = self
+            .shared
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = clients.get(&key) {
+            return (client.clone(), t);
+        }
+        // A new pool: first drop those whose settings no registry snapshot holds any more.
+        clients.retain(|key, _| key.in_use());
+        let tls = key
+            .tls
+            .as_ref()
+            .map_or_else(tls::default_client_config, |s| s.client_config());
+        let client = build_client(tls, t.connect, &self.shared.settings);
+        clients.insert(key, client.clone());
         (client, t)
+    }
+
+    /// How many pools of their own endpoints have (for tests).
+    #[cfg(test)]
+    fn own_pools(&self) -> usize {
+        self.shared.clients.lock().unwrap().len()
     }
 }
 
@@ -420,7 +487,7 @@ where
             .map(|r| r.target.clone());
         let (client, t) = match &target {
             Some(ep) => self.client_for(ep),
-            None => (&self.shared.client, settings.defaults),
+            None => (self.shared.client.clone(), settings.defaults),
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);

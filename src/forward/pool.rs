@@ -6,34 +6,27 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::header::{HOST, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::UpstreamBody;
+use super::conn::{Checkin, H1Conn, Key, Return};
 use super::{ConnectTimeout, UpstreamRequestBody};
 use crate::BoxError;
-
-/// What the connector yields: TCP, with TLS for `https`.
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+use crate::error::ConnectError;
 
 /// The connector: TCP (`TCP_NODELAY`, keepalive), TLS with ALPN `h2` and `http/1.1`, all
 /// within the connect timeout.
 pub(crate) type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
-
-/// Where a connection goes: an upstream's scheme and authority.
-type Key = (Scheme, Authority);
 
 /// A pool of upstream connections, shared by its clones.
 ///
@@ -86,35 +79,6 @@ impl fmt::Debug for UpstreamClient {
             .finish_non_exhaustive()
     }
 }
-
-/// Could not connect to the upstream: TCP, TLS, or the connect timeout. The cause is its
-/// [`source`](std::error::Error::source).
-#[derive(Debug)]
-pub struct ConnectError(BoxError);
-
-impl fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("could not connect to the upstream")
-    }
-}
-
-impl std::error::Error for ConnectError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.0)
-    }
-}
-
-/// The upstream connection closed before the response body ended, without saying why.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnectionClosed;
-
-impl fmt::Display for ConnectionClosed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the upstream connection closed before the response ended")
-    }
-}
-
-impl std::error::Error for ConnectionClosed {}
 
 /// The future of [`UpstreamClient::send`]: one allocation per request, as the legacy client.
 pub(crate) type SendFuture =
@@ -296,25 +260,8 @@ impl Inner {
             response.as_mut().poll(cx)
         })
         .await?;
-        let pool = Arc::downgrade(self);
-        Ok(res.map(|body| UpstreamBody::h1(body, conn, pool, key.clone())))
-    }
-
-    /// Takes back a connection whose response has ended, if it can carry another request.
-    fn checkin(self: &Arc<Self>, key: Key, mut conn: Box<H1Conn>) {
-        if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() || !conn.is_reusable() {
-            return;
-        }
-        let mut state = self.lock();
-        let idle = state.idle.entry(key).or_default();
-        if idle.len() >= self.max_idle_per_host {
-            return;
-        }
-        idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
-        self.reap_later(state);
+        let pool: Weak<dyn Checkin> = Arc::downgrade(self) as Weak<Inner>;
+        Ok(res.map(|body| UpstreamBody::driving(body, conn, Return::new(pool, key.clone()))))
     }
 
     /// Starts the task that expires idle connections, unless it runs already (or nothing
@@ -345,6 +292,25 @@ impl Inner {
         let left = !state.idle.is_empty() || !state.h2.is_empty();
         state.reaping = left;
         left
+    }
+}
+
+impl Checkin for Inner {
+    /// Takes back a connection whose response has ended, if it can carry another request.
+    fn checkin(self: Arc<Self>, key: Key, mut conn: Box<H1Conn>) {
+        if self.max_idle_per_host == 0 || self.idle_timeout.is_zero() || !conn.is_reusable() {
+            return;
+        }
+        let mut state = self.lock();
+        let idle = state.idle.entry(key).or_default();
+        if idle.len() >= self.max_idle_per_host {
+            return;
+        }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        Inner::reap_later(&self, state);
     }
 }
 
@@ -396,61 +362,6 @@ enum Kind {
     H2(http2::SendRequest<UpstreamRequestBody>),
 }
 
-/// An HTTP/1.1 connection and the handle that sends requests on it. The connection makes
-/// progress only when [`drive`](Self::drive)n.
-pub(crate) struct H1Conn {
-    send: http1::SendRequest<UpstreamRequestBody>,
-    /// `None` once the connection has closed.
-    conn: Option<http1::Connection<Io, UpstreamRequestBody>>,
-}
-
-impl H1Conn {
-    /// Lets the connection write and read what it can. Returns `false` once it has closed.
-    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = &mut self.conn else {
-            return false;
-        };
-        match Pin::new(conn).poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(result) => {
-                if let Err(error) = result {
-                    // The request or the response body has been given the error too.
-                    tracing::debug!(%error, "upstream connection failed");
-                }
-                self.conn = None;
-                false
-            }
-        }
-    }
-
-    /// Whether the connection is open and waiting for a request. Lets it read first, so that
-    /// an upstream that closed it (or wrote something unasked) is noticed.
-    fn is_reusable(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        self.drive(&mut cx) && matches!(self.send.poll_ready(&mut cx), Poll::Ready(Ok(())))
-    }
-}
-
-/// Where a finished HTTP/1.1 response body returns its connection.
-pub(crate) struct Return {
-    pool: Weak<Inner>,
-    key: Key,
-}
-
-impl Return {
-    pub(crate) fn checkin(self, conn: Box<H1Conn>) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.checkin(self.key, conn);
-        }
-    }
-}
-
-impl UpstreamBody {
-    fn h1(body: Incoming, conn: Box<H1Conn>, pool: Weak<Inner>, key: Key) -> Self {
-        Self::driving(body, conn, Return { pool, key })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,7 +371,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
     use tower_service::Service;
 

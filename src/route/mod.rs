@@ -54,25 +54,14 @@ mod path;
 mod service;
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 pub use self::path::{PathError, ProxyPath, parse_proxy_path, rewrite, upstream_uri};
-#[cfg(feature = "config")]
-pub(crate) use self::service::is_valid_prefix;
 pub use self::service::{CustomEndpointRoute, CustomEndpointRouteLayer};
 pub use crate::error::ResponseFuture;
+pub use crate::ext::RouteMatch;
+pub use crate::model::DEFAULT_PATH_PREFIX;
 
-use crate::registry::Endpoint;
-
-/// The upstream paths clients call most. For these [`RouteMatch::upstream_path`] is a static
-/// string, and each [`Endpoint`] holds its upstream URI for them ready-made.
-pub(crate) const COMMON_PATHS: [&str; 5] = [
-    "/chat/completions",
-    "/completions",
-    "/embeddings",
-    "/models",
-    "/responses",
-];
+use crate::model::COMMON_PATHS;
 
 /// The index of `rest` in [`COMMON_PATHS`].
 pub(crate) fn common_path(rest: &str) -> Option<usize> {
@@ -87,23 +76,3 @@ pub(crate) fn upstream_path(common: Option<usize>, rest: &str) -> Cow<'static, s
     }
 }
 
-/// The default path prefix, `/proxy-api`.
-pub const DEFAULT_PATH_PREFIX: &str = "/proxy-api";
-
-/// Which endpoint a request was routed to: inserted into the request extensions by
-/// [`CustomEndpointRouteLayer`].
-#[derive(Clone, Debug)]
-pub struct RouteMatch {
-    /// The provider account name.
-    pub account: Arc<str>,
-    /// The endpoint name.
-    pub endpoint: Arc<str>,
-    /// The upstream path as the client sent it (empty or starting with `/`), without the query.
-    ///
-    /// The paths clients call most (`/chat/completions`, `/completions`, `/embeddings`,
-    /// `/models`, `/responses`) are borrowed static strings, so routing to them allocates
-    /// nothing for this field; any other path is owned.
-    pub upstream_path: Cow<'static, str>,
-    /// The endpoint's configuration, from the registry snapshot the request was routed with.
-    pub target: Arc<Endpoint>,
-}

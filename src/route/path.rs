@@ -2,11 +2,9 @@
 
 use std::fmt;
 
-use bytes::Bytes;
 use http::Uri;
-use http::uri::{Parts, PathAndQuery};
 
-use crate::registry::UpstreamBase;
+use crate::model::UpstreamBase;
 
 /// A proxy path split into its parts. Every part has been validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,9 +208,6 @@ pub fn parse_proxy_path<'a>(prefix: &str, path: &'a str) -> Result<ProxyPath<'a>
     })
 }
 
-/// The longest path and query an `http::Uri` holds.
-const MAX_PATH_AND_QUERY: usize = u16::MAX as usize - 1;
-
 /// Builds the absolute upstream URI: the base URL, then the validated `rest`, then the query
 /// exactly as received. The scheme, authority and base path come only from `base`. The only
 /// failure is a URI grown too long by a base path longer than what it replaced.
@@ -221,31 +216,7 @@ pub fn upstream_uri(
     rest: &str,
     query: Option<&str>,
 ) -> Result<Uri, PathError> {
-    let base_path = base.path();
-    // The exact length, so the buffer becomes the URI's bytes without another allocation.
-    let path_len = (base_path.len() + rest.len()).max(1);
-    let len = path_len + query.map_or(0, |q| q.len() + 1);
-    if len >= MAX_PATH_AND_QUERY {
-        return Err(PathError::TooLong);
-    }
-    let mut pq = Vec::with_capacity(len);
-    pq.extend_from_slice(base_path.as_bytes());
-    pq.extend_from_slice(rest.as_bytes());
-    if pq.is_empty() {
-        pq.push(b'/');
-    }
-    if let Some(q) = query {
-        pq.push(b'?');
-        pq.extend_from_slice(q.as_bytes());
-    }
-    let mut parts = Parts::default();
-    parts.scheme = Some(base.scheme().clone());
-    parts.authority = Some(base.authority().clone());
-    // Every byte here came from a parsed `Uri` or a validated base URL, and the length is
-    // checked, so this cannot fail; if it ever did, refusing is the safe answer.
-    parts.path_and_query =
-        Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| PathError::TooLong)?);
-    Uri::from_parts(parts).map_err(|_| PathError::TooLong)
+    base.join(rest, query).ok_or(PathError::TooLong)
 }
 
 /// The whole rewrite for one endpoint: the request target (origin- or absolute-form; any

@@ -12,7 +12,8 @@ use super::{
     upstream_uri,
 };
 use crate::error::{GatewayError, ResponseFuture};
-use crate::registry::{SharedRegistry, is_valid_name};
+use crate::model::is_valid_prefix;
+use crate::registry::SharedRegistry;
 
 /// Layer that applies [`CustomEndpointRoute`]. See the [module docs](super) for an example.
 #[derive(Clone, Debug)]
@@ -53,14 +54,6 @@ impl CustomEndpointRouteLayer {
         Arc::make_mut(&mut self.config).prefix = prefix.into();
         self
     }
-}
-
-/// Whether `prefix` is a valid path prefix: empty, or `/seg/seg` of valid names.
-pub(crate) fn is_valid_prefix(prefix: &str) -> bool {
-    prefix.is_empty()
-        || prefix
-            .strip_prefix('/')
-            .is_some_and(|rest| rest.split('/').all(is_valid_name))
 }
 
 impl<S> Layer<S> for CustomEndpointRouteLayer {
@@ -294,7 +287,7 @@ mod tests {
         let mut checked = 0;
         for (i, base) in bases.iter().enumerate() {
             let parsed = crate::registry::UpstreamBase::parse(base).unwrap();
-            let ready_made = crate::route::COMMON_PATHS.iter().copied();
+            let ready_made = crate::model::COMMON_PATHS.iter().copied();
             for rest in ready_made.chain(["", "/", "/chat/completions/", "/models/x"]) {
                 for query in [None, Some(""), Some("stream=true")] {
                     let target = match query {

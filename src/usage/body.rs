@@ -285,7 +285,7 @@ fn stream_error_cause(err: &BoxError) -> &'static str {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
     while let Some(e) = cur {
         #[cfg(feature = "forward")]
-        if e.is::<crate::forward::BodyIdleTimeout>() {
+        if e.is::<crate::error::BodyIdleTimeout>() {
             return "upstream_idle_timeout";
         }
         cur = e.source();

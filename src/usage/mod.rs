@@ -78,7 +78,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::{Collect, MapErr};
@@ -92,65 +92,11 @@ pub use self::body::UsageBody;
 use self::body::{Meter, Mode};
 use self::parse::{JsonCollector, SseParser};
 pub use self::request::TapRequestBody;
-use crate::auth::Principal;
 use crate::error::X_GATEWAY_ERROR;
-use crate::route::RouteMatch;
+use crate::ext::{Principal, RouteMatch};
 
-/// The request id header: taken from the client or made by the gateway, sent upstream and
-/// returned to the client.
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Where the tap moves the upstream's own request id when it differs from the gateway's.
-pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
-
-/// The names of the metrics the gateway records through the [`metrics`] facade. Nothing is
-/// recorded until the application installs a recorder (the example gateway installs the
-/// Prometheus exporter with `--metrics ADDR`).
-pub mod metric {
-    /// Counter of every request the gateway answered. Labels: `status`, `source` (`gateway`
-    /// or `upstream`), `service` (`proxy` or `manage`).
-    pub const REQUESTS: &str = "gateway_requests_total";
-    /// Counter of failures. Label: `cause` (the `x-gateway-error` code of a gateway-made
-    /// response, or `upstream_idle_timeout` / `upstream_stream_error` for a stream cut short).
-    pub const ERRORS: &str = "gateway_errors_total";
-    /// Counter of upstream responses. Labels: `account`, `endpoint`, `status`, `outcome`
-    /// (`complete`, `failed`, `cancelled`).
-    pub const UPSTREAM_RESPONSES: &str = "gateway_upstream_responses_total";
-    /// Histogram (seconds) from the request reaching the tap to the first response body byte.
-    /// Labels: `account`, `endpoint`.
-    pub const TIME_TO_FIRST_BYTE: &str = "gateway_time_to_first_byte_seconds";
-    /// Histogram (seconds) from the request reaching the tap to the end of the response body.
-    /// Labels: `account`, `endpoint`.
-    pub const UPSTREAM_DURATION: &str = "gateway_upstream_duration_seconds";
-    /// Counter of tokens. Labels: `account`, `endpoint`, `team` (each of the principal's
-    /// teams, or `""`), `type` (`input` or `output`).
-    pub const TOKENS: &str = "gateway_tokens_total";
-
-    /// The `status` label: the common codes without an allocation.
-    pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
-        let code = match status.as_u16() {
-            200 => "200",
-            201 => "201",
-            204 => "204",
-            400 => "400",
-            401 => "401",
-            403 => "403",
-            404 => "404",
-            405 => "405",
-            408 => "408",
-            413 => "413",
-            414 => "414",
-            429 => "429",
-            500 => "500",
-            501 => "501",
-            502 => "502",
-            503 => "503",
-            504 => "504",
-            other => return other.to_string().into(),
-        };
-        metrics::SharedString::const_str(code)
-    }
-}
+pub use crate::metric;
+pub use crate::request_id::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 
 /// How a call's response body ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -387,12 +333,7 @@ const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// The error of an upload that stalled while the tap read it (408 under `RescueLayer`, as when
 /// the forwarder's idle timeout catches it).
 fn stalled(idle: Duration) -> crate::BoxError {
-    #[cfg(feature = "forward")]
-    return Box::new(crate::forward::BodyIdleTimeout(idle));
-    #[cfg(not(feature = "forward"))]
-    return Box::new(crate::error::InvalidRequestBody(
-        format!("the request body stalled for {idle:?}").into(),
-    ));
+    Box::new(crate::error::BodyIdleTimeout(idle))
 }
 
 /// `gen_ai.operation.name` for an OpenAI-style path.
@@ -604,7 +545,7 @@ fn respond<RB: Body>(
         && call.request_id.as_ref().is_some_and(|ours| ours != theirs)
         && !call.span.is_disabled()
     {
-        let value = match crate::trace::is_valid_request_id(theirs) {
+        let value = match crate::request_id::is_valid_request_id(theirs) {
             true => theirs.to_str().unwrap_or_default(),
             false => "<not a valid request id>",
         };

@@ -1,3 +1,7 @@
+//! TLS settings of an upstream: the system trust roots, loaded once, and an endpoint's own
+//! extra roots and client certificate ([`TlsSettings`]). A leaf: it imports nothing of the
+//! crate, so the model can hold settings and the forwarder can build connections from them.
+
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,386 @@
+//! The gateway's TOML configuration: keys, accounts and endpoints, with secrets read from the
+//! environment or from files.
+//!
+//! [`GatewayConfig::load`] reads a file, expands secrets, validates everything and builds the
+//! [`HashedKeyStore`] and the [`Registry`] the layers run on. A configuration that loads is
+//! complete: every URL parsed, every header checked, every TLS file read.
+//!
+//! # The file
+//!
+//! ```toml
+//! path_prefix = "/proxy-api"          # optional
+//!
+//! [[keys]]                            # gateway API keys; clients only ever hold these
+//! id = "alice-laptop"                 # a label for logs, never the secret
+//! subject = "alice@example.com"
+//! teams = ["research"]
+//! sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//! # key = "${ALICE_GATEWAY_KEY}"      # or the key itself, hashed at load time
+//!
+//! [[accounts]]                        # a provider account
+//! name = "coreweave-model"
+//! endpoint_type = "none"
+//! header_auth = { Authorization = "Bearer ${SHARED_KEY}" }   # endpoints inherit it
+//! [accounts.access]
+//! managers = ["team:platform"]
+//! users = ["everyone"]
+//! viewers = []
+//!
+//! [[accounts.endpoints]]              # an integration
+//! name = "inference"
+//! base_url = "https://api.inference.wandb.ai/v1"
+//! headers = { Authorization = "Bearer ${WANDB_API_KEY}" }    # overrides header_auth
+//! # access = { users = ["team:research"] }
+//! # timeouts = { connect_ms = 10000, first_byte_ms = 600000, idle_ms = 300000 }
+//! # tls = { ca_file = "ca.pem", client_cert_file = "c.pem", client_key_file = "k.pem" }
+//! ```
+//!
+//! A proxy URL is `{gateway}{path_prefix}/{account name}/{endpoint name}/{upstream path}`.
+//!
+//! # Reference
+//!
+//! Every table refuses fields it does not know, so a misspelt field is an error, not a silent
+//! default.
+//!
+//! | field | type | default | meaning |
+//! |---|---|---|---|
+//! | `path_prefix` | string | `"/proxy-api"` | prefix of every proxy path: empty, or `/name[/name…]` with no trailing slash |
+//! | `limits.max_request_body_bytes` | integer > 0 | 33554432 (32 MiB) | largest request body forwarded; larger is a 413 |
+//! | `keys` | array of tables | `[]` | the gateway API keys |
+//! | `keys[].id` | string | required | a unique label for logs; never the secret |
+//! | `keys[].subject` | string | required | who holds the key, e.g. an email; no spaces |
+//! | `keys[].teams` | array of strings | `[]` | the holder's teams, for `team:NAME` grants; no spaces |
+//! | `keys[].sha256` | string, secret | — | the key's SHA-256 digest, 64 hex digits |
+//! | `keys[].key` | string, secret | — | the key itself, hashed at load time (set exactly one of `sha256` and `key`) |
+//! | `accounts` | array of tables | `[]` | the provider accounts |
+//! | `accounts[].name` | string | required | the account's path segment: 1 to 128 of `A-Z a-z 0-9 - . _ ~`, unique |
+//! | `accounts[].endpoint_type` | string | `"none"` | the kind of provider; only `"none"` (a plain HTTP upstream) is known |
+//! | `accounts[].header_auth` | table of strings, secret | `{}` | headers injected into every request to the account's endpoints |
+//! | `accounts[].access` | table | no grants | who may manage, use and view the account (see below) |
+//! | `accounts[].endpoints` | array of tables | `[]` | the account's endpoints |
+//! | `accounts[].endpoints[].name` | string | required | the endpoint's path segment, same rules as an account name, unique in its account |
+//! | `accounts[].endpoints[].base_url` | string | required | `http(s)://host[:port][/path]`: no trailing slash, user info, query or fragment |
+//! | `accounts[].endpoints[].headers` | table of strings, secret | `{}` | headers injected into the endpoint's requests; a name also in `header_auth` replaces it |
+//! | `accounts[].endpoints[].access` | table | the account's | grants that replace the account's for this endpoint |
+//! | `accounts[].endpoints[].timeouts.connect_ms` | integer > 0 | forwarder default | time to connect (TCP and TLS), in milliseconds |
+//! | `accounts[].endpoints[].timeouts.first_byte_ms` | integer > 0 | forwarder default | time from sending the request to the response head |
+//! | `accounts[].endpoints[].timeouts.idle_ms` | integer > 0 | forwarder default | longest silence between two body frames |
+//! | `accounts[].endpoints[].tls.ca_file` | path | none | PEM CA certificates trusted besides the system roots |
+//! | `accounts[].endpoints[].tls.client_cert_file` | path | none | PEM client certificate chain (needs `client_key_file`) |
+//! | `accounts[].endpoints[].tls.client_key_file` | path | none | PEM private key of the client certificate (needs `client_cert_file`) |
+//!
+//! An `access` table has three optional arrays of subjects, each `[]` by default: `managers`
+//! (edit, update, delete, use and view), `users` (use and view) and `viewers` (view). A
+//! subject is `"everyone"`, `"team:NAME"` or `"user:SUBJECT"`. See [`crate::access`].
+//!
+//! Header names are case-insensitive, so one table may not hold two names that differ only
+//! by case. Headers the gateway manages itself (`Host`, `Content-Length`, `Accept-Encoding`
+//! and the hop-by-hop headers such as `Connection`) cannot be configured. Injected values are
+//! marked sensitive, so they never appear in `Debug` output or traces.
+//!
+//! Relative TLS paths are resolved against the configuration file's directory (the
+//! [`SecretSource`]'s base directory).
+//!
+//! # Secrets
+//!
+//! The fields marked *secret* above (`keys[].key`, `keys[].sha256` and every header value)
+//! may refer to secrets instead of holding them:
+//!
+//! - `${VAR}` is replaced by the environment variable `VAR` (letters, digits and `_`, not
+//!   starting with a digit);
+//! - `${file:PATH}` is replaced by the contents of the file `PATH`, relative to the
+//!   configuration file's directory, with one trailing newline (`\n` or `\r\n`) removed.
+//!
+//! A `$` not followed by `{` is kept as it is, and expanded text is not expanded again. A
+//! missing variable or unreadable file fails the load. Other fields are never expanded.
+//!
+//! # Errors
+//!
+//! A [`ConfigError`] names the field and the problem, e.g.
+//! `accounts[0].endpoints[1].base_url: must not end with a slash`. It never holds a secret:
+//! not a key, a digest or a header value, whether written in the file or read from the
+//! environment. TOML syntax and type errors give the position as line and column and replace
+//! every quoted value in the message with `"<redacted>"`.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_gateway::config::{GatewayConfig, SecretSource};
+//!
+//! let toml = r#"
+//!     [[keys]]
+//!     id = "alice-laptop"
+//!     subject = "alice@example.com"
+//!     key = "${ALICE_GATEWAY_KEY}"
+//!
+//!     [[accounts]]
+//!     name = "coreweave-model"
+//!     access = { users = ["everyone"] }
+//!
+//!     [[accounts.endpoints]]
+//!     name = "inference"
+//!     base_url = "https://api.inference.wandb.ai/v1"
+//!     headers = { Authorization = "Bearer ${WANDB_API_KEY}" }
+//! "#;
+//! let secrets = SecretSource::from_vars(
+//!     [("ALICE_GATEWAY_KEY", "gw-alice"), ("WANDB_API_KEY", "wandb-secret")],
+//!     ".",
+//! );
+//! let config = GatewayConfig::from_toml(toml, &secrets).unwrap();
+//!
+//! assert_eq!(config.path_prefix, "/proxy-api");
+//! assert_eq!(config.keys.len(), 1);
+//! let ep = config.registry.endpoint("coreweave-model", "inference").unwrap();
+//! assert_eq!(ep.headers()["authorization"], "Bearer wandb-secret");
+//!
+//! // A missing variable names the field, never a value.
+//! let err = GatewayConfig::from_toml(toml, &SecretSource::from_vars([("ALICE_GATEWAY_KEY", "gw-alice")], "."))
+//!     .unwrap_err();
+//! assert_eq!(
+//!     err.to_string(),
+//!     "accounts[0].endpoints[0].headers.Authorization: environment variable WANDB_API_KEY is not set",
+//! );
+//! ```
+
+mod file;
+mod secrets;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+pub use self::secrets::{Secret, SecretSource};
+use crate::ext::Principal;
+use crate::model::{AccountSpec, EndpointSpec, FieldError, HashedKeyStore, KeyDigest, is_valid_prefix};
+use crate::registry::Registry;
+use crate::tls::TlsSettings;
+
+/// A loaded, validated gateway configuration: the path prefix, key store and registry the
+/// gateway builder assembles the stack from.
+///
+/// See the [module docs](self) for the file format.
+#[derive(Debug)]
+pub struct GatewayConfig {
+    /// The prefix of every proxy path, `/proxy-api` by default; may be empty.
+    pub path_prefix: String,
+    /// The gateway API keys, as digests.
+    pub keys: HashedKeyStore,
+    /// The accounts and endpoints.
+    pub registry: Registry,
+    /// `limits.max_request_body_bytes`: the largest request body forwarded, if set (the
+    /// forwarder's default, 32 MiB, otherwise).
+    pub max_request_body: Option<u64>,
+}
+
+impl GatewayConfig {
+    /// Reads and validates the configuration file at `path`.
+    ///
+    /// `${VAR}` reads the process environment and `${file:PATH}` a file relative to the
+    /// configuration file's directory, as do relative TLS paths.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        let base_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Self::from_toml(&text, &SecretSource::process_env(base_dir))
+    }
+
+    /// Parses and validates TOML text, taking secrets (and the base directory for relative
+    /// paths) from `secrets`.
+    pub fn from_toml(text: &str, secrets: &SecretSource) -> Result<Self, ConfigError> {
+        let raw = file::parse(text)?;
+        build(raw, secrets)
+    }
+}
+
+/// A configuration that failed to load: the field (`accounts[0].endpoints[1].base_url`, `line N`
+/// for a TOML syntax error, or the file's path when it cannot be read) and the problem. The
+/// same type as a registry's validation error.
+///
+/// Neither its `Display` nor its `Debug` output ever contains a secret.
+pub type ConfigError = FieldError;
+
+fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, ConfigError> {
+    if !is_valid_prefix(&raw.path_prefix) {
+        return Err(ConfigError::new(
+            "path_prefix",
+            "must be empty or \"/\" followed by names (A-Z a-z 0-9 - . _ ~) separated by \"/\", \
+             with no trailing slash",
+        ));
+    }
+    let keys = build_keys(raw.keys, secrets)?;
+    let accounts = raw
+        .accounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, account)| build_account(i, account, secrets))
+        .collect::<Result<Vec<_>, _>>()?;
+    let registry = Registry::from_accounts(accounts)?;
+    if raw.limits.max_request_body_bytes == Some(0) {
+        return Err(ConfigError::new(
+            "limits.max_request_body_bytes",
+            "must be greater than zero",
+        ));
+    }
+    Ok(GatewayConfig {
+        path_prefix: raw.path_prefix,
+        keys,
+        registry,
+        max_request_body: raw.limits.max_request_body_bytes,
+    })
+}
+
+/// Whether `s` is a usable name for a subject or team: non-empty, no whitespace or control
+/// characters (the syntax `user:SUBJECT` and `team:NAME` grants accept).
+fn is_plain_name(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+fn build_keys(raw: Vec<file::RawKey>, secrets: &SecretSource) -> Result<HashedKeyStore, ConfigError> {
+    let mut store = HashedKeyStore::new();
+    let mut ids = HashSet::new();
+    for (i, key) in raw.into_iter().enumerate() {
+        let field = format!("keys[{i}]");
+        if key.id.is_empty() || key.id.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                "must be non-empty, without control characters",
+            ));
+        }
+        if !ids.insert(key.id.clone()) {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                format!("duplicate id \"{}\"", key.id),
+            ));
+        }
+        if !is_plain_name(&key.subject) {
+            return Err(ConfigError::new(
+                format!("{field}.subject"),
+                "must be non-empty, without spaces or control characters",
+            ));
+        }
+        for (t, team) in key.teams.iter().enumerate() {
+            if !is_plain_name(team) {
+                return Err(ConfigError::new(
+                    format!("{field}.teams[{t}]"),
+                    "must be non-empty, without spaces or control characters",
+                ));
+            }
+        }
+        let digest = match (&key.sha256, &key.key) {
+            (Some(hex), None) => {
+                let field = format!("{field}.sha256");
+                let hex = secrets.expand(&field, hex)?;
+                KeyDigest::from_hex(hex.expose())
+                    .map_err(|e| ConfigError::new(field, e.to_string()))?
+            }
+            (None, Some(text)) => {
+                let field = format!("{field}.key");
+                let secret = secrets.expand(&field, text)?;
+                if secret.expose().is_empty() {
+                    return Err(ConfigError::new(field, "must not be empty"));
+                }
+                KeyDigest::of(secret.expose())
+            }
+            _ => {
+                return Err(ConfigError::new(field, "set exactly one of sha256 or key"));
+            }
+        };
+        let principal = Principal::new(key.id, key.subject, key.teams);
+        store
+            .insert_digest(digest, principal)
+            .map_err(|e| ConfigError::new(field, e.to_string()))?;
+    }
+    Ok(store)
+}
+
+fn build_headers(
+    raw: &BTreeMap<String, String>,
+    field: &str,
+    secrets: &SecretSource,
+) -> Result<HeaderMap, ConfigError> {
+    let mut headers = HeaderMap::with_capacity(raw.len());
+    for (name, value) in raw {
+        let field = format!("{field}.{name}");
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::new(&field, "is not a valid header name"))?;
+        if headers.contains_key(&header) {
+            return Err(ConfigError::new(
+                field,
+                "is set twice (header names are case-insensitive)",
+            ));
+        }
+        let value = secrets.expand(&field, value)?;
+        // The value is never quoted: it is a secret.
+        let value = HeaderValue::from_str(value.expose()).map_err(|_| {
+            ConfigError::new(
+                &field,
+                "the value is not a valid header value (it holds a line break or another \
+                 control character)",
+            )
+        })?;
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
+fn build_account(
+    i: usize,
+    raw: file::RawAccount,
+    secrets: &SecretSource,
+) -> Result<AccountSpec, ConfigError> {
+    let field = format!("accounts[{i}]");
+    let header_auth = build_headers(&raw.header_auth, &format!("{field}.header_auth"), secrets)?;
+    let access = raw.access.to_grants(&format!("{field}.access"))?;
+    let endpoints = raw
+        .endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(j, ep)| build_endpoint(&format!("{field}.endpoints[{j}]"), ep, secrets))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AccountSpec {
+        header_auth,
+        access,
+        endpoints,
+        ..AccountSpec::new(raw.name)
+    })
+}
+
+fn build_endpoint(
+    field: &str,
+    raw: file::RawEndpoint,
+    secrets: &SecretSource,
+) -> Result<EndpointSpec, ConfigError> {
+    let headers = build_headers(&raw.headers, &format!("{field}.headers"), secrets)?;
+    let access = raw
+        .access
+        .map(|g| g.to_grants(&format!("{field}.access")))
+        .transpose()?;
+    let timeouts = raw.timeouts.to_timeouts();
+    let tls = raw
+        .tls
+        .map(|tls| {
+            let path = |p: &Option<PathBuf>| p.as_ref().map(|p| secrets.base_dir().join(p));
+            TlsSettings::from_files(
+                path(&tls.ca_file).as_deref(),
+                path(&tls.client_cert_file).as_deref(),
+                path(&tls.client_key_file).as_deref(),
+            )
+            .map(Arc::new)
+            .map_err(|e| ConfigError::new(format!("{field}.tls.{}", e.field), e.message))
+        })
+        .transpose()?;
+    Ok(EndpointSpec {
+        headers,
+        access,
+        timeouts,
+        tls,
+        ..EndpointSpec::new(raw.name, raw.base_url)
+    })
+}

@@ -1,0 +1,277 @@
+//! Accounts and endpoints as a user writes them, and the validation every change passes.
+
+use std::collections::HashSet;
+use std::fmt;
+#[cfg(feature = "forward")]
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use super::{FieldError, Grants, NAME_RULE, Timeouts, UpstreamBase, is_valid_name};
+
+/// The description of an endpoint, as a user writes it.
+///
+/// `Debug` shows header names, never values.
+#[derive(Clone)]
+pub struct EndpointSpec {
+    /// The endpoint name, the second path segment after the prefix.
+    pub name: String,
+    /// Base URL, e.g. `https://api.inference.wandb.ai/v1`.
+    pub base_url: String,
+    /// Custom headers; they override the account's `header_auth`.
+    pub headers: HeaderMap,
+    /// Per-endpoint grants overriding the account's.
+    pub access: Option<Grants>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Extra trust roots and a client certificate.
+    #[cfg(feature = "forward")]
+    pub tls: Option<Arc<crate::tls::TlsSettings>>,
+}
+
+impl EndpointSpec {
+    /// An endpoint with no headers, grants, timeouts or TLS settings of its own.
+    pub fn new(name: impl Into<String>, base_url: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            base_url: base_url.into(),
+            headers: HeaderMap::new(),
+            access: None,
+            timeouts: Timeouts::default(),
+            #[cfg(feature = "forward")]
+            tls: None,
+        }
+    }
+}
+
+/// The description of a provider account, as a user writes it.
+///
+/// `Debug` shows header names, never values.
+#[derive(Clone)]
+pub struct AccountSpec {
+    /// The account name, the first path segment after the prefix.
+    pub name: String,
+    /// Headers every endpoint of the account inherits.
+    pub header_auth: HeaderMap,
+    /// Who may manage, use and view the account's endpoints.
+    pub access: Grants,
+    /// The endpoints.
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+impl AccountSpec {
+    /// An account with no headers, grants or endpoints.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            header_auth: HeaderMap::new(),
+            access: Grants::default(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for EndpointSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("EndpointSpec");
+        d.field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("access", &self.access)
+            .field("timeouts", &self.timeouts);
+        #[cfg(feature = "forward")]
+        d.field("tls", &self.tls);
+        d.finish()
+    }
+}
+
+impl fmt::Debug for AccountSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccountSpec")
+            .field("name", &self.name)
+            .field("header_auth", &self.header_auth.keys().collect::<Vec<_>>())
+            .field("access", &self.access)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl AccountSpec {
+    /// The headers an endpoint of this account injects: the account's `header_auth`, each
+    /// name the endpoint sets replaced by the endpoint's values; all marked sensitive.
+    pub fn headers_for(&self, endpoint: &EndpointSpec) -> HeaderMap {
+        let mut headers = self.header_auth.clone();
+        for name in endpoint.headers.keys() {
+            headers.remove(name);
+        }
+        for (name, value) in &endpoint.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        for value in headers.values_mut() {
+            value.set_sensitive(true);
+        }
+        headers
+    }
+}
+
+/// Validates accounts as a whole, the checks every source (the file, the management API, a
+/// store) passes through before a change is applied: names, unique names, base URLs, headers
+/// the gateway owns, timeouts. An error names the field, e.g.
+/// `accounts[0].endpoints[1].base_url`, and never a header value.
+pub fn validate(accounts: &[AccountSpec]) -> Result<(), FieldError> {
+    let mut account_names = HashSet::with_capacity(accounts.len());
+    for (i, account) in accounts.iter().enumerate() {
+        let field = format!("accounts[{i}]");
+        check_name(&account.name, &field)?;
+        check_headers(&account.header_auth, &format!("{field}.header_auth"))?;
+        let mut endpoint_names = HashSet::with_capacity(account.endpoints.len());
+        for (j, ep) in account.endpoints.iter().enumerate() {
+            let field = format!("{field}.endpoints[{j}]");
+            check_name(&ep.name, &field)?;
+            UpstreamBase::parse(&ep.base_url)
+                .map_err(|m| FieldError::new(format!("{field}.base_url"), m))?;
+            check_headers(&ep.headers, &format!("{field}.headers"))?;
+            ep.timeouts.validate(&format!("{field}.timeouts"))?;
+            if !endpoint_names.insert(ep.name.as_str()) {
+                return Err(FieldError::new(
+                    format!("{field}.name"),
+                    format!(
+                        "duplicate endpoint name \"{}\" in account \"{}\"",
+                        ep.name, account.name
+                    ),
+                ));
+            }
+        }
+        if !account_names.insert(account.name.as_str()) {
+            return Err(FieldError::new(
+                format!("{field}.name"),
+                format!("duplicate account name \"{}\"", account.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_name(name: &str, field: &str) -> Result<(), FieldError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(FieldError::new(format!("{field}.name"), NAME_RULE))
+    }
+}
+
+/// Headers a configuration may not inject: the proxy owns them.
+fn forbidden_header(name: &HeaderName) -> bool {
+    crate::hop::is_hop_by_hop(name)
+        || name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == header::ACCEPT_ENCODING
+}
+
+fn check_headers(headers: &HeaderMap, field: &str) -> Result<(), FieldError> {
+    for name in headers.keys() {
+        if forbidden_header(name) {
+            return Err(FieldError::new(
+                format!("{field}.{name}"),
+                "this header is managed by the gateway and cannot be configured",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::time::Duration;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn endpoint_headers_override_account_headers_and_are_sensitive() {
+        let account = AccountSpec {
+            header_auth: headers(&[("authorization", "Bearer shared"), ("x-org", "acme")]),
+            ..AccountSpec::new("acct")
+        };
+        let own = EndpointSpec {
+            headers: headers(&[("authorization", "Bearer own")]),
+            ..EndpointSpec::new("own", "https://example.com/v1")
+        };
+        let merged = account.headers_for(&own);
+        assert_eq!(merged.get_all("authorization").iter().count(), 1);
+        assert_eq!(merged["authorization"], "Bearer own");
+        assert_eq!(merged["x-org"], "acme");
+        assert!(merged.values().all(HeaderValue::is_sensitive));
+        let inherits = account.headers_for(&EndpointSpec::new("i", "https://example.com/v1"));
+        assert_eq!(inherits["authorization"], "Bearer shared");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases: Vec<(Vec<AccountSpec>, &str)> = vec![
+            (vec![AccountSpec::new("a/b")], "accounts[0].name"),
+            (vec![AccountSpec::new("..")], "accounts[0].name"),
+            (
+                vec![AccountSpec::new("a"), AccountSpec::new("a")],
+                "accounts[1].name",
+            ),
+            (
+                vec![AccountSpec {
+                    endpoints: vec![EndpointSpec::new("e", "https://x/v1/")],
+                    ..AccountSpec::new("a")
+                }],
+                "accounts[0].endpoints[0].base_url",
+            ),
+            (
+                vec![AccountSpec {
+                    endpoints: vec![
+                        EndpointSpec::new("e", "https://x/v1"),
+                        EndpointSpec::new("e", "https://y/v1"),
+                    ],
+                    ..AccountSpec::new("a")
+                }],
+                "accounts[0].endpoints[1].name",
+            ),
+            (
+                vec![AccountSpec {
+                    header_auth: headers(&[("connection", "close")]),
+                    ..AccountSpec::new("a")
+                }],
+                "accounts[0].header_auth.connection",
+            ),
+            (
+                vec![AccountSpec {
+                    endpoints: vec![EndpointSpec {
+                        headers: headers(&[("host", "evil")]),
+                        ..EndpointSpec::new("e", "https://x/v1")
+                    }],
+                    ..AccountSpec::new("a")
+                }],
+                "accounts[0].endpoints[0].headers.host",
+            ),
+            (
+                vec![AccountSpec {
+                    endpoints: vec![EndpointSpec {
+                        timeouts: Timeouts {
+                            idle: Some(Duration::ZERO),
+                            ..Timeouts::default()
+                        },
+                        ..EndpointSpec::new("e", "https://x/v1")
+                    }],
+                    ..AccountSpec::new("a")
+                }],
+                "accounts[0].endpoints[0].timeouts.idle_ms",
+            ),
+        ];
+        for (accounts, field) in cases {
+            let err = validate(&accounts).unwrap_err();
+            assert_eq!(err.field(), field, "{err}");
+        }
+    }
+}
