@@ -6,8 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::FieldError;
-use crate::ext::Principal;
+use super::{FieldError, Principal};
 
 /// Who a grant applies to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

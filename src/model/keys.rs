@@ -10,7 +10,7 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::ext::Principal;
+use super::Principal;
 
 /// The SHA-256 digest of a gateway key.
 ///

@@ -7,6 +7,7 @@
 //! | [`Grants`], [`Subject`], [`Role`], [`Permission`] | who may manage, use and view them |
 //! | [`HeaderTemplate`] | an injected header value filled per caller (`{team}`, `{subject}`, `{key_id}`) |
 //! | [`UpstreamBase`], [`Timeouts`] | where an endpoint's requests go, and how long they wait |
+//! | [`Principal`] | who is calling: a key's label, subject and teams |
 //! | [`HashedKeyStore`], [`KeyDigest`] | gateway key records: digests and the principal of each (feature `auth`) |
 //! | [`FieldError`] | the one validation error: the field, as a path, and the problem |
 //!
@@ -32,6 +33,7 @@ mod account;
 mod grants;
 #[cfg(feature = "auth")]
 mod keys;
+mod principal;
 mod template;
 mod upstream;
 
@@ -41,6 +43,7 @@ pub use self::account::{AccountSpec, EndpointSpec, validate};
 pub use self::grants::{Grants, InvalidSubject, Permission, Role, Subject};
 #[cfg(feature = "auth")]
 pub use self::keys::{DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest};
+pub use self::principal::Principal;
 pub use self::template::{HeaderTemplate, TemplateVar};
 pub use self::upstream::{COMMON_PATHS, Timeouts, UpstreamBase};
 

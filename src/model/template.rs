@@ -7,7 +7,7 @@ use std::fmt;
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 
-use crate::ext::Principal;
+use super::Principal;
 
 /// A placeholder in a [`HeaderTemplate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
