@@ -94,7 +94,7 @@ pub type GatewayService<K, B> = Traced<
 
 /// The management API behind authentication, as returned by [`Gateway::management_service`].
 #[cfg(feature = "manage")]
-pub type ManagementService<K> = Traced<Rescue<GatewayAuth<Management, K>>, ResponseBody>;
+pub type ManagementService<K> = Traced<Rescue<GatewayAuth<Management, K>>, axum::body::Body>;
 
 /// The [`trace`](crate::trace) layers around a service `S` whose responses have body `B`:
 /// request ids, the request span, and the body boxed into a [`ResponseBody`].

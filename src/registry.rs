@@ -264,15 +264,12 @@ impl Account {
         // Endpoints without grants of their own share the account's.
         let account_grants = Arc::new(spec.access.clone());
         for (j, ep) in spec.endpoints.iter().enumerate() {
-            let base = UpstreamBase::parse(&ep.base_url).map_err(|m| {
-                RegistryError::new(format!("{field}.endpoints[{j}].base_url"), m)
-            })?;
+            let base = UpstreamBase::parse(&ep.base_url)
+                .map_err(|m| RegistryError::new(format!("{field}.endpoints[{j}].base_url"), m))?;
             let mut headers = spec.headers_for(ep);
             let templates: Vec<(HeaderName, HeaderTemplate)> = headers
                 .iter()
-                .filter_map(|(name, value)| {
-                    HeaderTemplate::parse(value).map(|t| (name.clone(), t))
-                })
+                .filter_map(|(name, value)| HeaderTemplate::parse(value).map(|t| (name.clone(), t)))
                 .collect();
             for (name, _) in &templates {
                 headers.remove(name);

@@ -227,7 +227,12 @@ fn path_heads(code: &str, prefix: &str) -> Vec<(String, usize)> {
                     .filter_map(|e| e.trim().split("::").next())
                     .collect()
             } else {
-                vec![after.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")]
+                vec![
+                    after
+                        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .next()
+                        .unwrap_or(""),
+                ]
             };
             for name in names {
                 if !name.is_empty() {
@@ -413,7 +418,11 @@ fn cycles<'a>(graph: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Vec<Vec<&'a str>>
 fn modules_import_one_way() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let files = files(&src);
-    assert!(files.len() > 20, "found only {} files under src/", files.len());
+    assert!(
+        files.len() > 20,
+        "found only {} files under src/",
+        files.len()
+    );
     let problems = violations(&files);
     assert!(
         problems.is_empty(),
@@ -504,7 +513,10 @@ fn cycles_are_named_between_modules_and_between_sibling_files() {
         file("model/grants.rs", "use crate::ext::Principal;"),
         file("forward/pool.rs", "use super::body::UpstreamBody;"),
         file("forward/body.rs", "use crate::forward::pool::H1Conn;"),
-        file("forward/mod.rs", "mod body; mod pool; pub use self::body::X;"),
+        file(
+            "forward/mod.rs",
+            "mod body; mod pool; pub use self::body::X;",
+        ),
     ];
     let problems = violations(&files);
     assert!(

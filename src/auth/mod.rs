@@ -47,6 +47,6 @@ mod key_store;
 mod service;
 
 pub use self::key_store::{KeyStore, SharedKeyStore};
+pub use self::service::{GatewayAuth, GatewayAuthLayer, ResponseFuture};
 pub use crate::ext::Principal;
 pub use crate::model::{DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest};
-pub use self::service::{GatewayAuth, GatewayAuthLayer, ResponseFuture};

@@ -153,7 +153,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub use self::secrets::{Secret, SecretSource};
 use crate::ext::Principal;
-use crate::model::{AccountSpec, EndpointSpec, FieldError, HashedKeyStore, KeyDigest, is_valid_prefix};
+use crate::model::{
+    AccountSpec, EndpointSpec, FieldError, HashedKeyStore, KeyDigest, is_valid_prefix,
+};
 use crate::registry::Registry;
 use crate::tls::TlsSettings;
 
@@ -242,7 +244,10 @@ fn is_plain_name(s: &str) -> bool {
     !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-fn build_keys(raw: Vec<file::RawKey>, secrets: &SecretSource) -> Result<HashedKeyStore, ConfigError> {
+fn build_keys(
+    raw: Vec<file::RawKey>,
+    secrets: &SecretSource,
+) -> Result<HashedKeyStore, ConfigError> {
     let mut store = HashedKeyStore::new();
     let mut ids = HashSet::new();
     for (i, key) in raw.into_iter().enumerate() {

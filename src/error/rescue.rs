@@ -269,14 +269,12 @@ impl<F, B> fmt::Debug for RescueFuture<F, B> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::X_GATEWAY_ERROR;
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::Full;
     use tower::{Service, ServiceExt, service_fn};
-
 
     #[derive(Debug)]
     struct Wrapper(BoxError);
@@ -335,9 +333,8 @@ mod tests {
             ),
             ("something else".into(), 502, "upstream_error"),
         ];
-        let stalled = InvalidRequestBody(Box::new(BodyIdleTimeout(
-            std::time::Duration::from_secs(1),
-        )));
+        let stalled =
+            InvalidRequestBody(Box::new(BodyIdleTimeout(std::time::Duration::from_secs(1))));
         assert_eq!(classify(&stalled).code(), "request_body_timeout");
         for (err, status, code) in cases {
             let mapped = classify(&*err);

@@ -62,12 +62,12 @@ mod conn;
 mod idle;
 mod pool;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -85,9 +85,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 pub use self::body::ResponseBody;
-pub use crate::error::{BodyIdleTimeout, ConnectError};
 use self::idle::IdleTimeoutBody;
 pub use self::pool::UpstreamClient;
+pub use crate::error::{BodyIdleTimeout, ConnectError};
 pub use crate::tls::{TlsError, TlsSettings};
 
 use crate::BoxError;
@@ -587,5 +587,77 @@ impl Future for ResponseFuture {
 impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::AccountSpec;
+    use crate::registry::{EndpointSpec, Registry, SharedRegistry};
+    use http_body_util::Full;
+
+    fn endpoint(
+        name: &str,
+        connect_ms: Option<u64>,
+        tls: Option<&Arc<TlsSettings>>,
+    ) -> EndpointSpec {
+        EndpointSpec {
+            timeouts: Timeouts::from_millis(connect_ms, None, None),
+            tls: tls.cloned(),
+            ..EndpointSpec::new(name, "https://example.com/v1")
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoints_that_connect_alike_share_a_pool_that_outlives_registry_changes() {
+        let tls = Arc::new(TlsSettings::from_pem(None, None, None).unwrap());
+        let shared = SharedRegistry::new(
+            Registry::from_accounts(vec![AccountSpec {
+                endpoints: vec![
+                    endpoint("a", None, Some(&tls)),
+                    endpoint("b", None, Some(&tls)),
+                    endpoint("c", Some(5), None),
+                    endpoint("d", None, None),
+                ],
+                ..AccountSpec::new("x")
+            }])
+            .unwrap(),
+        );
+        let fwd = Forward::<Full<Bytes>>::new();
+        let use_all = |names: &[&str]| {
+            let registry = shared.load_full();
+            for name in names {
+                fwd.client_for(registry.endpoint("x", name).unwrap());
+            }
+        };
+        use_all(&["a", "b", "c", "d"]);
+        assert_eq!(
+            fwd.own_pools(),
+            2,
+            "a and b share one; c has one; d the default"
+        );
+        // A change to d rebuilds every endpoint of the snapshot; the pools stay.
+        shared
+            .update(|specs| {
+                specs[0].endpoints[3].base_url = "https://example.org/v1".into();
+                Ok::<_, crate::model::FieldError>(())
+            })
+            .unwrap();
+        use_all(&["a", "b", "c", "d"]);
+        assert_eq!(fwd.own_pools(), 2);
+        // New settings for a and b (a reload, say): the pool of the old ones goes once no
+        // snapshot holds them.
+        let fresh = Arc::new(TlsSettings::from_pem(None, None, None).unwrap());
+        shared
+            .update(|specs| {
+                specs[0].endpoints[0].tls = Some(fresh.clone());
+                specs[0].endpoints[1].tls = Some(fresh.clone());
+                Ok::<_, crate::model::FieldError>(())
+            })
+            .unwrap();
+        drop(tls);
+        use_all(&["a", "b"]);
+        assert_eq!(fwd.own_pools(), 2, "the old settings' pool was dropped");
     }
 }

@@ -221,11 +221,15 @@ mod tests {
     fn endpoint_grants_keep_the_account_managers() {
         let account = Grants::parse(&["team:platform"], &["everyone"], &[], "a").unwrap();
         assert_eq!(account.for_endpoint(None), account);
-        let own = Grants::parse(&["user:bob", "team:platform"], &["team:research"], &[], "e").unwrap();
+        let own =
+            Grants::parse(&["user:bob", "team:platform"], &["team:research"], &[], "e").unwrap();
         let merged = account.for_endpoint(Some(&own));
         assert_eq!(
             merged.managers,
-            [Subject::Team("platform".into()), Subject::User("bob".into())]
+            [
+                Subject::Team("platform".into()),
+                Subject::User("bob".into())
+            ]
         );
         assert_eq!(merged.users, [Subject::Team("research".into())]);
     }

@@ -62,7 +62,8 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
-pub(crate) const NAME_RULE: &str = "must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"";
+pub(crate) const NAME_RULE: &str =
+    "must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"";
 
 /// Whether `prefix` is a valid path prefix: empty, or `/seg/seg` of valid names.
 pub fn is_valid_prefix(prefix: &str) -> bool {

@@ -234,7 +234,14 @@ mod tests {
     fn timeouts_must_be_positive() {
         let t = Timeouts::from_millis(Some(1), None, Some(0));
         assert_eq!(t.first_byte, None);
-        assert_eq!(t.validate("timeouts").unwrap_err().field(), "timeouts.idle_ms");
-        assert!(Timeouts::from_millis(Some(1), Some(2), Some(3)).validate("t").is_ok());
+        assert_eq!(
+            t.validate("timeouts").unwrap_err().field(),
+            "timeouts.idle_ms"
+        );
+        assert!(
+            Timeouts::from_millis(Some(1), Some(2), Some(3))
+                .validate("t")
+                .is_ok()
+        );
     }
 }

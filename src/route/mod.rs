@@ -75,4 +75,3 @@ pub(crate) fn upstream_path(common: Option<usize>, rest: &str) -> Cow<'static, s
         None => Cow::Owned(rest.to_owned()),
     }
 }
-

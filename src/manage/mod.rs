@@ -1,0 +1,304 @@
+//! The management API: list, inspect, create, update and delete endpoints and grants while
+//! traffic flows, and get a ready-to-paste usage snippet for an endpoint.
+//!
+//! [`Management`] is a tower service answering JSON under a prefix (`/manage` by default),
+//! built on an axum [`Router`](axum::Router) with typed requests and answers;
+//! [`Management::router`] gives that router alone, to nest in an axum app of your own.
+//! [`Gateway::management_service`](crate::gateway::Gateway::management_service) puts the same
+//! [`GatewayAuthLayer`](crate::auth::GatewayAuthLayer) in front of it as the proxy, and every
+//! operation checks the caller's [`Permission`] with the same [grants](crate::access):
+//!
+//! | method and path (under the prefix) | permission | does |
+//! |---|---|---|
+//! | `GET /accounts` | View | the accounts and endpoints the caller may view |
+//! | `GET /accounts/{account}` | View (account) | one account and its viewable endpoints |
+//! | `PUT /accounts/{account}/access` | Manage (account) | replaces the account's grants |
+//! | `GET /accounts/{account}/endpoints/{endpoint}` | View (endpoint) | one endpoint |
+//! | `PUT /accounts/{account}/endpoints/{endpoint}` | Manage (account to create, endpoint to update) | creates or replaces an endpoint |
+//! | `DELETE /accounts/{account}/endpoints/{endpoint}` | Manage (endpoint) | deletes an endpoint |
+//! | `GET /accounts/{account}/endpoints/{endpoint}/snippet` | View (endpoint) | base URL and curl, Python and Rust snippets |
+//!
+//! A path may end with `/`; a path segment is taken as sent (`%20` is not decoded into a
+//! space), so a name that is not valid stays invalid whatever its encoding.
+//!
+//! Header values are write-only: responses list header *names*, never values. A `PUT` of an
+//! endpoint takes `{"base_url": …, "headers": {…}, "access": {…}, "timeouts": {…}}`; leaving
+//! out `headers` keeps the endpoint's current ones, so a client never needs to hold the
+//! secrets to change a grant. Credentials never silently follow an endpoint to another host:
+//! changing the scheme, host or port of `base_url` needs Manage on the account and the
+//! `headers` sent again. Account managers are trusted with the account's credentials (an
+//! endpoint they create inherits `header_auth`). Values are taken literally: `${VAR}` is not expanded here (it
+//! would let a manager read the gateway's environment). Invalid input is a 400 naming the
+//! field, and nothing changes. A change swaps the registry atomically: streams in flight
+//! finish on the configuration they started with, the next request sees the change.
+//! Changes live in memory: a reload from the configuration file or a restart replaces them.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::Router;
+//! use tower_gateway::gateway::Gateway;
+//!
+//! let gateway = Gateway::builder().build();
+//! let app: Router = Router::new()
+//!     .route_service("/manage/{*rest}", gateway.management_service())
+//!     .fallback_service(gateway.service::<axum::body::Body>());
+//! # let _ = app;
+//! ```
+
+mod api;
+mod snippet;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::body::Body as AxumBody;
+use axum::routing::future::RouteFuture;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use http_body::Body;
+use tower_service::Service;
+
+pub use self::snippet::{EXAMPLE_MODEL, UsageSnippet};
+use crate::BoxError;
+use crate::error::{GatewayError, ResponseFuture};
+use crate::model::DEFAULT_PATH_PREFIX;
+use crate::registry::SharedRegistry;
+
+/// The default prefix of the management API, `/manage`.
+pub const DEFAULT_MANAGEMENT_PREFIX: &str = "/manage";
+
+/// The largest request body the management API reads: 64 KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The management API service. See the [module docs](self).
+///
+/// It expects a [`Principal`](crate::ext::Principal) in the request extensions (put
+/// `GatewayAuthLayer` in front of it); a request without one is denied. Cloning is cheap.
+#[derive(Clone)]
+pub struct Management {
+    api: Arc<api::Api>,
+    prefix: Arc<str>,
+    router: Router,
+}
+
+impl fmt::Debug for Management {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Management")
+            .field("prefix", &self.prefix)
+            .field("proxy_prefix", &self.api.proxy_prefix)
+            .field("public_url", &self.api.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Management {
+    /// Manages `registry`, answering under `/manage`.
+    pub fn new(registry: SharedRegistry) -> Self {
+        Self::with(
+            api::Api {
+                registry,
+                proxy_prefix: DEFAULT_PATH_PREFIX.into(),
+                public_url: None,
+            },
+            DEFAULT_MANAGEMENT_PREFIX.into(),
+        )
+    }
+
+    fn with(api: api::Api, prefix: Arc<str>) -> Self {
+        let api = Arc::new(api);
+        Self {
+            router: api::routes(api.clone()),
+            api,
+            prefix,
+        }
+    }
+
+    fn change(self, f: impl FnOnce(&mut api::Api)) -> Self {
+        let mut api = api::Api {
+            registry: self.api.registry.clone(),
+            proxy_prefix: self.api.proxy_prefix.clone(),
+            public_url: self.api.public_url.clone(),
+        };
+        f(&mut api);
+        Self::with(api, self.prefix)
+    }
+
+    /// The prefix this API answers under (empty when mounted with a prefix-stripping router).
+    #[must_use]
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    #[cfg(feature = "gateway")]
+    pub(crate) fn prefix_str(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The proxy's path prefix, for the URLs in snippets.
+    #[must_use]
+    pub fn proxy_prefix(self, prefix: &str) -> Self {
+        self.change(|api| api.proxy_prefix = prefix.into())
+    }
+
+    /// The gateway's public URL for snippets (e.g. `https://llm.example.com`). By default the
+    /// request's `Host` with `http://`.
+    #[must_use]
+    pub fn public_url(self, url: &str) -> Self {
+        self.change(|api| api.public_url = Some(url.trim_end_matches('/').into()))
+    }
+
+    /// The routes alone, relative to the prefix (`/accounts`, …), to nest in an axum app:
+    /// `Router::new().nest("/manage", management.router())`. Put the gateway's
+    /// authentication in front of them. Unlike the service, the router does not accept a
+    /// trailing `/` and decodes percent-encoded path segments.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// The request with its path relative to the prefix, without a trailing `/` and with `%`
+    /// escaped, so that the router hands every segment on as it was sent; `None` if the path
+    /// is not under the prefix.
+    fn relative<B>(&self, req: Request<B>) -> Option<Request<B>> {
+        let (mut parts, body) = req.into_parts();
+        let rest = parts
+            .uri
+            .path()
+            .strip_prefix(&*self.prefix)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))?;
+        let rest = rest.trim_end_matches('/').replace('%', "%25");
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest,
+        };
+        let path_and_query = if path_and_query.starts_with('/') {
+            path_and_query
+        } else {
+            format!("/{path_and_query}")
+        };
+        parts.uri = Uri::from(PathAndQuery::try_from(path_and_query).ok()?);
+        Some(Request::from_parts(parts, body))
+    }
+}
+
+impl<B> Service<Request<B>> for Management
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<AxumBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture<RouteFuture<Infallible>, AxumBody>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The router is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let denied = req.extensions().get::<crate::ext::Principal>().is_none();
+        match self.relative(req) {
+            Some(req) => ResponseFuture::inner(self.router.call(req.map(AxumBody::new))),
+            None if denied => ResponseFuture::reject(
+                GatewayError::forbidden(
+                    "The request has no authenticated caller, so access is denied.",
+                )
+                .into_response(),
+            ),
+            None => ResponseFuture::reject(
+                GatewayError::not_found("No such management resource.").into_response(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ext::Principal;
+    use crate::model::{AccountSpec, EndpointSpec, Grants};
+    use crate::registry::Registry;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+
+    fn management() -> Management {
+        let registry = Registry::from_accounts(vec![AccountSpec {
+            access: Grants::parse(&["everyone"], &[], &[], "access").unwrap(),
+            endpoints: vec![EndpointSpec::new("inference", "https://example.com/v1")],
+            ..AccountSpec::new("acct")
+        }])
+        .unwrap();
+        Management::new(registry.into())
+    }
+
+    async fn call(svc: Management, method: &str, path: &str, who: bool) -> (u16, String) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        if who {
+            req.extensions_mut()
+                .insert(Principal::new("k", "a@x", [] as [&str; 0]));
+        }
+        let res = svc.oneshot(req).await.unwrap();
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn paths_are_routed_as_sent() {
+        let cases = [
+            ("GET", "/manage/accounts", true, 200),
+            ("GET", "/manage/accounts/", true, 200),
+            (
+                "GET",
+                "/manage/accounts/acct/endpoints/inference/",
+                true,
+                200,
+            ),
+            // A percent-encoded name is not decoded into a valid one.
+            ("GET", "/manage/accounts/%61cct", true, 404),
+            ("PUT", "/manage/accounts/acct/endpoints/e%2Ex", true, 400),
+            ("POST", "/manage/accounts", true, 405),
+            ("GET", "/manage/nothing", true, 404),
+            ("GET", "/manage", true, 404),
+            ("GET", "/elsewhere", true, 404),
+            // Without a caller, nothing is answered but a denial.
+            ("GET", "/manage/accounts", false, 403),
+            ("GET", "/manage/nothing", false, 403),
+            ("POST", "/manage/accounts", false, 403),
+            ("GET", "/elsewhere", false, 403),
+        ];
+        for (method, path, who, want) in cases {
+            let (status, body) = call(management(), method, path, who).await;
+            assert_eq!(status, want, "{method} {path}: {body}");
+            if status != 200 {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert!(v["error"]["code"].is_string(), "{method} {path}: {body}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_router_nests_in_an_axum_app() {
+        let app = axum::Router::new().nest("/admin", management().router());
+        let mut req = Request::get("/admin/accounts/acct")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(Principal::new("k", "a@x", [] as [&str; 0]));
+        let res = app.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["name"], "acct");
+        assert_eq!(v["your_role"], "manager");
+    }
+}
