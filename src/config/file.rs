@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use crate::model::FieldError;
 use crate::model::{DEFAULT_PATH_PREFIX, Grants, Timeouts};
 
 #[derive(Deserialize)]
@@ -112,7 +112,7 @@ impl RawTimeouts {
 }
 
 impl RawGrants {
-    pub(super) fn to_grants(&self, field: &str) -> Result<Grants, ConfigError> {
+    pub(super) fn to_grants(&self, field: &str) -> Result<Grants, FieldError> {
         Grants::parse(&self.managers, &self.users, &self.viewers, field)
     }
 }
@@ -128,7 +128,7 @@ pub(super) struct RawTls {
     pub(super) client_key_file: Option<PathBuf>,
 }
 
-pub(super) fn parse(text: &str) -> Result<RawConfig, ConfigError> {
+pub(super) fn parse(text: &str) -> Result<RawConfig, FieldError> {
     // `toml::de::Error`'s `Display` quotes the offending source line, which may hold a
     // literal secret: only its message (redacted) and position are used.
     let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, None, &e))?;
@@ -160,7 +160,7 @@ fn shown_name(name: &str) -> &str {
     if plain { name } else { "<name hidden>" }
 }
 
-fn toml_error(text: &str, path: Option<String>, err: &toml::de::Error) -> ConfigError {
+fn toml_error(text: &str, path: Option<String>, err: &toml::de::Error) -> FieldError {
     let message = redact_quoted(err.message());
     let position = err.span().map(|span| line_column(text, span.start));
     let field = match (path, position) {
@@ -172,7 +172,7 @@ fn toml_error(text: &str, path: Option<String>, err: &toml::de::Error) -> Config
         Some((line, column)) => format!("{message} (line {line}, column {column})"),
         None => message,
     };
-    ConfigError::new(field, message)
+    FieldError::new(field, message)
 }
 
 /// The 1-based line and column (in characters) of byte offset `at`.

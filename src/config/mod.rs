@@ -208,9 +208,9 @@ impl GatewayConfig {
 /// Neither its `Display` nor its `Debug` output ever contains a secret.
 pub type ConfigError = FieldError;
 
-fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, ConfigError> {
+fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, FieldError> {
     if !is_valid_prefix(&raw.path_prefix) {
-        return Err(ConfigError::new(
+        return Err(FieldError::new(
             "path_prefix",
             "must be empty or \"/\" followed by names (A-Z a-z 0-9 - . _ ~) separated by \"/\", \
              with no trailing slash",
@@ -225,7 +225,7 @@ fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, 
         .collect::<Result<Vec<_>, _>>()?;
     let registry = Registry::from_accounts(accounts)?;
     if raw.limits.max_request_body_bytes == Some(0) {
-        return Err(ConfigError::new(
+        return Err(FieldError::new(
             "limits.max_request_body_bytes",
             "must be greater than zero",
         ));
@@ -247,32 +247,32 @@ fn is_plain_name(s: &str) -> bool {
 fn build_keys(
     raw: Vec<file::RawKey>,
     secrets: &SecretSource,
-) -> Result<HashedKeyStore, ConfigError> {
+) -> Result<HashedKeyStore, FieldError> {
     let mut store = HashedKeyStore::new();
     let mut ids = HashSet::new();
     for (i, key) in raw.into_iter().enumerate() {
         let field = format!("keys[{i}]");
         if key.id.is_empty() || key.id.chars().any(char::is_control) {
-            return Err(ConfigError::new(
+            return Err(FieldError::new(
                 format!("{field}.id"),
                 "must be non-empty, without control characters",
             ));
         }
         if !ids.insert(key.id.clone()) {
-            return Err(ConfigError::new(
+            return Err(FieldError::new(
                 format!("{field}.id"),
                 format!("duplicate id \"{}\"", key.id),
             ));
         }
         if !is_plain_name(&key.subject) {
-            return Err(ConfigError::new(
+            return Err(FieldError::new(
                 format!("{field}.subject"),
                 "must be non-empty, without spaces or control characters",
             ));
         }
         for (t, team) in key.teams.iter().enumerate() {
             if !is_plain_name(team) {
-                return Err(ConfigError::new(
+                return Err(FieldError::new(
                     format!("{field}.teams[{t}]"),
                     "must be non-empty, without spaces or control characters",
                 ));
@@ -283,24 +283,24 @@ fn build_keys(
                 let field = format!("{field}.sha256");
                 let hex = secrets.expand(&field, hex)?;
                 KeyDigest::from_hex(hex.expose())
-                    .map_err(|e| ConfigError::new(field, e.to_string()))?
+                    .map_err(|e| FieldError::new(field, e.to_string()))?
             }
             (None, Some(text)) => {
                 let field = format!("{field}.key");
                 let secret = secrets.expand(&field, text)?;
                 if secret.expose().is_empty() {
-                    return Err(ConfigError::new(field, "must not be empty"));
+                    return Err(FieldError::new(field, "must not be empty"));
                 }
                 KeyDigest::of(secret.expose())
             }
             _ => {
-                return Err(ConfigError::new(field, "set exactly one of sha256 or key"));
+                return Err(FieldError::new(field, "set exactly one of sha256 or key"));
             }
         };
         let principal = Principal::new(key.id, key.subject, key.teams);
         store
             .insert_digest(digest, principal)
-            .map_err(|e| ConfigError::new(field, e.to_string()))?;
+            .map_err(|e| FieldError::new(field, e.to_string()))?;
     }
     Ok(store)
 }
@@ -309,14 +309,14 @@ fn build_headers(
     raw: &BTreeMap<String, String>,
     field: &str,
     secrets: &SecretSource,
-) -> Result<HeaderMap, ConfigError> {
+) -> Result<HeaderMap, FieldError> {
     let mut headers = HeaderMap::with_capacity(raw.len());
     for (name, value) in raw {
         let field = format!("{field}.{name}");
         let header = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| ConfigError::new(&field, "is not a valid header name"))?;
+            .map_err(|_| FieldError::new(&field, "is not a valid header name"))?;
         if headers.contains_key(&header) {
-            return Err(ConfigError::new(
+            return Err(FieldError::new(
                 field,
                 "is set twice (header names are case-insensitive)",
             ));
@@ -324,7 +324,7 @@ fn build_headers(
         let value = secrets.expand(&field, value)?;
         // The value is never quoted: it is a secret.
         let value = HeaderValue::from_str(value.expose()).map_err(|_| {
-            ConfigError::new(
+            FieldError::new(
                 &field,
                 "the value is not a valid header value (it holds a line break or another \
                  control character)",
@@ -339,7 +339,7 @@ fn build_account(
     i: usize,
     raw: file::RawAccount,
     secrets: &SecretSource,
-) -> Result<AccountSpec, ConfigError> {
+) -> Result<AccountSpec, FieldError> {
     let field = format!("accounts[{i}]");
     let header_auth = build_headers(&raw.header_auth, &format!("{field}.header_auth"), secrets)?;
     let access = raw.access.to_grants(&format!("{field}.access"))?;
@@ -361,7 +361,7 @@ fn build_endpoint(
     field: &str,
     raw: file::RawEndpoint,
     secrets: &SecretSource,
-) -> Result<EndpointSpec, ConfigError> {
+) -> Result<EndpointSpec, FieldError> {
     let headers = build_headers(&raw.headers, &format!("{field}.headers"), secrets)?;
     let access = raw
         .access
@@ -378,7 +378,7 @@ fn build_endpoint(
                 path(&tls.client_key_file).as_deref(),
             )
             .map(Arc::new)
-            .map_err(|e| ConfigError::new(format!("{field}.tls.{}", e.field), e.message))
+            .map_err(|e| FieldError::new(format!("{field}.tls.{}", e.field), e.message))
         })
         .transpose()?;
     Ok(EndpointSpec {

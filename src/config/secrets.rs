@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::ConfigError;
+use crate::model::FieldError;
 
 /// A resolved secret: `Debug` prints `Secret(<redacted>)`.
 #[derive(Clone)]
@@ -74,10 +74,10 @@ impl SecretSource {
 
     /// Expands every `${VAR}` and `${file:PATH}` in `text`. An error names `field` and never
     /// contains the text or a secret.
-    pub fn expand(&self, field: &str, text: &str) -> Result<Secret, ConfigError> {
+    pub fn expand(&self, field: &str, text: &str) -> Result<Secret, FieldError> {
         self.expand_inner(text)
             .map(Secret)
-            .map_err(|m| ConfigError::new(field, m))
+            .map_err(|m| FieldError::new(field, m))
     }
 
     fn expand_inner(&self, text: &str) -> Result<String, String> {

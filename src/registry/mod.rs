@@ -33,12 +33,14 @@
 //! assert!(shared.load().endpoint("coreweave-model", "inference").is_none());
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+
+mod names;
+
+use self::names::NameMap;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;
 
@@ -47,7 +49,7 @@ pub use crate::model::{
 };
 use crate::model::{COMMON_PATHS, Grants, HeaderTemplate};
 
-/// A registry that failed validation: the model's one validation error.
+/// The model's one validation error, [`FieldError`], under the name this module had for it.
 pub type RegistryError = FieldError;
 
 /// A compiled endpoint: what the route, inject and forward layers need, precomputed.
@@ -150,69 +152,6 @@ impl fmt::Debug for Endpoint {
     }
 }
 
-/// Account and endpoint names to their index, hashed with [`NameHasher`].
-type NameMap = HashMap<Arc<str>, usize, NameHasherBuilder>;
-
-/// A multiply-rotate hasher (FxHash's) for the name maps, several times cheaper than SipHash
-/// on a short name, and every request looks up two.
-///
-/// A client only looks names up, and a lookup probes no further than the configured names' own
-/// collisions, whatever name it asks for. The names themselves come from the configuration or
-/// from a manager of the account (the [management API](crate::manage) adds endpoints), an
-/// authenticated caller. The hasher starts from a random per-process seed, so a set of
-/// colliding names is not fixed ahead of time; it is not a keyed hash like SipHash, so it
-/// limits, rather than rules out, what a manager who adds many crafted names can do to lookups.
-struct NameHasher(u64);
-
-/// Builds [`NameHasher`]s from the per-process seed.
-#[derive(Clone, Copy)]
-struct NameHasherBuilder(u64);
-
-impl Default for NameHasherBuilder {
-    fn default() -> Self {
-        static SEED: OnceLock<u64> = OnceLock::new();
-        Self(*SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(())))
-    }
-}
-
-impl BuildHasher for NameHasherBuilder {
-    type Hasher = NameHasher;
-
-    fn build_hasher(&self) -> NameHasher {
-        NameHasher(self.0)
-    }
-}
-
-impl NameHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for NameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            self.add(u64::from_le_bytes(word.try_into().expect("8 bytes")));
-        }
-        let tail = words.remainder();
-        if !tail.is_empty() {
-            let mut word = [0; 8];
-            word[..tail.len()].copy_from_slice(tail);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u8(&mut self, byte: u8) {
-        self.add(u64::from(byte));
-    }
-
-    fn finish(&self) -> u64 {
-        // The multiplication leaves its best bits on top; the table indexes by the low ones.
-        self.0.rotate_left(26)
-    }
-}
-
 /// A compiled account.
 #[derive(Debug)]
 pub struct Account {
@@ -252,7 +191,7 @@ impl Account {
 
 impl Account {
     /// Compiles a validated account.
-    fn compile(spec: &AccountSpec, field: &str) -> Result<Self, RegistryError> {
+    fn compile(spec: &AccountSpec, field: &str) -> Result<Self, FieldError> {
         let name: Arc<str> = spec.name.as_str().into();
         let mut account = Account {
             name: name.clone(),
@@ -265,7 +204,7 @@ impl Account {
         let account_grants = Arc::new(spec.access.clone());
         for (j, ep) in spec.endpoints.iter().enumerate() {
             let base = UpstreamBase::parse(&ep.base_url)
-                .map_err(|m| RegistryError::new(format!("{field}.endpoints[{j}].base_url"), m))?;
+                .map_err(|m| FieldError::new(format!("{field}.endpoints[{j}].base_url"), m))?;
             let mut headers = spec.headers_for(ep);
             let templates: Vec<(HeaderName, HeaderTemplate)> = headers
                 .iter()
@@ -312,7 +251,7 @@ pub struct Registry {
 impl Registry {
     /// Validates ([`model::validate`](crate::model::validate)) and compiles the accounts.
     /// Errors name the field, e.g. `accounts[0].endpoints[1].base_url`.
-    pub fn from_accounts(accounts: Vec<AccountSpec>) -> Result<Self, RegistryError> {
+    pub fn from_accounts(accounts: Vec<AccountSpec>) -> Result<Self, FieldError> {
         crate::model::validate(&accounts)?;
         let mut specs = accounts.clone();
         for spec in &mut specs {
@@ -388,7 +327,7 @@ impl SharedRegistry {
         change: impl FnOnce(&mut Vec<AccountSpec>) -> Result<(), E>,
     ) -> Result<(), E>
     where
-        E: From<RegistryError>,
+        E: From<FieldError>,
     {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut specs = self.current.load().specs().to_vec();
@@ -461,40 +400,5 @@ mod tests {
             ]
         );
         assert!(ep.common_uri(COMMON_PATHS.len()).is_none());
-    }
-
-    #[test]
-    fn the_name_hashes_depend_on_the_seed() {
-        // Names that collide under one seed need not under another: the low bits (the bucket)
-        // of the same names differ between two seeds.
-        let (a, b) = (NameHasherBuilder(1), NameHasherBuilder(2));
-        for name in ["e", "chat", "endpoint-0123456789"] {
-            assert_ne!(a.hash_one(name) & 0xfff, b.hash_one(name) & 0xfff, "{name}");
-        }
-        assert_eq!(
-            NameHasherBuilder::default().0,
-            NameHasherBuilder::default().0,
-            "one seed per process"
-        );
-    }
-
-    #[test]
-    fn the_name_hasher_spreads_similar_names() {
-        let build = NameHasherBuilder::default();
-        let names: Vec<String> = (0..4096)
-            .flat_map(|i| {
-                [
-                    format!("account-{i}"),
-                    format!("endpoint{i}"),
-                    format!("{i}"),
-                ]
-            })
-            .collect();
-        let hashes: std::collections::HashSet<u64> =
-            names.iter().map(|n| build.hash_one(n.as_str())).collect();
-        assert_eq!(hashes.len(), names.len());
-        // The low bits pick the bucket: they must differ too.
-        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 0xfff).collect();
-        assert!(low.len() > 3000, "{} distinct low bits", low.len());
     }
 }
