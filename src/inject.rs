@@ -10,7 +10,7 @@
 //! # Per-caller header templates
 //!
 //! A configured header value may hold the placeholders `{subject}`, `{team}` and `{key_id}`,
-//! filled from the request's [`Principal`](crate::auth::Principal) (`{team}` is the first of
+//! filled from the request's [`Principal`] (`{team}` is the first of
 //! the key's teams). W&B attributes usage with an `OpenAI-Project: <team>/<project>` header, so
 //! `OpenAI-Project = "{team}/inference"` bills each team's calls to the team's project. A
 //! caller for whom a placeholder has no value (no team, or no principal at all) gets a 403

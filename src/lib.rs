@@ -18,7 +18,7 @@
 //! | layer | module | rejects with |
 //! |---|---|---|
 //! | request ids, [`TraceLayer`](tower_http::trace::TraceLayer) | [`trace`] | never |
-//! | [`RescueLayer`](error::RescueLayer) | [`error`] | maps transport errors to 502/503/504 |
+//! | [`RescueLayer`](error::RescueLayer) | [`error`] (`error/rescue.rs`) | maps transport errors to 502/503/504 |
 //! | [`GatewayAuthLayer`](auth::GatewayAuthLayer) | [`auth`] | 401 |
 //! | [`CustomEndpointRouteLayer`](route::CustomEndpointRouteLayer) | [`route`] | 400, 404, 405, 414 |
 //! | [`UsageTapLayer`](usage::UsageTapLayer) | [`usage`] | never |
@@ -31,8 +31,10 @@
 //!
 //! | extension | inserted by | read by |
 //! |---|---|---|
-//! | [`Principal`](auth::Principal) `{ key_id, subject, teams }` | `GatewayAuthLayer` | `AccessControlLayer`, `InjectHeadersLayer` (templates), `UsageTapLayer`, the management API |
-//! | [`RouteMatch`](route::RouteMatch) `{ account, endpoint, upstream_path, target }` | `CustomEndpointRouteLayer` | `AccessControlLayer`, `InjectHeadersLayer`, `UsageTapLayer`, `Forward` |
+//! | [`Principal`](ext::Principal) `{ key_id, subject, teams }` | `GatewayAuthLayer` | `AccessControlLayer`, `InjectHeadersLayer` (templates), `UsageTapLayer`, the management API |
+//! | [`RouteMatch`](ext::RouteMatch) `{ account, endpoint, upstream_path, target }` | `CustomEndpointRouteLayer` | `AccessControlLayer`, `InjectHeadersLayer`, `UsageTapLayer`, `Forward` |
+//!
+//! Both live in [`ext`], apart from the layers that insert them, so no layer imports another.
 //!
 //! Each layer also works alone: a static header set
 //! ([`InjectHeadersLayer::fixed`](inject::InjectHeadersLayer::fixed)), a single fixed upstream
@@ -61,14 +63,34 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `auth` | [`auth`]: `GatewayAuthLayer`, `KeyStore`, `HashedKeyStore` (sha2, subtle) |
-//! | `forward` | [`forward`]: the upstream client (its own pool, rustls, HTTP/2 by ALPN, timeouts) |
+//! | `forward` | [`forward`] and [`tls`]: the upstream client (its own pools, rustls, HTTP/2 by ALPN, timeouts) |
 //! | `config` | [`config`]: the TOML configuration (serde, toml) |
-//! | `trace` | [`trace`] and [`usage`]: request ids and spans (tower-http), the usage tap, metrics (the `metrics` facade) |
+//! | `trace` | [`trace`], [`usage`] and [`metric`]: request ids and spans (tower-http), the usage tap, metrics (the `metrics` facade) |
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |
-//! | `manage` (default) | [`manage`]: the management API |
+//! | `manage` (default) | [`manage`]: the management API, on an axum `Router` (axum, without its default features) |
 //!
-//! [`route`], [`inject`], [`encoding`], [`registry`], [`error`] and the grant types of
-//! [`access`] are always available; `AccessControlLayer` needs `auth`.
+//! [`model`], [`ext`], [`registry`], [`route`], [`access`], [`inject`], [`encoding`],
+//! [`error`] and [`request_id`] are always available.
+//!
+//! # Module map
+//!
+//! Arrows run one way: **model ← layers ← gateway**. A test (`tests/architecture.rs`) reads
+//! `src/` and fails, naming the edge, on any import against this table or any cycle.
+//!
+//! | module | owns | may import |
+//! |---|---|---|
+//! | [`model`] | the declarative types every source shares (accounts, endpoints, grants, key records, header templates, base URLs, timeouts) and their validation ([`FieldError`](model::FieldError)) | leaves |
+//! | [`registry`] | the compiled snapshot the hot path reads, swapped atomically | the model, leaves |
+//! | [`ext`] | the request extensions `Principal` and `RouteMatch` | the model, the registry |
+//! | [`error`] | the gateway's own errors, every transport error, the reject future, and `RescueLayer` with the one `classify` | nothing |
+//! | `hop`, [`request_id`], [`metric`], [`tls`] | leaves: hop-by-hop headers, request-id names and rule, metric names, TLS settings | leaves |
+//! | [`auth`], [`route`], [`access`], [`inject`], [`encoding`] | the five layers | the model, the registry, the extensions, leaves; never another layer |
+//! | [`trace`], [`usage`] | telemetry layers: request ids and spans, the usage tap | the same |
+//! | [`forward`] | transport: the forwarder, the inline HTTP/1.1 connection, the pools (owned here, keyed by how they connect), timeouts | the same |
+//! | [`config`] | a source of the model: the TOML file, secrets, redaction | the model, the registry, the extensions, leaves |
+//! | [`manage`] | the management API (axum `Router`, typed JSON) | the model, the registry, the extensions, leaves |
+//! | [`server`] | the listener: HTTP/1.1 and HTTP/2, graceful shutdown | leaves |
+//! | [`gateway`] | the assembly: the only module that imports every layer | everything |
 
 #![deny(missing_docs, unsafe_code, rust_2018_idioms, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]

@@ -115,7 +115,7 @@ pub fn classify(err: &(dyn StdError + 'static)) -> GatewayError {
 
 /// Layer that applies [`Rescue`]: transport errors become JSON error responses.
 ///
-/// See the [module docs](self) for an example.
+/// See the [module docs](crate::error) for an example.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RescueLayer(());
 
@@ -137,7 +137,7 @@ impl<S> Layer<S> for RescueLayer {
 /// Middleware that turns the inner service's errors into responses via [`classify`].
 ///
 /// Its error type is [`Infallible`], so the stack can be nested in an axum `Router`.
-/// See the [module docs](self) for an example.
+/// See the [module docs](crate::error) for an example.
 #[derive(Clone, Debug)]
 pub struct Rescue<S> {
     inner: S,

@@ -2,11 +2,11 @@
 //! traffic flows, and get a ready-to-paste usage snippet for an endpoint.
 //!
 //! [`Management`] is a tower service answering JSON under a prefix (`/manage` by default),
-//! built on an axum [`Router`](axum::Router) with typed requests and answers;
+//! built on an axum `Router` with typed requests and answers;
 //! [`Management::router`] gives that router alone, to nest in an axum app of your own.
 //! [`Gateway::management_service`](crate::gateway::Gateway::management_service) puts the same
 //! [`GatewayAuthLayer`](crate::auth::GatewayAuthLayer) in front of it as the proxy, and every
-//! operation checks the caller's [`Permission`] with the same [grants](crate::access):
+//! operation checks the caller's [`Permission`](crate::model::Permission) with the same [grants](crate::access):
 //!
 //! | method and path (under the prefix) | permission | does |
 //! |---|---|---|
