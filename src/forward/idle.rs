@@ -1,3 +1,12 @@
+//! The idle timeout of a body, either way: the longest silence between two frames.
+//!
+//! Why not tower-http's `timeout::TimeoutBody`: it creates and registers a new `Sleep` in the
+//! runtime's timer wheel on every poll after a frame, and polls it before the body, so each
+//! token event of a stream costs a timer registration and removal. [`IdleTimeoutBody`] reads
+//! the clock once per wait and touches its one timer only when it fires, so a burst of ready
+//! frames costs nothing; its error, [`BodyIdleTimeout`](crate::error::BodyIdleTimeout), tells
+//! `classify` which way the silence was.
+
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
