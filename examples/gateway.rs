@@ -34,6 +34,7 @@ use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::gateway::Gateway;
 use tower_gateway::manage::{EXAMPLE_MODEL, UsageSnippet};
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+use tower_gateway::server::{ServeOptions, serve_with_options};
 use tower_gateway::usage::UsageTapLayer;
 
 const USAGE: &str = "\
@@ -179,7 +180,10 @@ async fn main() -> ExitCode {
         print_demo_help(addr, gateway.path_prefix());
     }
 
-    match tower_gateway::server::serve(listener, gateway.app(), shutdown_signal()).await {
+    // The library leaves the allocator alone by default; this application gives glibc's free
+    // pages back after a burst of streams ends (`malloc_trim`; see `ServeOptions`).
+    let options = ServeOptions::new().release_memory(true);
+    match serve_with_options(listener, gateway.app(), shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
