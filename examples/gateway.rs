@@ -15,7 +15,8 @@
 //! finish within 30 seconds.
 //!
 //! Every call logs (stderr) its `gateway.request` span when it closes, with who called, what,
-//! the status, the time to first byte, the tokens; and one `usage` event. `--metrics ADDR`
+//! the status, the time to first byte, the tokens; and one `usage` event. The logs are in
+//! colour only when stderr is a terminal and `NO_COLOR` is unset or empty. `--metrics ADDR`
 //! serves Prometheus metrics at `http://ADDR/metrics`; `--include-usage` asks streaming chat
 //! completions for their usage (the demo always does); `--log-format json` logs one JSON
 //! object per line.
@@ -34,6 +35,7 @@ use tower_gateway::auth::{HashedKeyStore, Principal};
 use tower_gateway::gateway::Gateway;
 use tower_gateway::manage::{EXAMPLE_MODEL, UsageSnippet};
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+use tower_gateway::server::{ServeOptions, serve_with_options};
 use tower_gateway::usage::UsageTapLayer;
 
 const USAGE: &str = "\
@@ -95,13 +97,17 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// Logs to stderr: each request's span when it closes (with all its fields) and every event.
+/// Colours only when stderr is a terminal and `NO_COLOR` is unset or empty (no-color.org).
 fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::fmt::format::FmtSpan;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,tower_gateway=info".into());
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::CLOSE)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     if json {
         fmt.json().flatten_event(true).init();
@@ -179,7 +185,10 @@ async fn main() -> ExitCode {
         print_demo_help(addr, gateway.path_prefix());
     }
 
-    match tower_gateway::server::serve(listener, gateway.app(), shutdown_signal()).await {
+    // The library leaves the allocator alone by default; this application gives glibc's free
+    // pages back after a burst of streams ends (`malloc_trim`; see `ServeOptions`).
+    let options = ServeOptions::new().release_memory(true);
+    match serve_with_options(listener, gateway.app(), shutdown_signal(), options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

@@ -8,13 +8,15 @@
 //! completes stops accepting, lets in-flight requests and streams finish within a grace
 //! period, then closes what is left.
 //!
-//! After a burst, [`serve`] also gives memory back to the system: the allocator keeps what
-//! closed connections freed (on glibc, most of it, however long the process then idles), so
-//! once at least [`RELEASE_MEMORY_AFTER`] connections have closed and at most half of the most
-//! that were open remain, it asks glibc to return its free pages (`malloc_trim`), off the
-//! runtime's worker threads, at most once per [`RELEASE_MEMORY_INTERVAL`]. A steady load never
-//! triggers it. [`ServeOptions::release_memory`] turns it off; it does nothing on other C
-//! libraries, or for memory a custom `#[global_allocator]` owns (tune that allocator instead).
+//! After a burst, the allocator keeps what closed connections freed (on glibc, most of it,
+//! however long the process then idles). With [`ServeOptions::release_memory`] turned on,
+//! [`serve_with_options`] gives it back: once at least [`RELEASE_MEMORY_AFTER`] connections have
+//! closed and at most half of the most that were open remain, it asks glibc to return its free
+//! pages (`malloc_trim`), off the runtime's worker threads, at most once per
+//! [`RELEASE_MEMORY_INTERVAL`]; a steady load never triggers it. It is off by default (and so
+//! in [`serve`] and [`serve_with_grace`]): giving memory back with glibc's `malloc_trim` is the
+//! application's decision, not a library's. It does nothing on other C libraries, or for
+//! memory a custom `#[global_allocator]` owns (tune that allocator instead).
 //!
 //! ```no_run
 //! use tower_gateway::gateway::Gateway;
@@ -95,16 +97,21 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request head: 30 s.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many connections must have closed since the last release before [`serve`] gives free
-/// memory back to the system: 64.
+/// How many connections must have closed since the last release before
+/// [`serve_with_options`] gives free memory back to the system, when
+/// [`ServeOptions::release_memory`] is on: 64.
 pub const RELEASE_MEMORY_AFTER: usize = 64;
 
-/// How often [`serve`] looks at whether connections have closed, and so the most often it
-/// gives memory back: 1 s.
+/// How often [`serve_with_options`] looks at whether connections have closed, when
+/// [`ServeOptions::release_memory`] is on, and so the most often it gives memory back: 1 s.
 pub const RELEASE_MEMORY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How [`serve_with_options`] runs: the grace period, and whether memory goes back to the
 /// system after bursts.
+///
+/// By default the grace period is [`DEFAULT_GRACE_PERIOD`] and memory is not released: giving
+/// the allocator's free pages back with glibc's `malloc_trim` is the application's decision,
+/// so an application that wants it turns it on with [`release_memory(true)`](Self::release_memory).
 ///
 /// ```
 /// use std::time::Duration;
@@ -112,7 +119,7 @@ pub const RELEASE_MEMORY_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// let options = ServeOptions::new()
 ///     .grace_period(Duration::from_secs(10))
-///     .release_memory(false);
+///     .release_memory(true);
 /// # let _ = options;
 /// ```
 #[derive(Debug, Clone)]
@@ -126,13 +133,13 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             grace: DEFAULT_GRACE_PERIOD,
-            release_memory: true,
+            release_memory: false,
         }
     }
 }
 
 impl ServeOptions {
-    /// The defaults: a grace period of [`DEFAULT_GRACE_PERIOD`], memory released after bursts.
+    /// The defaults: a grace period of [`DEFAULT_GRACE_PERIOD`], memory not released.
     pub fn new() -> Self {
         Self::default()
     }
@@ -143,8 +150,9 @@ impl ServeOptions {
         self
     }
 
-    /// Whether to give the allocator's free memory back to the system once many connections
-    /// have closed (see the [module docs](self)). On by default.
+    /// Whether to give the allocator's free memory back to the system (glibc's `malloc_trim`)
+    /// once many connections have closed (see the [module docs](self)). Off by default: that is
+    /// the application's decision.
     pub fn release_memory(mut self, release: bool) -> Self {
         self.release_memory = release;
         self
@@ -437,6 +445,14 @@ mod tests {
         assert!(!release.due(0));
         release.opened(RELEASE_MEMORY_AFTER);
         assert!(release.due(0));
+    }
+
+    #[test]
+    fn memory_is_not_released_by_default() {
+        assert!(!ServeOptions::default().release_memory);
+        assert!(!ServeOptions::new().release_memory);
+        assert!(!MemoryRelease::new(ServeOptions::default().release_memory).enabled);
+        assert!(ServeOptions::new().release_memory(true).release_memory);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The runnable example, as a user runs it: the offline demo, `--config`, `--listen`, the
-//! `listening on` line and graceful shutdown on SIGTERM.
+//! `listening on` line, graceful shutdown on SIGTERM, and logs without colour codes when they
+//! do not go to a terminal or `NO_COLOR` is set.
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,13 +55,20 @@ impl Drop for Running {
 
 /// Starts the example and reads stdout up to the `listening on` line. `Running`'s `Drop`
 /// kills and waits for the child.
-#[allow(clippy::zombie_processes)]
 fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
+    start_with(args, env, Stdio::piped())
+}
+
+/// Like [`start`], with the child's stderr going to `stderr`. `NO_COLOR` is not passed on
+/// unless `env` sets it.
+#[allow(clippy::zombie_processes)]
+fn start_with(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Running {
     let mut cmd = Command::new(example_binary());
     cmd.args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "warn");
+        .stderr(stderr)
+        .env("RUST_LOG", "warn")
+        .env_remove("NO_COLOR");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -317,6 +326,140 @@ headers = {{ Authorization = "Bearer ${{WANDB_API_KEY}}" }}
     );
     assert!(!stderr.contains("CANARY"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Where the demo's stderr goes.
+#[derive(Clone, Copy, Debug)]
+enum LogsTo {
+    Pipe,
+    /// A pseudo-terminal, as when a user runs the example in a shell.
+    #[cfg(target_os = "linux")]
+    Terminal,
+}
+
+/// What a child writes to its stderr, read on a thread as it comes.
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn read_from(mut from: impl Read + Send + 'static) -> Self {
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&all);
+        std::thread::spawn(move || {
+            let mut chunk = [0; 4096];
+            // EOF on a pipe; on a pty's master, EIO once the child has exited.
+            while let Ok(n @ 1..) = from.read(&mut chunk) {
+                into.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self(all)
+    }
+
+    /// Everything read, once it contains `text` (or after [`WAIT`]).
+    fn until(&self, text: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let all = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+            if all.contains(text) || Instant::now() >= deadline {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A pseudo-terminal: the child's end (for its stderr) and ours, to read what it writes.
+#[cfg(target_os = "linux")]
+fn pty() -> (Stdio, std::fs::File) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut ours, mut theirs) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the ints it is given; null name, termios
+    // and window size are allowed. Each descriptor is then owned exactly once.
+    let (ours, theirs) = unsafe {
+        let made = libc::openpty(
+            &mut ours,
+            &mut theirs,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        );
+        assert_eq!(made, 0, "openpty: {}", std::io::Error::last_os_error());
+        // Not inherited by children other tests spawn meanwhile.
+        libc::fcntl(ours, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(theirs, libc::F_SETFD, libc::FD_CLOEXEC);
+        (OwnedFd::from_raw_fd(ours), OwnedFd::from_raw_fd(theirs))
+    };
+    (Stdio::from(theirs), std::fs::File::from(ours))
+}
+
+/// Runs the demo with `RUST_LOG=info` and `env`, its stderr going to `to`; makes one call (its
+/// `gateway.request` span logs when it closes), stops it with SIGTERM and returns what it wrote
+/// to stderr, up to the server's last log line.
+async fn demo_logs(env: &[(&str, &str)], to: LogsTo) -> String {
+    let mut env = env.to_vec();
+    env.push(("RUST_LOG", "info"));
+    let args = ["--listen", "127.0.0.1:0"];
+    let (mut demo, stderr) = match to {
+        LogsTo::Pipe => {
+            let mut demo = start_with(&args, &env, Stdio::piped());
+            let stderr = Captured::read_from(demo.child.stderr.take().unwrap());
+            (demo, stderr)
+        }
+        #[cfg(target_os = "linux")]
+        LogsTo::Terminal => {
+            let (theirs, ours) = pty();
+            (start_with(&args, &env, theirs), Captured::read_from(ours))
+        }
+    };
+    let req = Request::get(format!(
+        "http://{}/proxy-api/coreweave-model/inference/models",
+        demo.addr
+    ))
+    .header("authorization", "Bearer gw-demo-key")
+    .body(Full::<Bytes>::default())
+    .unwrap();
+    let res = within("demo response", client().request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    drop(res);
+    sigterm(&demo.child);
+    let status = tokio::task::block_in_place(|| wait_exit(&mut demo.child));
+    assert!(status.success(), "{status}");
+    let logs = stderr.until(DRAINED);
+    // The lines a colour code would be in are there: the request's span, closing, and the
+    // server's own events.
+    assert!(logs.contains(DRAINED), "{logs:?}");
+    assert!(logs.contains("gateway.request"), "{logs:?}");
+    assert!(logs.contains("close"), "{logs:?}");
+    assert!(logs.contains("INFO"), "{logs:?}");
+    logs
+}
+
+/// The server's last log line on a clean shutdown.
+const DRAINED: &str = "all connections drained";
+
+/// Logs piped to a file or another program (as here) carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_have_no_colour_codes() {
+    let logs = demo_logs(&[], LogsTo::Pipe).await;
+    assert!(!logs.contains("\x1b["), "{logs:?}");
+}
+
+/// `NO_COLOR=1` turns colour codes off, even when stderr is a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_color_turns_colour_codes_off() {
+    let logs = demo_logs(&[("NO_COLOR", "1")], LogsTo::Pipe).await;
+    assert!(!logs.contains("\x1b["), "{logs:?}");
+    #[cfg(target_os = "linux")]
+    {
+        let logs = demo_logs(&[("NO_COLOR", "1")], LogsTo::Terminal).await;
+        assert!(!logs.contains("\x1b["), "{logs:?}");
+        // The control: on a terminal, with NO_COLOR unset or empty (no-color.org), colour.
+        for env in [&[][..], &[("NO_COLOR", "")][..]] {
+            let logs = demo_logs(env, LogsTo::Terminal).await;
+            assert!(logs.contains("\x1b["), "{env:?}: {logs:?}");
+        }
+    }
 }
 
 /// A streaming chat completion with the demo's key.
