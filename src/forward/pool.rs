@@ -1,7 +1,7 @@
 //! The upstream connection pool: HTTP/1.1 connections driven by the response body that uses
 //! them, HTTP/2 connections (chosen by ALPN) shared by every request to the same upstream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -15,6 +15,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -38,7 +39,10 @@ pub(crate) type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
 /// upstream closed meanwhile is noticed and dropped when it is checked out.
 ///
 /// An upstream that offers HTTP/2 through ALPN gets one connection, run by a task of its own
-/// and shared by every request to it.
+/// and shared by every request to it. Requests that find no connection to an `https`
+/// upstream while another request is connecting to it wait for that connect instead of
+/// opening their own, unless the upstream is known to speak only HTTP/1.1: a burst against a
+/// cold HTTP/2 upstream opens one connection, not one per request.
 #[derive(Clone)]
 pub struct UpstreamClient {
     inner: Arc<Inner>,
@@ -57,8 +61,27 @@ struct State {
     idle: HashMap<Key, Vec<Idle>>,
     /// The shared HTTP/2 connection of each upstream that offered it.
     h2: HashMap<Key, Shared>,
+    /// The `https` upstreams being connected to that may turn out to speak HTTP/2: the
+    /// requests that find no connection wait here for the outcome (see [`Connecting`]).
+    connecting: HashMap<Key, watch::Sender<Outcome>>,
+    /// The `https` upstreams whose last new connection negotiated HTTP/1.1: nobody waits for
+    /// a connect to them. Cleared for an upstream when a connection to it negotiates HTTP/2.
+    h1_only: HashSet<Key>,
     /// Whether a task is expiring idle connections.
     reaping: bool,
+}
+
+impl State {
+    /// The shared HTTP/2 connection to `key`, if it is still open.
+    fn shared_h2(&mut self, key: &Key) -> Option<http2::SendRequest<UpstreamRequestBody>> {
+        let shared = self.h2.get_mut(key)?;
+        if !shared.send.is_closed() {
+            shared.last_used = Instant::now();
+            return Some(shared.send.clone());
+        }
+        self.h2.remove(key);
+        None
+    }
 }
 
 struct Idle {
@@ -135,9 +158,10 @@ impl Inner {
                 Some(conn) => conn,
                 // Boxed: setting up a connection (TLS, HTTP/2) is the largest state by far, and
                 // the rarest.
-                None => Box::pin(self.connect(&key)).await?,
+                None => Box::pin(self.connect_or_wait(&key)).await?,
             };
-            let reused = conn.reused;
+            // One retry at most: the connection of a retry is never taken for a stale one.
+            let reused = conn.reused && !fresh;
             let result = match conn.kind {
                 Kind::H1(conn) => self.send_h1(&key, conn, req).await,
                 Kind::H2(send) => send_h2(send, req).await,
@@ -163,15 +187,11 @@ impl Inner {
     /// recently used HTTP/1.1 one.
     fn checkout(&self, key: &Key) -> Option<Checkout> {
         let mut state = self.lock();
-        if let Some(shared) = state.h2.get_mut(key) {
-            if !shared.send.is_closed() {
-                shared.last_used = Instant::now();
-                return Some(Checkout {
-                    kind: Kind::H2(shared.send.clone()),
-                    reused: true,
-                });
-            }
-            state.h2.remove(key);
+        if let Some(send) = state.shared_h2(key) {
+            return Some(Checkout {
+                kind: Kind::H2(send),
+                reused: true,
+            });
         }
         let idle = state.idle.get_mut(key)?;
         let now = Instant::now();
@@ -187,22 +207,99 @@ impl Inner {
         None
     }
 
-    async fn connect(self: &Arc<Self>, key: &Key) -> Result<Checkout, BoxError> {
-        let uri = Uri::builder()
-            .scheme(key.0.clone())
-            .authority(key.1.clone())
-            .path_and_query("/")
-            .build()?;
-        let mut connector = self.connector.clone();
-        poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(ConnectError)?;
-        let io = connector.call(uri).await.map_err(ConnectError)?;
+    /// What a request that found no idle connection does: takes the shared HTTP/2 connection
+    /// if one came up meanwhile, else connects, or waits for the connect in flight to an
+    /// upstream that may speak HTTP/2.
+    fn cold<'a>(&'a self, key: &'a Key) -> Cold<'a> {
+        let mut state = self.lock();
+        if let Some(send) = state.shared_h2(key) {
+            return Cold::Ready(send);
+        }
+        // No h2c: a plain `http` upstream is always HTTP/1.1, and never waited for.
+        if key.0 != Scheme::HTTPS || state.h1_only.contains(key) {
+            return Cold::Connect(None);
+        }
+        if let Some(outcome) = state.connecting.get(key) {
+            return Cold::Wait(outcome.subscribe());
+        }
+        state
+            .connecting
+            .insert(key.clone(), watch::Sender::new(Outcome::Pending));
+        Cold::Connect(Some(Connecting {
+            pool: self,
+            key,
+            outcome: Outcome::Pending,
+        }))
+    }
+
+    /// A connection for a request that found none idle (or whose pooled one had closed).
+    ///
+    /// A waiter waits for one connect, which has the connect timeout: if it came up HTTP/2
+    /// the waiter shares it; if it came up HTTP/1.1 or failed, the waiter connects on its own.
+    /// Only a connect that was cancelled (its request dropped) sends its waiters back to
+    /// choose again, one of them connecting and the others waiting for it.
+    async fn connect_or_wait(self: &Arc<Self>, key: &Key) -> Result<Checkout, BoxError> {
+        loop {
+            let mut outcome = match self.cold(key) {
+                Cold::Ready(send) => {
+                    return Ok(Checkout {
+                        kind: Kind::H2(send),
+                        reused: true,
+                    });
+                }
+                Cold::Connect(connecting) => return self.connect(key, connecting).await,
+                Cold::Wait(outcome) => outcome,
+            };
+            // `Err`: the connect was dropped before it had an outcome.
+            let settled = match outcome.wait_for(|o| !matches!(o, Outcome::Pending)).await {
+                Ok(settled) => settled.clone(),
+                Err(_) => Outcome::Pending,
+            };
+            match settled {
+                Outcome::H2(send) => {
+                    // As fresh as the connect's own request sees it: no retry on it.
+                    return Ok(Checkout {
+                        kind: Kind::H2(send),
+                        reused: false,
+                    });
+                }
+                Outcome::Http1 | Outcome::Failed => return self.connect(key, None).await,
+                Outcome::Pending => tracing::debug!("upstream connect cancelled; choosing again"),
+            }
+        }
+    }
+
+    /// Opens a connection to `key`. With `connecting`, tells the requests waiting for it how
+    /// it went, as soon as that is known.
+    async fn connect(
+        self: &Arc<Self>,
+        key: &Key,
+        mut connecting: Option<Connecting<'_>>,
+    ) -> Result<Checkout, BoxError> {
+        let mut settle = |outcome| {
+            if let Some(connecting) = connecting.take() {
+                connecting.settle(outcome);
+            }
+        };
+        let io = match self.open(key).await {
+            Ok(io) => io,
+            Err(err) => {
+                settle(Outcome::Failed);
+                return Err(err);
+            }
+        };
         if io.connected().is_negotiated_h2() {
-            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            let handshake = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
-                .await?;
+                .await;
+            let (send, conn) = match handshake {
+                Ok(handshake) => handshake,
+                Err(err) => {
+                    settle(Outcome::Failed);
+                    return Err(err.into());
+                }
+            };
             tokio::spawn(async move {
                 if let Err(err) = conn.await {
                     tracing::debug!(error = %err, "upstream HTTP/2 connection failed");
@@ -216,13 +313,17 @@ impl Inner {
                     last_used: Instant::now(),
                 },
             );
+            state.h1_only.remove(key);
             // The reaper expires a shared HTTP/2 connection too, as it does idle HTTP/1 ones.
             self.reap_later(state);
+            settle(Outcome::H2(send.clone()));
             return Ok(Checkout {
                 kind: Kind::H2(send),
                 reused: false,
             });
         }
+        // Known before the HTTP/1.1 handshake: the waiters need not wait for it.
+        settle(Outcome::Http1);
         let (send, conn) = http1::Builder::new().handshake(io).await?;
         Ok(Checkout {
             kind: Kind::H1(Box::new(H1Conn {
@@ -231,6 +332,23 @@ impl Inner {
             })),
             reused: false,
         })
+    }
+
+    /// A new TCP (and for `https`, TLS) connection to `key`, within the connect timeout.
+    async fn open(&self, key: &Key) -> Result<super::conn::Io, BoxError> {
+        let uri = Uri::builder()
+            .scheme(key.0.clone())
+            .authority(key.1.clone())
+            .path_and_query("/")
+            .build()?;
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ConnectError)?;
+        connector
+            .call(uri)
+            .await
+            .map_err(|err| ConnectError(err).into())
     }
 
     async fn send_h1(
@@ -353,6 +471,63 @@ async fn send_h2(
 struct Checkout {
     kind: Kind,
     reused: bool,
+}
+
+/// What a request that found no idle connection does (see [`Inner::cold`]).
+enum Cold<'a> {
+    /// Takes the shared HTTP/2 connection that came up meanwhile.
+    Ready(http2::SendRequest<UpstreamRequestBody>),
+    /// Connects; with the registration that others wait on, when they may.
+    Connect(Option<Connecting<'a>>),
+    /// Waits for the outcome of the connect in flight.
+    Wait(watch::Receiver<Outcome>),
+}
+
+/// How a connect that others wait for went.
+#[derive(Clone)]
+enum Outcome {
+    /// Not known yet; still so when the channel closes, the connect was cancelled.
+    Pending,
+    /// It negotiated HTTP/2: the connection to share.
+    H2(http2::SendRequest<UpstreamRequestBody>),
+    /// It negotiated HTTP/1.1, which is not shared: connect on your own.
+    Http1,
+    /// It failed: connect on your own.
+    Failed,
+}
+
+/// The registration of a connect in flight that other requests wait for. Dropping it, when
+/// the connect settles or when its request is dropped, ends the wait: it leaves the pool's
+/// `connecting` map, records an HTTP/1.1 upstream, and hands the outcome to every waiter.
+struct Connecting<'a> {
+    pool: &'a Inner,
+    key: &'a Key,
+    /// [`Outcome::Pending`] until settled: so it stays when the connect is cancelled.
+    outcome: Outcome,
+}
+
+impl Connecting<'_> {
+    fn settle(mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        let waiters = state.connecting.remove(self.key);
+        if matches!(self.outcome, Outcome::Http1) {
+            state.h1_only.insert(self.key.clone());
+        }
+        drop(state);
+        let outcome = std::mem::replace(&mut self.outcome, Outcome::Pending);
+        if let Some(waiters) = waiters
+            && !matches!(outcome, Outcome::Pending)
+        {
+            waiters.send_replace(outcome);
+        }
+        // The sender drops here: the waiters of a cancelled connect wake with no outcome.
+    }
 }
 
 enum Kind {
