@@ -119,6 +119,8 @@ pub mod request_id;
 pub mod route;
 #[cfg(feature = "gateway")]
 pub mod server;
+#[cfg(feature = "store")]
+pub mod store;
 #[cfg(feature = "forward")]
 pub mod tls;
 #[cfg(feature = "trace")]

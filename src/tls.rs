@@ -3,7 +3,7 @@
 //! crate, so the model can hold settings and the forwarder can build connections from them.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
@@ -49,6 +49,29 @@ pub struct TlsSettings {
     config: Arc<ClientConfig>,
     extra_roots: usize,
     client_auth: bool,
+    files: Option<TlsFiles>,
+}
+
+/// The PEM files TLS settings were read from: what a store keeps, to read them again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TlsFiles {
+    /// PEM CA certificates trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files and builds the settings.
+    pub fn load(&self) -> Result<TlsSettings, TlsError> {
+        TlsSettings::from_files(
+            self.ca_file.as_deref(),
+            self.client_cert_file.as_deref(),
+            self.client_key_file.as_deref(),
+        )
+    }
 }
 
 /// A TLS setting that could not be loaded: the field (`ca_file`, `client_cert_file`,
@@ -132,6 +155,7 @@ impl TlsSettings {
             config: Arc::new(config),
             extra_roots,
             client_auth: client_cert.is_some(),
+            files: None,
         })
     }
 
@@ -152,7 +176,18 @@ impl TlsSettings {
         let ca = read("ca_file", ca_file)?;
         let cert = read("client_cert_file", client_cert_file)?;
         let key = read("client_key_file", client_key_file)?;
-        Self::from_pem(ca.as_deref(), cert.as_deref(), key.as_deref())
+        let mut settings = Self::from_pem(ca.as_deref(), cert.as_deref(), key.as_deref())?;
+        settings.files = Some(TlsFiles {
+            ca_file: ca_file.map(Path::to_path_buf),
+            client_cert_file: client_cert_file.map(Path::to_path_buf),
+            client_key_file: client_key_file.map(Path::to_path_buf),
+        });
+        Ok(settings)
+    }
+
+    /// The files these settings were read from, if they were read from files.
+    pub fn files(&self) -> Option<&TlsFiles> {
+        self.files.as_ref()
     }
 
     pub(crate) fn client_config(&self) -> ClientConfig {

@@ -15,6 +15,8 @@ pub(super) struct RawConfig {
     #[serde(default = "default_path_prefix")]
     pub(super) path_prefix: String,
     #[serde(default)]
+    pub(super) admins: Vec<String>,
+    #[serde(default)]
     pub(super) keys: Vec<RawKey>,
     #[serde(default)]
     pub(super) accounts: Vec<RawAccount>,

@@ -45,6 +45,7 @@
 //! | field | type | default | meaning |
 //! |---|---|---|---|
 //! | `path_prefix` | string | `"/proxy-api"` | prefix of every proxy path: empty, or `/name[/name…]` with no trailing slash |
+//! | `admins` | array of subjects | `[]` | who manages gateway keys and reads the audit log once a store is used: `"user:SUBJECT"`, `"team:NAME"` or `"everyone"` |
 //! | `limits.max_request_body_bytes` | integer > 0 | 33554432 (32 MiB) | largest request body forwarded; larger is a 413 |
 //! | `keys` | array of tables | `[]` | the gateway API keys |
 //! | `keys[].id` | string | required | a unique label for logs; never the secret |
@@ -145,16 +146,16 @@
 mod file;
 mod secrets;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub use self::secrets::{Secret, SecretSource};
-use crate::ext::Principal;
 use crate::model::{
-    AccountSpec, EndpointSpec, FieldError, HashedKeyStore, KeyDigest, is_valid_prefix,
+    AccountSpec, EndpointSpec, FieldError, Grants, HashedKeyStore, KeyDigest, KeyRecord, Subject,
+    is_valid_prefix, validate_keys,
 };
 use crate::registry::Registry;
 use crate::tls::TlsSettings;
@@ -169,6 +170,10 @@ pub struct GatewayConfig {
     pub path_prefix: String,
     /// The gateway API keys, as digests.
     pub keys: HashedKeyStore,
+    /// The same keys as records, to seed a store with.
+    pub key_records: Vec<KeyRecord>,
+    /// `admins`: the subjects who manage gateway keys and read the audit log.
+    pub admins: Vec<Subject>,
     /// The accounts and endpoints.
     pub registry: Registry,
     /// `limits.max_request_body_bytes`: the largest request body forwarded, if set (the
@@ -216,7 +221,9 @@ fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, 
              with no trailing slash",
         ));
     }
-    let keys = build_keys(raw.keys, secrets)?;
+    let key_records = build_keys(raw.keys, secrets)?;
+    let keys = HashedKeyStore::from_records(&key_records)
+        .map_err(|e| FieldError::new("keys", e.to_string()))?;
     let accounts = raw
         .accounts
         .into_iter()
@@ -230,54 +237,26 @@ fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, 
             "must be greater than zero",
         ));
     }
+    let admins = Grants::parse(&raw.admins, &[], &[], "admins")
+        .map_err(|e| FieldError::new(e.field().replace(".managers", ""), e.message()))?
+        .managers;
     Ok(GatewayConfig {
         path_prefix: raw.path_prefix,
         keys,
+        key_records,
+        admins,
         registry,
         max_request_body: raw.limits.max_request_body_bytes,
     })
 }
 
-/// Whether `s` is a usable name for a subject or team: non-empty, no whitespace or control
-/// characters (the syntax `user:SUBJECT` and `team:NAME` grants accept).
-fn is_plain_name(s: &str) -> bool {
-    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
 fn build_keys(
     raw: Vec<file::RawKey>,
     secrets: &SecretSource,
-) -> Result<HashedKeyStore, FieldError> {
-    let mut store = HashedKeyStore::new();
-    let mut ids = HashSet::new();
+) -> Result<Vec<KeyRecord>, FieldError> {
+    let mut records = Vec::with_capacity(raw.len());
     for (i, key) in raw.into_iter().enumerate() {
         let field = format!("keys[{i}]");
-        if key.id.is_empty() || key.id.chars().any(char::is_control) {
-            return Err(FieldError::new(
-                format!("{field}.id"),
-                "must be non-empty, without control characters",
-            ));
-        }
-        if !ids.insert(key.id.clone()) {
-            return Err(FieldError::new(
-                format!("{field}.id"),
-                format!("duplicate id \"{}\"", key.id),
-            ));
-        }
-        if !is_plain_name(&key.subject) {
-            return Err(FieldError::new(
-                format!("{field}.subject"),
-                "must be non-empty, without spaces or control characters",
-            ));
-        }
-        for (t, team) in key.teams.iter().enumerate() {
-            if !is_plain_name(team) {
-                return Err(FieldError::new(
-                    format!("{field}.teams[{t}]"),
-                    "must be non-empty, without spaces or control characters",
-                ));
-            }
-        }
         let digest = match (&key.sha256, &key.key) {
             (Some(hex), None) => {
                 let field = format!("{field}.sha256");
@@ -297,12 +276,10 @@ fn build_keys(
                 return Err(FieldError::new(field, "set exactly one of sha256 or key"));
             }
         };
-        let principal = Principal::new(key.id, key.subject, key.teams);
-        store
-            .insert_digest(digest, principal)
-            .map_err(|e| FieldError::new(field, e.to_string()))?;
+        records.push(KeyRecord::new(key.id, digest, key.subject, key.teams));
     }
-    Ok(store)
+    validate_keys(&records)?;
+    Ok(records)
 }
 
 fn build_headers(
@@ -388,4 +365,40 @@ fn build_endpoint(
         tls,
         ..EndpointSpec::new(raw.name, raw.base_url)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> Result<GatewayConfig, FieldError> {
+        GatewayConfig::from_toml(toml, &SecretSource::from_vars([("K", "gw-k")], "."))
+    }
+
+    #[test]
+    fn admins_and_key_records() {
+        let config = load(
+            r#"
+            admins = ["user:ops@example.com", "team:platform"]
+            [[keys]]
+            id = "ops"
+            subject = "ops@example.com"
+            teams = ["platform"]
+            key = "${K}"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.admins,
+            [
+                Subject::User("ops@example.com".into()),
+                Subject::Team("platform".into())
+            ]
+        );
+        assert_eq!(config.key_records.len(), 1);
+        assert_eq!(config.key_records[0].digest, KeyDigest::of("gw-k"));
+        assert!(config.keys.get(&KeyDigest::of("gw-k")).is_some());
+        let err = load(r#"admins = ["team:platform", "ops"]"#).unwrap_err();
+        assert_eq!(err.field(), "admins[1]", "{err}");
+    }
 }

@@ -88,7 +88,7 @@ pub use self::body::ResponseBody;
 use self::idle::IdleTimeoutBody;
 pub use self::pool::UpstreamClient;
 pub use crate::error::{BodyIdleTimeout, ConnectError};
-pub use crate::tls::{TlsError, TlsSettings};
+pub use crate::tls::{TlsError, TlsFiles, TlsSettings};
 
 use crate::BoxError;
 use crate::error::{

@@ -27,6 +27,10 @@ pub struct EndpointSpec {
     /// Extra trust roots and a client certificate.
     #[cfg(feature = "forward")]
     pub tls: Option<Arc<crate::tls::TlsSettings>>,
+    /// The record's version: 0 until a change is made through the management API or a store,
+    /// then one more on every change of the endpoint. The management API answers it as the
+    /// `ETag`.
+    pub version: u64,
 }
 
 impl EndpointSpec {
@@ -40,7 +44,27 @@ impl EndpointSpec {
             timeouts: Timeouts::default(),
             #[cfg(feature = "forward")]
             tls: None,
+            version: 0,
         }
+    }
+
+    /// Whether `other` describes the same endpoint, whatever the versions: the same name, base
+    /// URL, headers (names and values), grants, timeouts and TLS settings.
+    pub fn same_content(&self, other: &Self) -> bool {
+        #[cfg(feature = "forward")]
+        let same_tls = match (&self.tls, &other.tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        #[cfg(not(feature = "forward"))]
+        let same_tls = true;
+        self.name == other.name
+            && self.base_url == other.base_url
+            && self.headers == other.headers
+            && self.access == other.access
+            && self.timeouts == other.timeouts
+            && same_tls
     }
 }
 
@@ -57,6 +81,9 @@ pub struct AccountSpec {
     pub access: Grants,
     /// The endpoints.
     pub endpoints: Vec<EndpointSpec>,
+    /// The record's version: 0 until a change is made through the management API or a store,
+    /// then one more on every change of the account's own fields (`header_auth`, `access`).
+    pub version: u64,
 }
 
 impl AccountSpec {
@@ -67,6 +94,37 @@ impl AccountSpec {
             header_auth: HeaderMap::new(),
             access: Grants::default(),
             endpoints: Vec::new(),
+            version: 0,
+        }
+    }
+
+    /// Whether `other` has the same name, `header_auth` and grants, whatever its endpoints and
+    /// versions.
+    pub fn same_own_content(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.header_auth == other.header_auth
+            && self.access == other.access
+    }
+}
+
+/// Bumps the version of every account and endpoint of `next` that is new or differs from its
+/// record in `current` (by name): what a change through the management API or a store does
+/// before it is applied. A record that did not change keeps its version.
+pub fn bump_versions(current: &[AccountSpec], next: &mut [AccountSpec]) {
+    for account in next.iter_mut() {
+        let before = current.iter().find(|a| a.name == account.name);
+        account.version = match before {
+            Some(b) if b.same_own_content(account) => b.version,
+            Some(b) => b.version + 1,
+            None => account.version.max(1),
+        };
+        for ep in &mut account.endpoints {
+            let was = before.and_then(|b| b.endpoints.iter().find(|e| e.name == ep.name));
+            ep.version = match was {
+                Some(w) if w.same_content(ep) => w.version,
+                Some(w) => w.version + 1,
+                None => ep.version.max(1),
+            };
         }
     }
 }
@@ -78,7 +136,8 @@ impl fmt::Debug for EndpointSpec {
             .field("base_url", &self.base_url)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("access", &self.access)
-            .field("timeouts", &self.timeouts);
+            .field("timeouts", &self.timeouts)
+            .field("version", &self.version);
         #[cfg(feature = "forward")]
         d.field("tls", &self.tls);
         d.finish()
@@ -92,6 +151,7 @@ impl fmt::Debug for AccountSpec {
             .field("header_auth", &self.header_auth.keys().collect::<Vec<_>>())
             .field("access", &self.access)
             .field("endpoints", &self.endpoints)
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -273,5 +333,43 @@ mod tests {
             let err = validate(&accounts).unwrap_err();
             assert_eq!(err.field(), field, "{err}");
         }
+    }
+
+    #[test]
+    fn versions_move_only_for_what_changed() {
+        let current = vec![AccountSpec {
+            endpoints: vec![
+                EndpointSpec::new("a", "https://x/v1"),
+                EndpointSpec::new("b", "https://x/v1"),
+            ],
+            ..AccountSpec::new("acct")
+        }];
+        let mut next = current.clone();
+        bump_versions(&[], &mut next);
+        assert_eq!(
+            (
+                next[0].version,
+                next[0].endpoints[0].version,
+                next[0].endpoints[1].version
+            ),
+            (1, 1, 1),
+            "new records start at 1"
+        );
+        let current = next.clone();
+        next[0].endpoints[1].base_url = "https://y/v1".into();
+        next[0]
+            .endpoints
+            .push(EndpointSpec::new("c", "https://x/v1"));
+        bump_versions(&current, &mut next);
+        let versions: Vec<u64> = next[0].endpoints.iter().map(|e| e.version).collect();
+        assert_eq!(versions, [1, 2, 1]);
+        assert_eq!(
+            next[0].version, 1,
+            "the account's own fields did not change"
+        );
+        let current = next.clone();
+        next[0].access.users.push(super::super::Subject::Everyone);
+        bump_versions(&current, &mut next);
+        assert_eq!(next[0].version, 2);
     }
 }

@@ -1,16 +1,17 @@
 //! Gateway key records: SHA-256 digests of keys and the principal each one authenticates,
 //! held in memory by [`HashedKeyStore`]. Only digests are ever held, never keys.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::Principal;
+use super::{FieldError, Principal};
 
 /// The SHA-256 digest of a gateway key.
 ///
@@ -123,6 +124,115 @@ impl fmt::Display for DuplicateKey {
 
 impl std::error::Error for DuplicateKey {}
 
+/// Where a key record comes from: the configuration file (read-only through the management
+/// API) or a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// The `[[keys]]` of the configuration file.
+    File,
+    /// Issued through the management API and kept in a store.
+    Store,
+}
+
+/// A gateway key as it is kept: its digest, never the key, with who holds it and its life.
+///
+/// `Debug` never shows the digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// A unique label for logs and the management API; never the secret.
+    pub id: String,
+    /// The SHA-256 digest of the key.
+    pub digest: KeyDigest,
+    /// Who holds the key, e.g. an email.
+    pub subject: String,
+    /// The holder's teams, for `team:NAME` grants.
+    pub teams: Vec<String>,
+    /// When it was issued (`None` for a key of the file).
+    pub created_at: Option<SystemTime>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<SystemTime>,
+    /// Where it comes from.
+    pub source: KeySource,
+}
+
+impl KeyRecord {
+    /// A key of the file: no times, never expires.
+    pub fn new(
+        id: impl Into<String>,
+        digest: KeyDigest,
+        subject: impl Into<String>,
+        teams: Vec<String>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            digest,
+            subject: subject.into(),
+            teams,
+            created_at: None,
+            expires_at: None,
+            revoked_at: None,
+            source: KeySource::File,
+        }
+    }
+}
+
+/// Validates key records as a whole, as every source does before it keeps them: each `id` is
+/// non-empty, without control characters and unique; each subject and team is non-empty,
+/// without spaces or control characters (what `user:SUBJECT` and `team:NAME` grants accept);
+/// no key is registered twice. An error names the field, e.g. `keys[2].subject`, and never
+/// the key or its digest.
+pub fn validate_keys(records: &[KeyRecord]) -> Result<(), FieldError> {
+    let mut ids = HashSet::with_capacity(records.len());
+    let mut digests: HashMap<KeyDigest, &str> = HashMap::with_capacity(records.len());
+    for (i, key) in records.iter().enumerate() {
+        let field = format!("keys[{i}]");
+        if key.id.is_empty() || key.id.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                format!("{field}.id"),
+                "must be non-empty, without control characters",
+            ));
+        }
+        if !ids.insert(key.id.as_str()) {
+            return Err(FieldError::new(
+                format!("{field}.id"),
+                format!("duplicate id \"{}\"", key.id),
+            ));
+        }
+        if !is_plain_name(&key.subject) {
+            return Err(FieldError::new(
+                format!("{field}.subject"),
+                "must be non-empty, without spaces or control characters",
+            ));
+        }
+        for (t, team) in key.teams.iter().enumerate() {
+            if !is_plain_name(team) {
+                return Err(FieldError::new(
+                    format!("{field}.teams[{t}]"),
+                    "must be non-empty, without spaces or control characters",
+                ));
+            }
+        }
+        if let Some(existing) = digests.insert(key.digest, &key.id) {
+            return Err(FieldError::new(
+                field,
+                DuplicateKey {
+                    existing_key_id: existing.into(),
+                }
+                .to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `s` is a usable name for a subject or team: non-empty, no whitespace or control
+/// characters.
+fn is_plain_name(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// The built-in [`KeyStore`](crate::auth::KeyStore): SHA-256 digests of keys in memory, compared in constant time.
 ///
 /// Only digests are held, never keys. A lookup hashes the presented key and finds its digest
@@ -141,7 +251,14 @@ impl std::error::Error for DuplicateKey {}
 /// ```
 #[derive(Clone, Default)]
 pub struct HashedKeyStore {
-    keys: HashMap<KeyDigest, Principal>,
+    keys: HashMap<KeyDigest, Held>,
+}
+
+/// A key as the store holds it in memory: who it authenticates, and until when.
+#[derive(Clone)]
+struct Held {
+    principal: Principal,
+    expires: Option<SystemTime>,
 }
 
 impl HashedKeyStore {
@@ -156,12 +273,21 @@ impl HashedKeyStore {
         digest: KeyDigest,
         principal: Principal,
     ) -> Result<(), DuplicateKey> {
+        self.insert_until(digest, principal, None)
+    }
+
+    fn insert_until(
+        &mut self,
+        digest: KeyDigest,
+        principal: Principal,
+        expires: Option<SystemTime>,
+    ) -> Result<(), DuplicateKey> {
         match self.keys.entry(digest) {
             Entry::Occupied(e) => Err(DuplicateKey {
-                existing_key_id: e.get().key_id.clone(),
+                existing_key_id: e.get().principal.key_id.clone(),
             }),
             Entry::Vacant(v) => {
-                v.insert(principal);
+                v.insert(Held { principal, expires });
                 Ok(())
             }
         }
@@ -179,8 +305,39 @@ impl HashedKeyStore {
     }
 
     /// The principal registered for a digest.
+    ///
+    /// A key past its expiry time is not found, whether or not the store was rebuilt since.
     pub fn get(&self, digest: &KeyDigest) -> Option<&Principal> {
-        self.keys.get(digest)
+        let held = self.keys.get(digest)?;
+        match held.expires {
+            Some(at) if SystemTime::now() >= at => None,
+            _ => Some(&held.principal),
+        }
+    }
+
+    /// Registers a key record: its digest, the principal it authenticates (its `id`, subject
+    /// and teams) and its expiry time. A revoked record is left out.
+    pub fn insert_record(&mut self, record: &KeyRecord) -> Result<(), DuplicateKey> {
+        if record.revoked_at.is_some() {
+            return Ok(());
+        }
+        let principal = Principal::new(
+            record.id.as_str(),
+            record.subject.as_str(),
+            record.teams.iter().map(String::as_str),
+        );
+        self.insert_until(record.digest, principal, record.expires_at)
+    }
+
+    /// A store of `records` (the revoked ones left out).
+    pub fn from_records<'a>(
+        records: impl IntoIterator<Item = &'a KeyRecord>,
+    ) -> Result<Self, DuplicateKey> {
+        let mut store = Self::new();
+        for record in records {
+            store.insert_record(record)?;
+        }
+        Ok(store)
     }
 
     /// How many keys are registered.
@@ -197,7 +354,10 @@ impl HashedKeyStore {
 impl fmt::Debug for HashedKeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HashedKeyStore")
-            .field("principals", &self.keys.values().collect::<Vec<_>>())
+            .field(
+                "principals",
+                &self.keys.values().map(|h| &h.principal).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -252,5 +412,32 @@ mod tests {
             .unwrap_err();
         assert_eq!(&*err.existing_key_id, "a");
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn records_past_their_expiry_or_revoked_are_not_found() {
+        let now = SystemTime::now();
+        let hour = std::time::Duration::from_secs(3600);
+        let record =
+            |id: &str, key: &str| KeyRecord::new(id, KeyDigest::of(key), "s@x", vec!["t".into()]);
+        let live = KeyRecord {
+            expires_at: Some(now + hour),
+            ..record("live", "k1")
+        };
+        let expired = KeyRecord {
+            expires_at: Some(now - hour),
+            ..record("expired", "k2")
+        };
+        let revoked = KeyRecord {
+            revoked_at: Some(now),
+            ..record("revoked", "k3")
+        };
+        let store = HashedKeyStore::from_records([&live, &expired, &revoked]).unwrap();
+        let found = store.get(&KeyDigest::of("k1")).unwrap();
+        assert_eq!((&*found.key_id, &*found.subject), ("live", "s@x"));
+        assert!(found.in_team("t"));
+        assert!(store.get(&KeyDigest::of("k2")).is_none());
+        assert!(store.get(&KeyDigest::of("k3")).is_none());
+        assert_eq!(store.len(), 2, "the revoked record is left out");
     }
 }

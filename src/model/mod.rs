@@ -34,16 +34,22 @@ mod grants;
 #[cfg(feature = "auth")]
 mod keys;
 mod principal;
+#[cfg(feature = "auth")]
+mod snapshot;
 mod template;
 mod upstream;
 
 use std::fmt;
 
-pub use self::account::{AccountSpec, EndpointSpec, validate};
+pub use self::account::{AccountSpec, EndpointSpec, bump_versions, validate};
 pub use self::grants::{Grants, InvalidSubject, Permission, Role, Subject};
 #[cfg(feature = "auth")]
-pub use self::keys::{DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest};
+pub use self::keys::{
+    DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyRecord, KeySource, validate_keys,
+};
 pub use self::principal::Principal;
+#[cfg(feature = "auth")]
+pub use self::snapshot::{AuditEntry, Snapshot};
 pub use self::template::{HeaderTemplate, TemplateVar};
 pub use self::upstream::{COMMON_PATHS, Timeouts, UpstreamBase};
 

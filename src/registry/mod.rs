@@ -66,6 +66,7 @@ pub struct Endpoint {
     common_uris: [Option<Uri>; COMMON_PATHS.len()],
     #[cfg(feature = "forward")]
     tls: Option<Arc<crate::tls::TlsSettings>>,
+    version: u64,
 }
 
 impl Endpoint {
@@ -118,6 +119,11 @@ impl Endpoint {
         self.timeouts
     }
 
+    /// The endpoint's version (see [`EndpointSpec::version`]).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The upstream URI for the `i`th of the route's common paths, without a query.
     pub(crate) fn common_uri(&self, i: usize) -> Option<&Uri> {
         self.common_uris.get(i)?.as_ref()
@@ -160,9 +166,15 @@ pub struct Account {
     header_names: Vec<HeaderName>,
     endpoints: Vec<Arc<Endpoint>>,
     by_name: NameMap,
+    version: u64,
 }
 
 impl Account {
+    /// The account's version (see [`AccountSpec::version`]).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The account name.
     pub fn name(&self) -> &Arc<str> {
         &self.name
@@ -199,6 +211,7 @@ impl Account {
             header_names: spec.header_auth.keys().cloned().collect(),
             endpoints: Vec::with_capacity(spec.endpoints.len()),
             by_name: NameMap::with_capacity_and_hasher(spec.endpoints.len(), Default::default()),
+            version: spec.version,
         };
         // Endpoints without grants of their own share the account's.
         let account_grants = Arc::new(spec.access.clone());
@@ -234,6 +247,7 @@ impl Account {
                 common_uris,
                 #[cfg(feature = "forward")]
                 tls: ep.tls.clone(),
+                version: ep.version,
             }));
         }
         Ok(account)
