@@ -1,10 +1,10 @@
-use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::sync::Arc;
 
 use crate::BoxError;
 use crate::ext::Principal;
 use crate::model::{HashedKeyStore, KeyDigest};
+use crate::registry::SharedKeyStore;
 
 /// Looks up the [`Principal`] that owns a gateway key.
 ///
@@ -52,55 +52,14 @@ impl KeyStore for HashedKeyStore {
     }
 }
 
-/// A [`HashedKeyStore`] that can be replaced while traffic flows (on a configuration reload).
-///
-/// Lookups read the current store lock-free; [`store`](Self::store) swaps it atomically.
-#[derive(Clone, Default)]
-pub struct SharedKeyStore {
-    current: Arc<arc_swap::ArcSwap<HashedKeyStore>>,
-}
-
-impl SharedKeyStore {
-    /// Holds `store` as the current keys.
-    pub fn new(store: HashedKeyStore) -> Self {
-        Self {
-            current: Arc::new(arc_swap::ArcSwap::from_pointee(store)),
-        }
-    }
-
-    /// Replaces the keys. Requests already authenticated are not affected.
-    pub fn store(&self, store: HashedKeyStore) {
-        self.current.store(Arc::new(store));
-    }
-
-    /// The current keys.
-    pub fn load(&self) -> Arc<HashedKeyStore> {
-        self.current.load_full()
-    }
-}
-
-impl fmt::Debug for SharedKeyStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("SharedKeyStore")
-            .field(&*self.current.load())
-            .finish()
-    }
-}
-
-impl From<HashedKeyStore> for SharedKeyStore {
-    fn from(store: HashedKeyStore) -> Self {
-        Self::new(store)
-    }
-}
-
 impl KeyStore for SharedKeyStore {
     type Future = Ready<Result<Option<Principal>, BoxError>>;
 
     fn lookup(&self, key: &str) -> Self::Future {
-        self.current.load().lookup(key)
+        self.current().lookup(key)
     }
 
     fn lookup_now(&self, key: &str) -> Option<Result<Option<Principal>, BoxError>> {
-        self.current.load().lookup_now(key)
+        self.current().lookup_now(key)
     }
 }

@@ -46,7 +46,8 @@
 mod key_store;
 mod service;
 
-pub use self::key_store::{KeyStore, SharedKeyStore};
+pub use self::key_store::KeyStore;
 pub use self::service::{GatewayAuth, GatewayAuthLayer, ResponseFuture};
 pub use crate::ext::Principal;
 pub use crate::model::{DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest};
+pub use crate::registry::SharedKeyStore;

@@ -134,6 +134,7 @@ impl GatewayError {
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
+            409 => "conflict",
             400..=499 => "invalid_request_error",
             _ => "api_error",
         }

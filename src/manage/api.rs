@@ -1,6 +1,7 @@
 //! The routes, their typed requests and answers, and the handlers.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 
 use axum::Router;
@@ -9,7 +10,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
-use http::header::{CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_TYPE, ETAG, HOST, HeaderMap, HeaderName, HeaderValue, IF_MATCH};
 use http::request::Parts;
 use http_body_util::{BodyExt, Limited};
 use serde::de::DeserializeOwned;
@@ -20,17 +21,27 @@ use super::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::error::GatewayError;
 use crate::ext::Principal;
 use crate::model::{
-    AccountSpec, EndpointSpec, FieldError, Grants, Permission, Role, Timeouts, UpstreamBase,
+    AuditEntry, EndpointSpec, Grants, Permission, Role, Snapshot, Timeouts, UpstreamBase, Writer,
     is_valid_name,
 };
-use crate::registry::{Account, Endpoint, SharedRegistry};
+use crate::registry::{Account, Endpoint, Live};
 
-/// What every handler reads: the registry it manages and how to write proxy URLs.
-#[derive(Debug)]
+/// What every handler reads: the live state, where changes go, and how to write proxy URLs.
 pub(super) struct Api {
-    pub(super) registry: SharedRegistry,
+    pub(super) live: Live,
+    pub(super) writer: Arc<dyn Writer>,
     pub(super) proxy_prefix: Arc<str>,
     pub(super) public_url: Option<Arc<str>>,
+}
+
+impl fmt::Debug for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Api")
+            .field("live", &self.live)
+            .field("proxy_prefix", &self.proxy_prefix)
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The routes, relative to the management prefix.
@@ -52,7 +63,7 @@ pub(super) fn routes(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-type Answer = Result<Response, GatewayError>;
+type Answer = Result<Response, Refused>;
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
@@ -334,7 +345,7 @@ impl Api {
         endpoint: &str,
         permission: Permission,
     ) -> Result<Arc<Endpoint>, GatewayError> {
-        let registry = self.registry.load();
+        let registry = self.live.registry().load();
         let ep = registry
             .account(account)
             .ok_or_else(no_account)?
@@ -345,21 +356,6 @@ impl Api {
         } else {
             Err(denied(principal, permission, "this endpoint"))
         }
-    }
-
-    /// Changes one account's spec and swaps in the new registry; nothing changes on error.
-    fn update_account(
-        &self,
-        account: &str,
-        change: impl FnOnce(&mut AccountSpec) -> Result<(), GatewayError>,
-    ) -> Result<(), GatewayError> {
-        self.registry.update(|specs| {
-            let spec = specs
-                .iter_mut()
-                .find(|s| s.name == account)
-                .ok_or_else(no_account)?;
-            change(spec)
-        })
     }
 
     /// The origin of the proxy URLs in snippets: the public URL, or the request's `Host`.
@@ -383,7 +379,7 @@ impl Api {
 type Shared = State<Arc<Api>>;
 
 async fn list(State(api): Shared, Caller(principal): Caller) -> Response {
-    let registry = api.registry.load();
+    let registry = api.live.registry().load();
     let accounts = registry
         .accounts()
         .iter()
@@ -397,38 +393,56 @@ async fn get_account(
     Caller(principal): Caller,
     Path(name): Path<String>,
 ) -> Answer {
-    let registry = api.registry.load();
+    let registry = api.live.registry().load();
     let account = registry.account(&name).ok_or_else(no_account)?;
     let view = api
         .account_view(account, &principal)
         .ok_or_else(|| denied(&principal, Permission::View, "this account"))?;
-    Ok(json(StatusCode::OK, &view))
+    Ok(tagged(json(StatusCode::OK, &view), account.version()))
 }
 
 async fn set_access(
     State(api): Shared,
     Caller(principal): Caller,
     Path(account): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<GrantsBody>,
 ) -> Answer {
     let grants = body.to_grants()?;
-    {
-        let registry = api.registry.load();
-        let a = registry.account(&account).ok_or_else(no_account)?;
-        if !a.access().allows(&principal, Permission::Manage) {
-            return Err(denied(&principal, Permission::Manage, "this account"));
+    let if_match = if_match(&headers)?;
+    let conflict = Conflict::default();
+    let edit = {
+        let (principal, account, conflict) = (principal.clone(), account.clone(), conflict.clone());
+        move |s: &mut Snapshot| {
+            let spec = s
+                .accounts
+                .iter_mut()
+                .find(|a| a.name == account)
+                .ok_or_else(no_account)?;
+            if !spec.access.allows(&principal, Permission::Manage) {
+                return Err(denied(&principal, Permission::Manage, "this account"));
+            }
+            conflict.check(if_match.as_ref(), Some(spec.version))?;
+            let changes = serde_json::json!({ "access": GrantsView::from(&grants) });
+            spec.access = grants;
+            Ok(vec![audit_entry(
+                &principal,
+                "account.access",
+                &account,
+                changes,
+            )])
         }
-    }
-    api.update_account(&account, |spec| {
-        spec.access = grants;
-        Ok(())
-    })?;
+    };
+    api.write(edit, &conflict).await?;
     tracing::info!(key_id = %principal.key_id, account, "account grants replaced");
     // The change is done: answer with the new state even if it took the caller's own grant
     // away.
-    let registry = api.registry.load();
+    let registry = api.live.registry().load();
     let a = registry.account(&account).ok_or_else(no_account)?;
-    Ok(json(StatusCode::OK, &api.account_view_of(a, &principal)))
+    Ok(tagged(
+        json(StatusCode::OK, &api.account_view_of(a, &principal)),
+        a.version(),
+    ))
 }
 
 async fn get_endpoint(
@@ -437,19 +451,24 @@ async fn get_endpoint(
     Path((account, endpoint)): Path<(String, String)>,
 ) -> Answer {
     let ep = api.endpoint_for(&principal, &account, &endpoint, Permission::View)?;
-    Ok(json(StatusCode::OK, &api.endpoint_view(&ep, &principal)))
+    Ok(tagged(
+        json(StatusCode::OK, &api.endpoint_view(&ep, &principal)),
+        ep.version(),
+    ))
 }
 
 async fn put_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
     Path((account, endpoint)): Path<(String, String)>,
+    request_headers: HeaderMap,
     JsonBody(body): JsonBody<EndpointBody>,
 ) -> Answer {
     if !is_valid_name(&endpoint) {
         return Err(bad_request(
             "name: must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"",
-        ));
+        )
+        .into());
     }
     let headers = body.headers.as_ref().map(headers_from_json).transpose()?;
     let access = body
@@ -460,89 +479,158 @@ async fn put_endpoint(
     let timeouts = body.timeouts.as_ref().map_or_else(Timeouts::default, |t| {
         Timeouts::from_millis(t.connect_ms, t.first_byte_ms, t.idle_ms)
     });
-    let exists = {
-        let registry = api.registry.load();
-        let a = registry.account(&account).ok_or_else(no_account)?;
-        match a.endpoint(&endpoint) {
-            Some(ep) if !ep.grants().allows(&principal, Permission::Manage) => {
-                return Err(denied(&principal, Permission::Manage, "this endpoint"));
-            }
-            Some(ep) => {
-                // The endpoint's credentials (and the account's) must not follow it to a host
-                // its manager picked: moving it needs the account's managers and the headers
-                // sent again.
-                let moves = UpstreamBase::parse(&body.base_url).is_ok_and(|new| {
-                    new.scheme() != ep.base().scheme() || new.authority() != ep.base().authority()
-                });
-                if moves && !a.access().allows(&principal, Permission::Manage) {
-                    return Err(GatewayError::forbidden(format!(
-                        "The key \"{}\" may not move this endpoint to another host: that needs Manage on the account.",
-                        principal.key_id
-                    )));
+    let if_match = if_match(&request_headers)?;
+    let conflict = Conflict::default();
+    let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let edit = {
+        let (principal, account, endpoint) = (principal.clone(), account.clone(), endpoint.clone());
+        let (conflict, created) = (conflict.clone(), created.clone());
+        move |s: &mut Snapshot| {
+            let spec = s
+                .accounts
+                .iter_mut()
+                .find(|a| a.name == account)
+                .ok_or_else(no_account)?;
+            let manages_account = spec.access.allows(&principal, Permission::Manage);
+            let existing = spec.endpoints.iter().position(|e| e.name == endpoint);
+            match existing.map(|i| &spec.endpoints[i]) {
+                Some(ep) => {
+                    let grants = spec.access.for_endpoint(ep.access.as_ref());
+                    if !grants.allows(&principal, Permission::Manage) {
+                        return Err(denied(&principal, Permission::Manage, "this endpoint"));
+                    }
+                    // The endpoint's credentials (and the account's) must not follow it to a
+                    // host its manager picked: moving it needs the account's managers and the
+                    // headers sent again.
+                    let moves = match (
+                        UpstreamBase::parse(&body.base_url),
+                        UpstreamBase::parse(&ep.base_url),
+                    ) {
+                        (Ok(new), Ok(old)) => {
+                            new.scheme() != old.scheme() || new.authority() != old.authority()
+                        }
+                        _ => false,
+                    };
+                    if moves && !manages_account {
+                        return Err(GatewayError::forbidden(format!(
+                            "The key \"{}\" may not move this endpoint to another host: that needs Manage on the account.",
+                            principal.key_id
+                        )));
+                    }
+                    if moves && headers.is_none() {
+                        return Err(bad_request(
+                            "headers: required when base_url changes host; the current headers are not sent to a new host",
+                        ));
+                    }
+                    conflict.check(if_match.as_ref(), Some(ep.version))?;
                 }
-                if moves && headers.is_none() {
-                    return Err(bad_request(
-                        "headers: required when base_url changes host; the current headers are not sent to a new host",
-                    ));
+                None if !manages_account => {
+                    return Err(denied(&principal, Permission::Manage, "this account"));
                 }
-                true
+                None => conflict.check(if_match.as_ref(), None)?,
             }
-            None if !a.access().allows(&principal, Permission::Manage) => {
-                return Err(denied(&principal, Permission::Manage, "this account"));
+            let mut header_names: Vec<String> = headers
+                .iter()
+                .flat_map(|h| h.keys().map(|n| n.as_str().to_owned()))
+                .collect();
+            header_names.dedup();
+            let changes = serde_json::json!({
+                "base_url": &body.base_url,
+                "header_names": headers.as_ref().map(|_| header_names),
+                "access": access.as_ref().map(GrantsView::from),
+                "timeouts": body.timeouts.as_ref(),
+                "created": existing.is_none(),
+            });
+            match existing {
+                Some(i) => {
+                    let ep = &mut spec.endpoints[i];
+                    ep.base_url = body.base_url;
+                    if let Some(h) = headers {
+                        ep.headers = h;
+                    }
+                    ep.access = access;
+                    ep.timeouts = timeouts;
+                }
+                None => {
+                    created.store(true, std::sync::atomic::Ordering::Relaxed);
+                    spec.endpoints.push(EndpointSpec {
+                        headers: headers.unwrap_or_default(),
+                        access,
+                        timeouts,
+                        ..EndpointSpec::new(endpoint.as_str(), body.base_url)
+                    });
+                }
             }
-            None => false,
+            let target = format!("{account}/{endpoint}");
+            Ok(vec![audit_entry(
+                &principal,
+                "endpoint.put",
+                &target,
+                changes,
+            )])
         }
     };
-    api.update_account(&account, |spec| {
-        match spec.endpoints.iter_mut().find(|e| e.name == endpoint) {
-            Some(ep) => {
-                ep.base_url = body.base_url;
-                if let Some(h) = headers {
-                    ep.headers = h;
-                }
-                ep.access = access;
-                ep.timeouts = timeouts;
-            }
-            None => spec.endpoints.push(EndpointSpec {
-                headers: headers.unwrap_or_default(),
-                access,
-                timeouts,
-                ..EndpointSpec::new(endpoint.as_str(), body.base_url)
-            }),
-        }
-        Ok(())
-    })?;
-    tracing::info!(key_id = %principal.key_id, account, endpoint, created = !exists, "endpoint saved");
+    api.write(edit, &conflict).await?;
+    let created = created.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(key_id = %principal.key_id, account, endpoint, created, "endpoint saved");
     // The change is done: answer with the new state even if it took the caller's own grant
     // away.
     let ep = api
-        .registry
+        .live
+        .registry()
         .load()
         .endpoint(&account, &endpoint)
         .cloned()
         .ok_or_else(no_endpoint)?;
-    let status = if exists {
-        StatusCode::OK
-    } else {
+    let status = if created {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    Ok(json(status, &api.endpoint_view(&ep, &principal)))
+    Ok(tagged(
+        json(status, &api.endpoint_view(&ep, &principal)),
+        ep.version(),
+    ))
 }
 
 async fn delete_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
     Path((account, endpoint)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Answer {
-    api.endpoint_for(&principal, &account, &endpoint, Permission::Manage)?;
-    api.update_account(&account, |spec| {
-        let before = spec.endpoints.len();
-        spec.endpoints.retain(|e| e.name != endpoint);
-        if spec.endpoints.len() == before {
-            return Err(no_endpoint());
+    let if_match = if_match(&headers)?;
+    let conflict = Conflict::default();
+    let edit = {
+        let (principal, account, endpoint) = (principal.clone(), account.clone(), endpoint.clone());
+        let conflict = conflict.clone();
+        move |s: &mut Snapshot| {
+            let spec = s
+                .accounts
+                .iter_mut()
+                .find(|a| a.name == account)
+                .ok_or_else(no_account)?;
+            let i = spec
+                .endpoints
+                .iter()
+                .position(|e| e.name == endpoint)
+                .ok_or_else(no_endpoint)?;
+            let grants = spec.access.for_endpoint(spec.endpoints[i].access.as_ref());
+            if !grants.allows(&principal, Permission::Manage) {
+                return Err(denied(&principal, Permission::Manage, "this endpoint"));
+            }
+            conflict.check(if_match.as_ref(), Some(spec.endpoints[i].version))?;
+            spec.endpoints.remove(i);
+            let target = format!("{account}/{endpoint}");
+            Ok(vec![audit_entry(
+                &principal,
+                "endpoint.delete",
+                &target,
+                serde_json::json!({}),
+            )])
         }
-        Ok(())
-    })?;
+    };
+    api.write(edit, &conflict).await?;
     tracing::info!(key_id = %principal.key_id, account, endpoint, "endpoint deleted");
     let deleted = Deleted {
         deleted: DeletedEndpoint {
@@ -580,6 +668,154 @@ async fn not_found(_caller: Caller) -> GatewayError {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Versions: `ETag` on what a GET or a write answers, `If-Match` on writes.
+
+/// `response` with `ETag: "<version>"`.
+fn tagged(mut response: Response, version: u64) -> Response {
+    response.headers_mut().insert(
+        ETAG,
+        HeaderValue::from_str(&format!("\"{version}\"")).expect("digits"),
+    );
+    response
+}
+
+/// What a request's `If-Match` asks for: `*` (any current version) or a list of versions.
+enum IfMatch {
+    Any,
+    Versions(Vec<u64>),
+}
+
+fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, GatewayError> {
+    let mut values = headers.get_all(IF_MATCH).iter().peekable();
+    if values.peek().is_none() {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    for value in values {
+        let text = value
+            .to_str()
+            .map_err(|_| bad_request("If-Match: must hold ETags from a GET"))?;
+        for tag in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if tag == "*" {
+                return Ok(Some(IfMatch::Any));
+            }
+            let version = tag
+                .trim_start_matches("W/")
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| bad_request("If-Match: must hold ETags from a GET"))?;
+            versions.push(version);
+        }
+    }
+    Ok(Some(IfMatch::Versions(versions)))
+}
+
+/// Where a write that found a stale `If-Match` leaves the current version, for the 409's
+/// `ETag`.
+#[derive(Clone, Default)]
+struct Conflict(Arc<std::sync::Mutex<Option<u64>>>);
+
+impl Conflict {
+    /// Refuses the write with 409 when `expected` does not match `current` (the record's
+    /// version, `None` if it does not exist).
+    fn check(&self, expected: Option<&IfMatch>, current: Option<u64>) -> Result<(), GatewayError> {
+        let matches = match (expected, current) {
+            (None, _) => true,
+            (Some(IfMatch::Any), current) => current.is_some(),
+            (Some(IfMatch::Versions(v)), Some(current)) => v.contains(&current),
+            (Some(IfMatch::Versions(_)), None) => false,
+        };
+        if matches {
+            return Ok(());
+        }
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = current;
+        Err(GatewayError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "The record changed since the version in If-Match; GET it again and retry.",
+        ))
+    }
+
+    /// The current version a refused write saw.
+    fn current(&self) -> Option<u64> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn audit_entry(
+    principal: &Principal,
+    action: &str,
+    target: &str,
+    changes: serde_json::Value,
+) -> AuditEntry {
+    AuditEntry {
+        actor: format!("{} ({})", principal.key_id, principal.subject),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        changes,
+    }
+}
+
+impl Api {
+    /// Runs `edit` through the writer; a 409 carries the current `ETag`.
+    async fn write(
+        &self,
+        edit: impl FnOnce(&mut Snapshot) -> Result<Vec<AuditEntry>, GatewayError> + Send + 'static,
+        conflict: &Conflict,
+    ) -> Result<(), ConflictOr> {
+        match self.writer.write(Box::new(edit)).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.status() == StatusCode::CONFLICT => Err(ConflictOr {
+                error: err,
+                current: conflict.current(),
+            }),
+            Err(error) => Err(ConflictOr {
+                error,
+                current: None,
+            }),
+        }
+    }
+}
+
+/// A refused write, and the current version when it was a conflict.
+struct ConflictOr {
+    error: GatewayError,
+    current: Option<u64>,
+}
+
+impl From<ConflictOr> for Refused {
+    fn from(c: ConflictOr) -> Self {
+        Refused(c.error, c.current)
+    }
+}
+
+/// An error answer, with the current `ETag` of a conflict.
+pub(super) struct Refused(GatewayError, Option<u64>);
+
+impl From<GatewayError> for Refused {
+    fn from(err: GatewayError) -> Self {
+        Refused(err, None)
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let response = GatewayError::into_response::<Body>(self.0);
+        match self.1 {
+            Some(version) => tagged(response, version),
+            None => response,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Errors. Their messages never repeat names the registry does not know: a caller who pasted a
 // key into the path must not get it echoed back.
 
@@ -600,22 +836,6 @@ fn no_account() -> GatewayError {
 
 fn no_endpoint() -> GatewayError {
     GatewayError::not_found("No such endpoint in this provider account.")
-}
-
-/// Relative field names for API errors: `accounts[0].endpoints[1].base_url` → `base_url`.
-fn relative_field(err: &FieldError) -> String {
-    let field = err.field();
-    let rest = match field.find(".endpoints[") {
-        Some(pos) => field[pos..].split_once("].").map_or(field, |(_, r)| r),
-        None => field.split_once("].").map_or(field, |(_, r)| r),
-    };
-    format!("{rest}: {}", err.message())
-}
-
-impl From<FieldError> for GatewayError {
-    fn from(err: FieldError) -> Self {
-        bad_request(relative_field(&err))
-    }
 }
 
 fn headers_from_json(raw: &BTreeMap<String, String>) -> Result<http::HeaderMap, GatewayError> {

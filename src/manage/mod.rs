@@ -67,7 +67,8 @@ pub use self::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::BoxError;
 use crate::error::{GatewayError, ResponseFuture};
 use crate::model::DEFAULT_PATH_PREFIX;
-use crate::registry::SharedRegistry;
+use crate::model::Writer;
+use crate::registry::{Live, MemoryWriter, SharedKeyStore, SharedRegistry};
 
 /// The default prefix of the management API, `/manage`.
 pub const DEFAULT_MANAGEMENT_PREFIX: &str = "/manage";
@@ -98,10 +99,21 @@ impl fmt::Debug for Management {
 
 impl Management {
     /// Manages `registry`, answering under `/manage`.
+    ///
+    /// Changes live in memory ([`MemoryWriter`]); keys cannot be managed (there are none).
     pub fn new(registry: SharedRegistry) -> Self {
+        let live = Live::new(registry, SharedKeyStore::default(), Vec::new());
+        let writer = Arc::new(MemoryWriter::new(live.clone()));
+        Self::with_state(live, writer)
+    }
+
+    /// Manages `live`, sending every change to `writer` (a [`MemoryWriter`] over the same
+    /// `live`, or a store's), answering under `/manage`.
+    pub fn with_state(live: Live, writer: Arc<dyn Writer>) -> Self {
         Self::with(
             api::Api {
-                registry,
+                live,
+                writer,
                 proxy_prefix: DEFAULT_PATH_PREFIX.into(),
                 public_url: None,
             },
@@ -120,7 +132,8 @@ impl Management {
 
     fn change(self, f: impl FnOnce(&mut api::Api)) -> Self {
         let mut api = api::Api {
-            registry: self.api.registry.clone(),
+            live: self.api.live.clone(),
+            writer: self.api.writer.clone(),
             proxy_prefix: self.api.proxy_prefix.clone(),
             public_url: self.api.public_url.clone(),
         };

@@ -49,7 +49,7 @@ pub use self::keys::{
 };
 pub use self::principal::Principal;
 #[cfg(feature = "auth")]
-pub use self::snapshot::{AuditEntry, Snapshot};
+pub use self::snapshot::{AuditEntry, AuditFuture, Edit, Snapshot, WriteFuture, Writer};
 pub use self::template::{HeaderTemplate, TemplateVar};
 pub use self::upstream::{COMMON_PATHS, Timeouts, UpstreamBase};
 
@@ -116,3 +116,20 @@ impl fmt::Display for FieldError {
 }
 
 impl std::error::Error for FieldError {}
+
+/// A validation error as the management API answers it: 400 `invalid_request`, naming the
+/// field relative to the record (`accounts[0].endpoints[1].base_url` → `base_url`).
+impl From<FieldError> for crate::error::GatewayError {
+    fn from(err: FieldError) -> Self {
+        let field = err.field();
+        let rest = match field.find(".endpoints[") {
+            Some(pos) => field[pos..].split_once("].").map_or(field, |(_, r)| r),
+            None => field.split_once("].").map_or(field, |(_, r)| r),
+        };
+        crate::error::GatewayError::new(
+            http::StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{rest}: {}", err.message()),
+        )
+    }
+}

@@ -1,7 +1,12 @@
 //! The declarative state a source of the model holds, loaded whole: accounts and key records,
 //! and the audit entry every change leaves.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
 use super::{AccountSpec, KeyRecord};
+use crate::error::GatewayError;
 
 /// Everything a source of the model keeps: the accounts (with their endpoints and grants) and
 /// the gateway keys. A store loads it whole and applies a change to it all or nothing.
@@ -27,3 +32,32 @@ pub struct AuditEntry {
     /// The fields that changed, as JSON, secret values left out.
     pub changes: serde_json::Value,
 }
+
+/// A change of the model, applied all or nothing by a [`Writer`]: it edits the state and
+/// returns the audit entries to keep, or refuses with the error to answer (a 404, a 403, a 409
+/// conflict), and then nothing changes.
+pub type Edit = Box<dyn FnOnce(&mut Snapshot) -> Result<Vec<AuditEntry>, GatewayError> + Send>;
+
+/// The future of [`Writer::write`].
+pub type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<(), GatewayError>> + Send + 'a>>;
+
+/// Where the management API's changes go: the memory of this process (the default, see
+/// [`MemoryWriter`](crate::registry::MemoryWriter)) or a [store](crate::store).
+///
+/// A writer runs an [`Edit`] on the current state, validates the result as a configuration
+/// file is validated (an invalid change is a 400 naming the field), bumps the version of each
+/// record it changed, keeps the audit entries, and makes the change visible to this process
+/// before it returns `Ok`, so a client reads its own writes.
+pub trait Writer: Send + Sync + 'static {
+    /// Applies `edit`, or changes nothing.
+    fn write(&self, edit: Edit) -> WriteFuture<'_>;
+
+    /// The newest audit entries first: at most `limit`, older than the entry numbered
+    /// `before`; each with its number (the cursor of the next page) and its time.
+    fn audit(&self, limit: u32, before: Option<i64>) -> AuditFuture<'_>;
+}
+
+/// The future of [`Writer::audit`].
+pub type AuditFuture<'a> = Pin<
+    Box<dyn Future<Output = Result<Vec<(i64, SystemTime, AuditEntry)>, GatewayError>> + Send + 'a>,
+>;

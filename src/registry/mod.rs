@@ -38,8 +38,16 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+#[cfg(feature = "auth")]
+mod keys;
+#[cfg(feature = "auth")]
+mod live;
 mod names;
 
+#[cfg(feature = "auth")]
+pub use self::keys::SharedKeyStore;
+#[cfg(feature = "auth")]
+pub use self::live::{Live, MemoryWriter};
 use self::names::NameMap;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;
