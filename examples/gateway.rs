@@ -2,14 +2,18 @@
 //!
 //! ```text
 //! cargo run --example gateway                                   # offline demo
-//! cargo run --release --example gateway -- --config gateway.toml [--listen ADDR]
-//!     [--metrics ADDR] [--include-usage] [--log-format json]
+//! cargo run --release --example gateway -- --config gateway.toml [--store URL]
+//!     [--listen ADDR] [--metrics ADDR] [--include-usage] [--log-format json]
 //! ```
 //!
 //! With no arguments it starts a mock W&B Inference upstream on loopback and a gateway in front
 //! of it with a demo key, then prints the base URL, the key and ready-to-paste curl and Python
 //! snippets. With `--config` it serves a real configuration, and SIGHUP reloads the file
-//! (a bad file is refused and the running configuration stays). Either way, once bound it
+//! (a bad file is refused and the running configuration stays). With `--store URL` (or
+//! `GATEWAY_STORE`; `sqlite://PATH` or `postgres://…`) the keys, accounts and grants live in
+//! the store, shared by every replica started with the same `--config` and `--store`: the
+//! file seeds an empty store once and then gives only the settings, and SIGHUP re-reads only
+//! those. A store that cannot be reached at start is an error. Either way, once bound it
 //! prints `listening on http://ADDR`, serves the proxy under `/proxy-api` and the management
 //! API under `/manage`, and Ctrl-C or SIGTERM stops accepting and lets in-flight streams
 //! finish within 30 seconds.
@@ -36,14 +40,17 @@ use tower_gateway::gateway::Gateway;
 use tower_gateway::manage::{EXAMPLE_MODEL, UsageSnippet};
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 use tower_gateway::server::{ServeOptions, serve_with_options};
+use tower_gateway::store::Store;
 use tower_gateway::usage::UsageTapLayer;
 
 const USAGE: &str = "\
-usage: gateway [--config FILE] [--listen ADDR] [--metrics ADDR] [--include-usage]
+usage: gateway [--config FILE] [--store URL] [--listen ADDR] [--metrics ADDR] [--include-usage]
                [--log-format text|json]
 
   (no arguments)     offline demo: a mock W&B Inference upstream and a gateway in front of it
   --config FILE      serve the gateway described by FILE (TOML; see the README)
+  --store URL        keep keys, accounts and grants in sqlite://PATH or postgres://...
+                     (also GATEWAY_STORE); with --config, the file seeds an empty store once
   --listen ADDR      address to listen on (default 127.0.0.1:8080; 127.0.0.1:0 picks a free port)
   --metrics ADDR     serve Prometheus metrics at http://ADDR/metrics
   --include-usage    ask streaming chat completions for their usage (stream_options.include_usage),
@@ -57,6 +64,7 @@ const DEMO_UPSTREAM_KEY: &str = "demo-wandb-upstream-key";
 
 struct Args {
     config: Option<String>,
+    store: Option<String>,
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
     include_usage: bool,
@@ -72,6 +80,9 @@ fn parse_addr(flag: &str, addr: Option<String>) -> Result<SocketAddr, String> {
 fn parse_args() -> Result<Args, String> {
     let mut parsed = Args {
         config: None,
+        store: std::env::var("GATEWAY_STORE")
+            .ok()
+            .filter(|s| !s.is_empty()),
         listen: "127.0.0.1:8080".parse().expect("static address"),
         metrics: None,
         include_usage: false,
@@ -81,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" => parsed.config = Some(args.next().ok_or("--config needs a file")?),
+            "--store" => parsed.store = Some(args.next().ok_or("--store needs a URL")?),
             "--listen" => parsed.listen = parse_addr("--listen", args.next())?,
             "--metrics" => parsed.metrics = Some(parse_addr("--metrics", args.next())?),
             "--include-usage" => parsed.include_usage = true,
@@ -143,8 +155,46 @@ async fn main() -> ExitCode {
         }
     }
 
-    let (gateway, demo) = match &args.config {
-        Some(path) => match Gateway::builder()
+    let (gateway, demo) = match (&args.config, &args.store) {
+        (config, Some(url)) => {
+            let builder =
+                Gateway::builder().usage(UsageTapLayer::new().include_usage(args.include_usage));
+            let builder = match config {
+                Some(path) => match builder.config_file(path) {
+                    Ok(builder) => builder,
+                    Err(err) => {
+                        eprintln!("error: {path}: {err}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => builder,
+            };
+            // The URL may hold a password: it is never printed.
+            let store = match Store::open(url).await {
+                Ok(store) => store,
+                Err(err) => {
+                    eprintln!(
+                        "error: cannot open the store: {err}; refusing to start without the keys it holds"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            match builder.build_with_store(store).await {
+                Ok(gateway) => {
+                    if config.is_some() {
+                        reload_on_sighup(gateway.clone());
+                    }
+                    (gateway, false)
+                }
+                Err(err) => {
+                    eprintln!(
+                        "error: cannot load the store: {err}; refusing to start without the keys it holds"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        (Some(path), None) => match Gateway::builder()
             .usage(UsageTapLayer::new().include_usage(args.include_usage))
             .config_file(path)
         {
@@ -158,7 +208,7 @@ async fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        None => match demo_gateway().await {
+        (None, None) => match demo_gateway().await {
             Ok(gateway) => (gateway, true),
             Err(err) => {
                 eprintln!("error: could not start the mock upstream: {err}");

@@ -67,8 +67,11 @@ use crate::forward::{Forward, ForwardBuilder, ResponseBody};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
-use crate::registry::SharedRegistry;
+use crate::model::{AuditEntry, KeyRecord, Snapshot, Writer};
+use crate::registry::{Live, MemoryWriter, SharedRegistry};
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
+#[cfg(feature = "store")]
+use crate::store::{Store, StoreError, StoreWriter};
 use crate::trace::{
     AcceptRequestId, AcceptRequestIdLayer, GatewayRequestId, GatewayTrace, UpstreamRequestId,
     UpstreamRequestIdLayer,
@@ -153,6 +156,9 @@ pub struct Gateway<K = SharedKeyStore> {
     max_request_body: Option<u64>,
     usage: UsageTapLayer,
     metrics: bool,
+    live: Live,
+    #[cfg(feature = "store")]
+    store: Option<Store>,
 }
 
 impl Gateway {
@@ -170,6 +176,8 @@ impl Gateway {
             max_request_body: None,
             usage: UsageTapLayer::new(),
             metrics: true,
+            live_keys: SharedKeyStore::default(),
+            key_records: Vec::new(),
         }
     }
 
@@ -214,8 +222,15 @@ impl Gateway {
                 "cannot change while the gateway runs; restart it to change the limit",
             ));
         }
-        self.keys.store(config.keys);
-        self.registry.store(config.registry);
+        #[cfg(feature = "store")]
+        if self.store.is_some() {
+            // The store holds the keys, accounts and grants; the file gives only the settings.
+            return Ok(());
+        }
+        self.live.apply(Snapshot {
+            accounts: config.registry.specs().to_vec(),
+            keys: config.key_records,
+        })?;
         Ok(())
     }
 }
@@ -255,6 +270,8 @@ impl<K: KeyStore> Gateway<K> {
             proxy: self.service(),
             management: self.management_service(),
             management_prefix: self.management.prefix_str().into(),
+            #[cfg(feature = "store")]
+            health: self.store.as_ref().map(Store::health),
         }
     }
 }
@@ -263,6 +280,17 @@ impl<K> Gateway<K> {
     /// The registry; [`SharedRegistry::store`] swaps it while traffic flows.
     pub fn registry(&self) -> &SharedRegistry {
         &self.registry
+    }
+
+    /// The live state: the registry, the managed keys and their records.
+    pub fn live(&self) -> &Live {
+        &self.live
+    }
+
+    /// The store this gateway runs on, if any.
+    #[cfg(feature = "store")]
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
     }
 
     /// The key store.
@@ -295,6 +323,9 @@ impl<K> Clone for Gateway<K> {
             max_request_body: self.max_request_body,
             usage: self.usage.clone(),
             metrics: self.metrics,
+            live: self.live.clone(),
+            #[cfg(feature = "store")]
+            store: self.store.clone(),
         }
     }
 }
@@ -315,6 +346,8 @@ pub struct GatewayApp<K, B> {
     proxy: GatewayService<K, B>,
     management: ManagementService<K>,
     management_prefix: Arc<str>,
+    #[cfg(feature = "store")]
+    health: Option<tokio::sync::watch::Receiver<crate::store::Health>>,
 }
 
 #[cfg(feature = "manage")]
@@ -324,6 +357,8 @@ impl<K, B> Clone for GatewayApp<K, B> {
             proxy: self.proxy.clone(),
             management: self.management.clone(),
             management_prefix: self.management_prefix.clone(),
+            #[cfg(feature = "store")]
+            health: self.health.clone(),
         }
     }
 }
@@ -366,6 +401,19 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
+        let probe = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        if probe && (path == "/healthz" || path == "/readyz") {
+            let response = if path == "/healthz" {
+                probe_answer(http::StatusCode::OK, serde_json::json!({"status": "ok"}))
+            } else {
+                self.readiness()
+            };
+            return AppFuture {
+                kind: AppKind::Probe {
+                    response: Some(response),
+                },
+            };
+        }
         let to_management = !self.management_prefix.is_empty()
             && path
                 .strip_prefix(&*self.management_prefix)
@@ -401,16 +449,17 @@ pin_project_lite::pin_project! {
     enum AppKind<P, M> {
         Proxy { #[pin] future: P },
         Management { #[pin] future: M },
+        Probe { response: Option<http::Response<ResponseBody>> },
     }
 }
 
 #[cfg(feature = "manage")]
-impl<P, M, T, E> std::future::Future for AppFuture<P, M>
+impl<P, M, E> std::future::Future for AppFuture<P, M>
 where
-    P: std::future::Future<Output = Result<T, E>>,
-    M: std::future::Future<Output = Result<T, E>>,
+    P: std::future::Future<Output = Result<http::Response<ResponseBody>, E>>,
+    M: std::future::Future<Output = Result<http::Response<ResponseBody>, E>>,
 {
-    type Output = Result<T, E>;
+    type Output = Result<http::Response<ResponseBody>, E>;
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
@@ -419,7 +468,55 @@ where
         match self.project().kind.project() {
             AppKindProj::Proxy { future } => future.poll(cx),
             AppKindProj::Management { future } => future.poll(cx),
+            AppKindProj::Probe { response } => {
+                std::task::Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
         }
+    }
+}
+
+/// A `/healthz` or `/readyz` answer.
+#[cfg(feature = "manage")]
+fn probe_answer(status: http::StatusCode, body: serde_json::Value) -> http::Response<ResponseBody> {
+    let mut res = http::Response::new(ResponseBody::from(bytes::Bytes::from(body.to_string())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
+#[cfg(feature = "manage")]
+impl<K, B> GatewayApp<K, B> {
+    /// `/readyz`: 200 while the store answers (or there is none), 503 with when it stopped
+    /// answering while it does not; traffic flows either way, on the last state.
+    fn readiness(&self) -> http::Response<ResponseBody> {
+        #[cfg(feature = "store")]
+        if let Some(health) = &self.health {
+            return match *health.borrow() {
+                crate::store::Health::Reachable => probe_answer(
+                    http::StatusCode::OK,
+                    serde_json::json!({"status": "ready", "store": "ok"}),
+                ),
+                crate::store::Health::Unreachable { since } => probe_answer(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({
+                        "status": "not_ready",
+                        "store": "stale",
+                        "since": crate::store::rfc3339(since),
+                    }),
+                ),
+            };
+        }
+        probe_answer(
+            http::StatusCode::OK,
+            serde_json::json!({"status": "ready", "store": "none"}),
+        )
     }
 }
 
@@ -437,18 +534,23 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
     max_request_body: Option<u64>,
     usage: UsageTapLayer,
     metrics: bool,
+    /// The keys the management API and a store manage: those of [`keys`](Self::keys).
+    live_keys: SharedKeyStore,
+    key_records: Vec<KeyRecord>,
 }
 
 impl GatewayBuilder {
     /// The gateway keys, replaceable later by [`Gateway::apply`] and [`Gateway::reload`].
     pub fn keys(mut self, keys: HashedKeyStore) -> Self {
         self.keys = SharedKeyStore::new(keys);
+        self.live_keys = self.keys.clone();
         self
     }
 
     /// Keys, endpoints, path prefix and limits from a loaded configuration.
     pub fn config(mut self, config: GatewayConfig) -> Self {
         self.max_request_body = config.max_request_body;
+        self.key_records = config.key_records;
         self.keys(config.keys)
             .registry(config.registry.into())
             .path_prefix(&config.path_prefix)
@@ -483,6 +585,9 @@ impl<K> GatewayBuilder<K> {
             max_request_body: self.max_request_body,
             usage: self.usage,
             metrics: self.metrics,
+            // A key store of your own is not managed by the gateway.
+            live_keys: SharedKeyStore::default(),
+            key_records: Vec::new(),
         }
     }
 
@@ -537,11 +642,51 @@ impl<K> GatewayBuilder<K> {
         self
     }
 
-    /// Builds the gateway.
+    /// Builds the gateway. Management changes live in this process's memory.
     pub fn build(self) -> Gateway<K> {
+        self.build_with(|live| Arc::new(MemoryWriter::new(live.clone())))
+    }
+
+    /// Builds the gateway on `store`: the keys, accounts and grants come from it and every
+    /// management change goes to it, and each change any replica makes reaches this one
+    /// within a second. On the first start with an empty store, the configuration file given
+    /// to [`config`](Self::config) seeds it (once, whichever replica gets there first); after
+    /// that the file gives only the settings. A store that cannot be reached is an error: the
+    /// gateway never starts with an empty key set that would silently deny everyone.
+    #[cfg(feature = "store")]
+    pub async fn build_with_store(self, store: Store) -> Result<Gateway<K>, StoreError> {
+        let seed = Snapshot {
+            accounts: self.registry.load().specs().to_vec(),
+            keys: self.key_records.clone(),
+        };
+        if !seed.accounts.is_empty() || !seed.keys.is_empty() {
+            let entry = AuditEntry {
+                actor: "config".to_owned(),
+                action: "seed".to_owned(),
+                target: "store".to_owned(),
+                changes: serde_json::json!({
+                    "accounts": seed.accounts.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+                    "keys": seed.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+                }),
+            };
+            if store.seed(&seed, entry).await? {
+                tracing::info!("the store was empty: seeded it from the configuration file");
+            }
+        }
+        let writer_store = store.clone();
+        let mut gateway =
+            self.build_with(move |live| Arc::new(StoreWriter::new(writer_store, live.clone())));
+        store.follow(gateway.live.clone()).await?;
+        gateway.store = Some(store);
+        Ok(gateway)
+    }
+
+    fn build_with(self, writer: impl FnOnce(&Live) -> Arc<dyn Writer>) -> Gateway<K> {
+        let live = Live::new(self.registry.clone(), self.live_keys, self.key_records);
+        let writer = writer(&live);
         #[cfg(feature = "manage")]
         let management = {
-            let m = Management::new(self.registry.clone())
+            let m = Management::with_state(live.clone(), writer)
                 .prefix(&self.management_prefix)
                 .proxy_prefix(&self.path_prefix);
             match &self.public_url {
@@ -549,6 +694,8 @@ impl<K> GatewayBuilder<K> {
                 None => m,
             }
         };
+        #[cfg(not(feature = "manage"))]
+        drop(writer);
         Gateway {
             keys: Arc::new(self.keys),
             route: CustomEndpointRouteLayer::new(self.registry.clone())
@@ -572,6 +719,9 @@ impl<K> GatewayBuilder<K> {
                 self.usage.metrics(false)
             },
             metrics: self.metrics,
+            live,
+            #[cfg(feature = "store")]
+            store: None,
         }
     }
 }

@@ -5,15 +5,17 @@
 //! run; under `CI=true` that is a failure.
 #![cfg(feature = "store")]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
-use sqlx::Connection;
 use tower_gateway::model::{
     AccountSpec, AuditEntry, EndpointSpec, Grants, KeyDigest, KeyRecord, KeySource, Snapshot,
 };
 use tower_gateway::store::{Store, WriteError};
+
+mod dbs;
+
+use dbs::{PgDatabase, SqliteFile};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -23,88 +25,6 @@ fn entry(action: &str, target: &str) -> AuditEntry {
         action: action.into(),
         target: target.into(),
         changes: serde_json::json!({}),
-    }
-}
-
-/// A fresh SQLite file in a fresh directory, removed on drop.
-struct SqliteFile(std::path::PathBuf);
-
-impl SqliteFile {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tower-gateway-store-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn url(&self) -> String {
-        format!("sqlite://{}", self.0.join("state.db").display())
-    }
-}
-
-impl Drop for SqliteFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A fresh PostgreSQL database; [`PgDatabase::drop_it`] removes it.
-struct PgDatabase {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    /// A new database, or `None` (said loudly) when PostgreSQL is not reachable outside CI.
-    async fn new() -> Option<Self> {
-        let admin = std::env::var("TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let mut conn = match sqlx::PgConnection::connect(&admin).await {
-            Ok(conn) => conn,
-            Err(err) => {
-                let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-                assert!(
-                    !ci,
-                    "PostgreSQL is required under CI and is not reachable: {err}"
-                );
-                eprintln!("SKIPPED: PostgreSQL is not reachable ({err}); this test did not run");
-                return None;
-            }
-        };
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "gw_test_{}_{}_{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-        let (base, _) = admin.rsplit_once('/').expect("a database in the URL");
-        let url = format!("{base}/{name}");
-        Some(Self { admin, name, url })
-    }
-
-    async fn drop_it(self) {
-        let mut conn = sqlx::PgConnection::connect(&self.admin).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
     }
 }
 

@@ -22,6 +22,8 @@ pub struct Live {
     registry: SharedRegistry,
     keys: SharedKeyStore,
     records: Arc<ArcSwap<Vec<KeyRecord>>>,
+    /// The revision of a source applied last, so an older load never replaces a newer one.
+    revision: Arc<Mutex<u64>>,
 }
 
 impl Live {
@@ -32,6 +34,7 @@ impl Live {
             registry,
             keys,
             records: Arc::new(ArcSwap::from_pointee(records)),
+            revision: Arc::new(Mutex::new(0)),
         }
     }
 
@@ -61,6 +64,24 @@ impl Live {
     /// Compiles `snapshot` and swaps it in: requests already routed or authenticated finish on
     /// what they started with, the next request sees it. On an error nothing changes.
     pub fn apply(&self, snapshot: Snapshot) -> Result<(), FieldError> {
+        let _order = self.revision.lock().unwrap_or_else(PoisonError::into_inner);
+        self.swap(snapshot)
+    }
+
+    /// [`apply`](Self::apply) for a snapshot a source loaded at `revision`: one older than the
+    /// last applied is dropped (two loads that finish out of order never go back in time).
+    /// Returns whether it was applied.
+    pub fn apply_revision(&self, snapshot: Snapshot, revision: u64) -> Result<bool, FieldError> {
+        let mut applied = self.revision.lock().unwrap_or_else(PoisonError::into_inner);
+        if revision < *applied {
+            return Ok(false);
+        }
+        self.swap(snapshot)?;
+        *applied = revision;
+        Ok(true)
+    }
+
+    fn swap(&self, snapshot: Snapshot) -> Result<(), FieldError> {
         validate_keys(&snapshot.keys)?;
         let keys = HashedKeyStore::from_records(&snapshot.keys)
             .map_err(|e| FieldError::new("keys", e.to_string()))?;

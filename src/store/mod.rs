@@ -53,6 +53,7 @@
 //! # }
 //! ```
 
+mod live;
 mod rows;
 mod schema;
 
@@ -65,6 +66,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::watch;
 
+pub use self::live::StoreWriter;
 use self::rows::{KeyRow, TlsCache};
 use self::schema::{Engine, Migrations};
 use crate::model::{
@@ -493,6 +495,15 @@ impl Inner {
             Err(_) => {}
         }
     }
+}
+
+/// `t` as an RFC 3339 time in UTC, e.g. `2026-12-07T22:14:10Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::from(t))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 async fn read_revision(pool: &AnyPool) -> Result<u64, StoreError> {

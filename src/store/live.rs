@@ -1,0 +1,141 @@
+//! The store behind a running gateway: its writes as the management API's [`Writer`], and
+//! every revision it sees compiled into the [`Live`] state the layers read.
+
+use std::sync::{Arc, Weak};
+
+use http::StatusCode;
+
+use super::{Inner, Store, StoreErrorKind, WriteError};
+use crate::error::GatewayError;
+use crate::model::{AuditFuture, Edit, WriteFuture, Writer};
+use crate::registry::Live;
+
+/// The [`Writer`] of a gateway on a store: a change is written to the store (all or nothing,
+/// serialized with every other replica's), then the new state is loaded into this process's
+/// [`Live`] before the write answers, so a client reads its own writes here at once and on the
+/// other replicas within a second.
+pub struct StoreWriter {
+    store: Store,
+    live: Live,
+}
+
+impl StoreWriter {
+    /// Writes to `store`, then refreshes `live`.
+    pub fn new(store: Store, live: Live) -> Self {
+        Self { store, live }
+    }
+}
+
+impl std::fmt::Debug for StoreWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreWriter")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to a management write the store could not take.
+fn unavailable() -> GatewayError {
+    GatewayError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "The gateway's store is unreachable, so changes cannot be saved now; traffic keeps \
+         flowing on the last configuration. Try again later.",
+    )
+}
+
+fn store_failed(err: &super::StoreError) -> GatewayError {
+    match err.kind() {
+        StoreErrorKind::Unavailable => unavailable(),
+        StoreErrorKind::Invalid => {
+            GatewayError::new(StatusCode::BAD_REQUEST, "invalid_request", err.to_string())
+        }
+        _ => {
+            tracing::error!(error = %err, "the store holds a record it cannot read");
+            GatewayError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+                "The gateway's store holds a record it cannot read; see the gateway's logs.",
+            )
+        }
+    }
+}
+
+impl Writer for StoreWriter {
+    fn write(&self, edit: Edit) -> WriteFuture<'_> {
+        Box::pin(async move {
+            let result = self
+                .store
+                .write(|state| edit(state).map(|entries| ((), entries)))
+                .await;
+            let answer = match result {
+                Ok(()) => Ok(()),
+                Err(WriteError::Rejected(e)) => Err(e),
+                Err(WriteError::Invalid(e)) => Err(e.into()),
+                Err(WriteError::Store(e)) => return Err(store_failed(&e)),
+            };
+            // Read our own write (or, after a refusal, the newer state the write was checked
+            // against): load it now rather than wait for the notification.
+            refresh(&self.store, &self.live).await;
+            answer
+        })
+    }
+
+    fn audit(&self, limit: u32, before: Option<i64>) -> AuditFuture<'_> {
+        Box::pin(async move {
+            self.store
+                .audit_log(limit, before)
+                .await
+                .map_err(|e| store_failed(&e))
+        })
+    }
+}
+
+/// Loads the store's state into `live`; a failure keeps the last state (and is logged).
+async fn refresh(store: &Store, live: &Live) -> bool {
+    match store.load().await {
+        Ok(loaded) => match live.apply_revision(loaded.state, loaded.revision) {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::error!(%error, revision = loaded.revision, "the store's state does not validate; keeping the last one");
+                false
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "could not load the store's state; serving the last one");
+            false
+        }
+    }
+}
+
+impl Store {
+    /// Loads the state into `live` now, then keeps it current: every revision the store sees
+    /// (a change through this replica or any other) is loaded and swapped in, until the store
+    /// is dropped. The hot path never waits for any of it.
+    pub async fn follow(&self, live: Live) -> Result<(), super::StoreError> {
+        let loaded = self.load().await?;
+        live.apply_revision(loaded.state, loaded.revision)
+            .map_err(|e| super::StoreError::corrupt(format!("the stored state: {e}")))?;
+        let mut revisions = self.revisions();
+        let mut applied = loaded.revision;
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while revisions.changed().await.is_ok() {
+                let latest = *revisions.borrow_and_update();
+                if latest <= applied {
+                    continue;
+                }
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if refresh(&Store { inner }, &live).await {
+                        applied = latest;
+                        break;
+                    }
+                    // Unreachable or unreadable: try again shortly, still serving the last state.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(())
+    }
+}
