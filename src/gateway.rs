@@ -67,7 +67,7 @@ use crate::forward::{Forward, ForwardBuilder, ResponseBody};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
-use crate::model::{AuditEntry, KeyRecord, Snapshot, Writer};
+use crate::model::{AuditEntry, KeyRecord, Snapshot, Subject, Writer};
 use crate::registry::{Live, MemoryWriter, SharedRegistry};
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 #[cfg(feature = "store")]
@@ -178,6 +178,7 @@ impl Gateway {
             metrics: true,
             live_keys: SharedKeyStore::default(),
             key_records: Vec::new(),
+            admins: Vec::new(),
         }
     }
 
@@ -537,6 +538,7 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
     /// The keys the management API and a store manage: those of [`keys`](Self::keys).
     live_keys: SharedKeyStore,
     key_records: Vec<KeyRecord>,
+    admins: Vec<Subject>,
 }
 
 impl GatewayBuilder {
@@ -551,6 +553,7 @@ impl GatewayBuilder {
     pub fn config(mut self, config: GatewayConfig) -> Self {
         self.max_request_body = config.max_request_body;
         self.key_records = config.key_records;
+        self.admins = config.admins;
         self.keys(config.keys)
             .registry(config.registry.into())
             .path_prefix(&config.path_prefix)
@@ -588,7 +591,15 @@ impl<K> GatewayBuilder<K> {
             // A key store of your own is not managed by the gateway.
             live_keys: SharedKeyStore::default(),
             key_records: Vec::new(),
+            admins: self.admins,
         }
+    }
+
+    /// The gateway admins (also `admins` in the configuration file): who manages gateway keys
+    /// and reads the audit log through the management API.
+    pub fn admins(mut self, admins: Vec<Subject>) -> Self {
+        self.admins = admins;
+        self
     }
 
     /// The registry of accounts and endpoints.
@@ -687,6 +698,7 @@ impl<K> GatewayBuilder<K> {
         #[cfg(feature = "manage")]
         let management = {
             let m = Management::with_state(live.clone(), writer)
+                .admins(self.admins)
                 .prefix(&self.management_prefix)
                 .proxy_prefix(&self.path_prefix);
             match &self.public_url {

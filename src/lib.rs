@@ -116,6 +116,8 @@ pub mod metric;
 pub mod model;
 pub mod registry;
 pub mod request_id;
+#[cfg(any(feature = "manage", feature = "store"))]
+pub mod rfc3339;
 pub mod route;
 #[cfg(feature = "gateway")]
 pub mod server;

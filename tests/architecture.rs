@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// The tier of each top-level module.
 fn tier(module: &str) -> Option<Tier> {
     Some(match module {
-        "error" | "hop" | "request_id" | "metric" | "tls" => Tier::Leaf,
+        "error" | "hop" | "request_id" | "metric" | "tls" | "rfc3339" => Tier::Leaf,
         "model" => Tier::Model,
         "registry" | "ext" => Tier::State,
         "auth" | "route" | "access" | "inject" | "encoding" | "usage" | "trace" | "forward"

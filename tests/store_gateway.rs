@@ -397,3 +397,192 @@ async fn postgres_three_replicas_agree() {
     drop((r1, r2, r3));
     db.drop_it().await;
 }
+
+/// Admins issue, list, rotate and revoke keys through `/manage/keys`, and read the audit log;
+/// a new key works at once on every replica given, a revoked one gets 401 everywhere, a
+/// rotated one works for its grace period only. Nothing secret is ever answered or logged.
+async fn keys_through_the_api(replicas: &[&TestGateway]) {
+    let first = replicas[0];
+    let last = replicas[replicas.len() - 1];
+    // Not an admin.
+    let ans = call(first, Method::GET, "/manage/keys", RES, None).await;
+    assert_eq!(ans.status, 403, "{}", ans.body);
+    let ans = call(first, Method::GET, "/manage/audit", RES, None).await;
+    assert_eq!(ans.status, 403, "{}", ans.body);
+
+    let ans = call(
+        first,
+        Method::POST,
+        "/manage/keys",
+        MGR,
+        Some(r#"{"subject": "ci@example.com", "teams": ["research"]}"#),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    let issued = ans.json();
+    let (id, key) = (
+        issued["id"].as_str().unwrap().to_owned(),
+        issued["key"].as_str().unwrap().to_owned(),
+    );
+    assert!(key.starts_with("gw-") && key.len() == 67, "{key}");
+    assert_eq!(issued["subject"], "ci@example.com");
+    for gw in replicas {
+        until("the new key on every replica", async || {
+            chat(gw, "inference", &key).await.status == 200
+        })
+        .await;
+    }
+
+    let ans = call(last, Method::GET, "/manage/keys", MGR, None).await;
+    assert_eq!(ans.status, 200, "{}", ans.body);
+    assert!(!ans.body.contains(&key), "a listing never holds a key");
+    let listed = ans.json();
+    let sources: Vec<(String, String)> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_str().unwrap().to_owned(),
+                k["source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        sources.contains(&("mgr".into(), "file".into())),
+        "{sources:?}"
+    );
+    assert!(
+        sources.contains(&(id.clone(), "store".into())),
+        "{sources:?}"
+    );
+
+    // Keys of the file are changed in the file.
+    let ans = call(first, Method::DELETE, "/manage/keys/res", MGR, None).await;
+    assert_eq!(ans.status, 403, "{}", ans.body);
+
+    // Rotate with a short grace: both work, then only the new one.
+    let ans = call(
+        last,
+        Method::POST,
+        &format!("/manage/keys/{id}/rotate"),
+        MGR,
+        Some(r#"{"grace_seconds": 1}"#),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    let rotated = ans.json()["key"].as_str().unwrap().to_owned();
+    let rotated_id = ans.json()["id"].as_str().unwrap().to_owned();
+    assert_ne!(rotated_id, id);
+    for gw in replicas {
+        until("the rotated key on every replica", async || {
+            chat(gw, "inference", &rotated).await.status == 200
+        })
+        .await;
+    }
+    for gw in replicas {
+        until("the old key past its grace", async || {
+            chat(gw, "inference", &key).await.status == 401
+        })
+        .await;
+    }
+
+    // Revoke through the last replica: 401 everywhere.
+    let ans = call(
+        last,
+        Method::DELETE,
+        &format!("/manage/keys/{rotated_id}"),
+        MGR,
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 204, "{}", ans.body);
+    let mut times = Vec::new();
+    for gw in replicas {
+        times.push(
+            until("the revoked key on every replica", async || {
+                chat(gw, "inference", &rotated).await.status == 401
+            })
+            .await,
+        );
+    }
+    eprintln!("the revocation reached every replica after {times:?}");
+    let ans = chat(first, "inference", &rotated).await;
+    assert_eq!(
+        ans.json()["error"]["code"],
+        "invalid_api_key",
+        "the same 401 as an unknown key"
+    );
+
+    let ans = call(first, Method::GET, "/manage/audit?limit=2", MGR, None).await;
+    assert_eq!(ans.status, 200, "{}", ans.body);
+    let page = ans.json();
+    let actions: Vec<&str> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["key.revoke", "key.rotate"], "newest first");
+    let next = page["next"].as_str().unwrap().to_owned();
+    let ans = call(
+        first,
+        Method::GET,
+        &format!("/manage/audit?before={next}"),
+        MGR,
+        None,
+    )
+    .await;
+    let older = ans.json();
+    assert!(
+        older["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "key.create")
+    );
+    for body in [&page.to_string(), &older.to_string()] {
+        for secret in [key.as_str(), rotated.as_str(), "up-key", MGR, RES] {
+            assert!(!body.contains(secret), "the audit log holds a secret");
+        }
+    }
+}
+
+#[tokio::test]
+async fn keys_through_the_api_in_memory() {
+    let (up, _feeds) = sse_upstream().await;
+    let gw = serve_app(Gateway::builder().config(config(&up.base_url())).build()).await;
+    keys_through_the_api(&[&gw]).await;
+}
+
+#[tokio::test]
+async fn sqlite_keys_through_the_api_survive_a_restart() {
+    let file = SqliteFile::new();
+    let (up, _feeds) = sse_upstream().await;
+    let gw = replica(&up.base_url(), &file.url()).await;
+    keys_through_the_api(&[&gw]).await;
+    drop(gw);
+    let gw = replica(&up.base_url(), &file.url()).await;
+    let ans = call(&gw, Method::GET, "/manage/keys", MGR, None).await;
+    let keys = ans.json()["keys"].as_array().unwrap().len();
+    assert_eq!(
+        keys, 4,
+        "two from the file, the issued and the rotated: {}",
+        ans.body
+    );
+}
+
+#[tokio::test]
+async fn postgres_keys_through_three_replicas() {
+    let Some(db) = PgDatabase::new().await else {
+        return;
+    };
+    let (up, _feeds) = sse_upstream().await;
+    let r1 = replica(&up.base_url(), &db.url).await;
+    let r2 = replica(&up.base_url(), &db.url).await;
+    let r3 = replica(&up.base_url(), &db.url).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    keys_through_the_api(&[&r1, &r2, &r3]).await;
+    drop((r1, r2, r3));
+    db.drop_it().await;
+}

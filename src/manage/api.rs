@@ -21,8 +21,8 @@ use super::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::error::GatewayError;
 use crate::ext::Principal;
 use crate::model::{
-    AuditEntry, EndpointSpec, Grants, Permission, Role, Snapshot, Timeouts, UpstreamBase, Writer,
-    is_valid_name,
+    AuditEntry, EndpointSpec, Grants, Permission, Role, Snapshot, Subject, Timeouts, UpstreamBase,
+    Writer, is_valid_name,
 };
 use crate::registry::{Account, Endpoint, Live};
 
@@ -32,6 +32,7 @@ pub(super) struct Api {
     pub(super) writer: Arc<dyn Writer>,
     pub(super) proxy_prefix: Arc<str>,
     pub(super) public_url: Option<Arc<str>>,
+    pub(super) admins: Arc<[Subject]>,
 }
 
 impl fmt::Debug for Api {
@@ -58,12 +59,19 @@ pub(super) fn routes(api: Arc<Api>) -> Router {
             "/accounts/{account}/endpoints/{endpoint}/snippet",
             get(snippet),
         )
+        .route("/keys", get(super::keys::list).post(super::keys::create))
+        .route("/keys/{id}", axum::routing::delete(super::keys::revoke))
+        .route(
+            "/keys/{id}/rotate",
+            axum::routing::post(super::keys::rotate),
+        )
+        .route("/audit", get(super::keys::audit))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(api)
 }
 
-type Answer = Result<Response, Refused>;
+pub(super) type Answer = Result<Response, Refused>;
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
@@ -72,7 +80,7 @@ impl IntoResponse for GatewayError {
 }
 
 /// A JSON answer with `status`.
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(super) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     let body = serde_json::to_vec(value).expect("plain data serializes");
     let mut res = Response::new(Body::from(body));
     *res.status_mut() = status;
@@ -86,7 +94,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// The authenticated caller, put in the request by `GatewayAuthLayer`. A request without one
 /// is denied, whatever it asks for.
-pub(super) struct Caller(Principal);
+pub(super) struct Caller(pub(super) Principal);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = GatewayError;
@@ -107,7 +115,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// A JSON body of at most [`MAX_BODY`] bytes. Its errors name the field and never quote a
 /// value: a value may be a secret.
-pub(super) struct JsonBody<T>(T);
+pub(super) struct JsonBody<T>(pub(super) T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = GatewayError;
@@ -223,7 +231,7 @@ struct GrantsView {
 
 impl From<&Grants> for GrantsView {
     fn from(g: &Grants) -> Self {
-        let list = |s: &[crate::model::Subject]| s.iter().map(ToString::to_string).collect();
+        let list = |s: &[Subject]| s.iter().map(ToString::to_string).collect();
         Self {
             managers: list(&g.managers),
             users: list(&g.users),
@@ -714,7 +722,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, GatewayError> {
 /// Where a write that found a stale `If-Match` leaves the current version, for the 409's
 /// `ETag`.
 #[derive(Clone, Default)]
-struct Conflict(Arc<std::sync::Mutex<Option<u64>>>);
+pub(super) struct Conflict(Arc<std::sync::Mutex<Option<u64>>>);
 
 impl Conflict {
     /// Refuses the write with 409 when `expected` does not match `current` (the record's
@@ -749,7 +757,7 @@ impl Conflict {
     }
 }
 
-fn audit_entry(
+pub(super) fn audit_entry(
     principal: &Principal,
     action: &str,
     target: &str,
@@ -765,34 +773,18 @@ fn audit_entry(
 
 impl Api {
     /// Runs `edit` through the writer; a 409 carries the current `ETag`.
-    async fn write(
+    pub(super) async fn write(
         &self,
         edit: impl FnOnce(&mut Snapshot) -> Result<Vec<AuditEntry>, GatewayError> + Send + 'static,
         conflict: &Conflict,
-    ) -> Result<(), ConflictOr> {
+    ) -> Result<(), Refused> {
         match self.writer.write(Box::new(edit)).await {
             Ok(()) => Ok(()),
-            Err(err) if err.status() == StatusCode::CONFLICT => Err(ConflictOr {
-                error: err,
-                current: conflict.current(),
-            }),
-            Err(error) => Err(ConflictOr {
-                error,
-                current: None,
-            }),
+            Err(err) if err.status() == StatusCode::CONFLICT => {
+                Err(Refused(err, conflict.current()))
+            }
+            Err(err) => Err(Refused(err, None)),
         }
-    }
-}
-
-/// A refused write, and the current version when it was a conflict.
-struct ConflictOr {
-    error: GatewayError,
-    current: Option<u64>,
-}
-
-impl From<ConflictOr> for Refused {
-    fn from(c: ConflictOr) -> Self {
-        Refused(c.error, c.current)
     }
 }
 
@@ -819,7 +811,7 @@ impl IntoResponse for Refused {
 // Errors. Their messages never repeat names the registry does not know: a caller who pasted a
 // key into the path must not get it echoed back.
 
-fn bad_request(message: impl Into<String>) -> GatewayError {
+pub(super) fn bad_request(message: impl Into<String>) -> GatewayError {
     GatewayError::new(StatusCode::BAD_REQUEST, "invalid_request", message.into())
 }
 

@@ -47,6 +47,7 @@
 //! ```
 
 mod api;
+mod keys;
 mod snippet;
 
 use std::convert::Infallible;
@@ -67,7 +68,7 @@ pub use self::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::BoxError;
 use crate::error::{GatewayError, ResponseFuture};
 use crate::model::DEFAULT_PATH_PREFIX;
-use crate::model::Writer;
+use crate::model::{Subject, Writer};
 use crate::registry::{Live, MemoryWriter, SharedKeyStore, SharedRegistry};
 
 /// The default prefix of the management API, `/manage`.
@@ -116,6 +117,7 @@ impl Management {
                 writer,
                 proxy_prefix: DEFAULT_PATH_PREFIX.into(),
                 public_url: None,
+                admins: Arc::from(Vec::new()),
             },
             DEFAULT_MANAGEMENT_PREFIX.into(),
         )
@@ -136,6 +138,7 @@ impl Management {
             writer: self.api.writer.clone(),
             proxy_prefix: self.api.proxy_prefix.clone(),
             public_url: self.api.public_url.clone(),
+            admins: self.api.admins.clone(),
         };
         f(&mut api);
         Self::with(api, self.prefix)
@@ -164,6 +167,13 @@ impl Management {
     #[must_use]
     pub fn public_url(self, url: &str) -> Self {
         self.change(|api| api.public_url = Some(url.trim_end_matches('/').into()))
+    }
+
+    /// The gateway admins: the subjects who manage gateway keys (`/keys`) and read the audit
+    /// log (`/audit`). None by default.
+    #[must_use]
+    pub fn admins(self, admins: Vec<Subject>) -> Self {
+        self.change(|api| api.admins = admins.into())
     }
 
     /// The routes alone, relative to the prefix (`/accounts`, …), to nest in an axum app:

@@ -499,11 +499,7 @@ impl Inner {
 
 /// `t` as an RFC 3339 time in UTC, e.g. `2026-12-07T22:14:10Z`.
 pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::from(t))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    crate::rfc3339::format(t)
 }
 
 async fn read_revision(pool: &AnyPool) -> Result<u64, StoreError> {
