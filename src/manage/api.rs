@@ -4,11 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use http::StatusCode;
 use http::header::{CONTENT_TYPE, ETAG, HOST, HeaderMap, HeaderName, HeaderValue, IF_MATCH};
 use http::request::Parts;
@@ -43,32 +41,6 @@ impl fmt::Debug for Api {
             .field("public_url", &self.public_url)
             .finish_non_exhaustive()
     }
-}
-
-/// The routes, relative to the management prefix.
-pub(super) fn routes(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/accounts", get(list))
-        .route("/accounts/{account}", get(get_account))
-        .route("/accounts/{account}/access", axum::routing::put(set_access))
-        .route(
-            "/accounts/{account}/endpoints/{endpoint}",
-            get(get_endpoint).put(put_endpoint).delete(delete_endpoint),
-        )
-        .route(
-            "/accounts/{account}/endpoints/{endpoint}/snippet",
-            get(snippet),
-        )
-        .route("/keys", get(super::keys::list).post(super::keys::create))
-        .route("/keys/{id}", axum::routing::delete(super::keys::revoke))
-        .route(
-            "/keys/{id}/rotate",
-            axum::routing::post(super::keys::rotate),
-        )
-        .route("/audit", get(super::keys::audit))
-        .method_not_allowed_fallback(method_not_allowed)
-        .fallback(not_found)
-        .with_state(api)
 }
 
 pub(super) type Answer = Result<Response, Refused>;
@@ -386,7 +358,7 @@ impl Api {
 
 type Shared = State<Arc<Api>>;
 
-async fn list(State(api): Shared, Caller(principal): Caller) -> Response {
+pub(super) async fn list(State(api): Shared, Caller(principal): Caller) -> Response {
     let registry = api.live.registry().load();
     let accounts = registry
         .accounts()
@@ -396,7 +368,7 @@ async fn list(State(api): Shared, Caller(principal): Caller) -> Response {
     json(StatusCode::OK, &AccountList { accounts })
 }
 
-async fn get_account(
+pub(super) async fn get_account(
     State(api): Shared,
     Caller(principal): Caller,
     Path(name): Path<String>,
@@ -409,7 +381,7 @@ async fn get_account(
     Ok(tagged(json(StatusCode::OK, &view), account.version()))
 }
 
-async fn set_access(
+pub(super) async fn set_access(
     State(api): Shared,
     Caller(principal): Caller,
     Path(account): Path<String>,
@@ -453,7 +425,7 @@ async fn set_access(
     ))
 }
 
-async fn get_endpoint(
+pub(super) async fn get_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
     Path((account, endpoint)): Path<(String, String)>,
@@ -465,7 +437,7 @@ async fn get_endpoint(
     ))
 }
 
-async fn put_endpoint(
+pub(super) async fn put_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
     Path((account, endpoint)): Path<(String, String)>,
@@ -601,7 +573,7 @@ async fn put_endpoint(
     ))
 }
 
-async fn delete_endpoint(
+pub(super) async fn delete_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
     Path((account, endpoint)): Path<(String, String)>,
@@ -649,7 +621,7 @@ async fn delete_endpoint(
     Ok(json(StatusCode::OK, &deleted))
 }
 
-async fn snippet(
+pub(super) async fn snippet(
     State(api): Shared,
     Caller(principal): Caller,
     Path((account, endpoint)): Path<(String, String)>,
@@ -667,11 +639,11 @@ async fn snippet(
     Ok(json(StatusCode::OK, &snippet))
 }
 
-async fn method_not_allowed(_caller: Caller) -> GatewayError {
+pub(super) async fn method_not_allowed(_caller: Caller) -> GatewayError {
     GatewayError::method_not_allowed("This method is not allowed on this resource.")
 }
 
-async fn not_found(_caller: Caller) -> GatewayError {
+pub(super) async fn not_found(_caller: Caller) -> GatewayError {
     GatewayError::not_found("No such management resource.")
 }
 

@@ -58,6 +58,7 @@ use std::task::{Context, Poll};
 use axum::Router;
 use axum::body::Body as AxumBody;
 use axum::routing::future::RouteFuture;
+use axum::routing::{delete, get, post, put};
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
@@ -126,7 +127,7 @@ impl Management {
     fn with(api: api::Api, prefix: Arc<str>) -> Self {
         let api = Arc::new(api);
         Self {
-            router: api::routes(api.clone()),
+            router: routes(api.clone()),
             api,
             prefix,
         }
@@ -207,6 +208,31 @@ impl Management {
         parts.uri = Uri::from(PathAndQuery::try_from(path_and_query).ok()?);
         Some(Request::from_parts(parts, body))
     }
+}
+
+/// The routes, relative to the management prefix.
+fn routes(api: Arc<api::Api>) -> Router {
+    Router::new()
+        .route("/accounts", get(api::list))
+        .route("/accounts/{account}", get(api::get_account))
+        .route("/accounts/{account}/access", put(api::set_access))
+        .route(
+            "/accounts/{account}/endpoints/{endpoint}",
+            get(api::get_endpoint)
+                .put(api::put_endpoint)
+                .delete(api::delete_endpoint),
+        )
+        .route(
+            "/accounts/{account}/endpoints/{endpoint}/snippet",
+            get(api::snippet),
+        )
+        .route("/keys", get(keys::list).post(keys::create))
+        .route("/keys/{id}", delete(keys::revoke))
+        .route("/keys/{id}/rotate", post(keys::rotate))
+        .route("/audit", get(keys::audit))
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .fallback(api::not_found)
+        .with_state(api)
 }
 
 impl<B> Service<Request<B>> for Management
