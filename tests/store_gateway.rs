@@ -586,3 +586,211 @@ async fn postgres_keys_through_three_replicas() {
     drop((r1, r2, r3));
     db.drop_it().await;
 }
+
+/// A TCP forwarder to PostgreSQL that a test can cut (every connection closed, new ones
+/// refused) and restore: a database outage for one replica, without touching the server.
+struct Cuttable {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn to(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (cut, conns) = (cut.clone(), conns.clone());
+            async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(task);
+                }
+            }
+        });
+        Self {
+            port,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// One replica loses its database mid-traffic: its requests keep succeeding on the last
+/// snapshot (a key revoked before the outage stays revoked), its management writes get 503,
+/// `/readyz` says the store is stale; a change made meanwhile through another replica reaches
+/// it within seconds of the database returning, and nothing is lost.
+#[tokio::test]
+async fn postgres_an_outage_keeps_traffic_flowing_and_recovers() {
+    let Some(db) = PgDatabase::new().await else {
+        return;
+    };
+    let (up, _feeds) = sse_upstream().await;
+    let direct = replica(&up.base_url(), &db.url).await;
+    // A key revoked before the outage.
+    let ans = call(
+        &direct,
+        Method::POST,
+        "/manage/keys",
+        MGR,
+        Some(r#"{"subject": "old@example.com"}"#),
+    )
+    .await;
+    let (old_id, old_key) = (
+        ans.json()["id"].as_str().unwrap().to_owned(),
+        ans.json()["key"].as_str().unwrap().to_owned(),
+    );
+    let ans = call(
+        &direct,
+        Method::DELETE,
+        &format!("/manage/keys/{old_id}"),
+        MGR,
+        None,
+    )
+    .await;
+    assert_eq!(ans.status, 204);
+
+    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let link = Cuttable::to(target).await;
+    let url = db
+        .url
+        .replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", link.port), 1);
+    assert_ne!(url, db.url, "the test database URL names 127.0.0.1:5432");
+    let store = Store::open_with(&url, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let cut_off = serve_app(
+        Gateway::builder()
+            .config(config(&up.base_url()))
+            .build_with_store(store)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(chat(&cut_off, "inference", RES).await.status, 200);
+    assert_eq!(chat(&cut_off, "inference", &old_key).await.status, 401);
+
+    link.cut();
+    until("the replica to notice", async || {
+        call(&cut_off, Method::GET, "/readyz", RES, None)
+            .await
+            .status
+            == 503
+    })
+    .await;
+    let ready = call(&cut_off, Method::GET, "/readyz", RES, None).await;
+    assert_eq!(ready.json()["store"], "stale");
+    assert!(ready.json()["since"].as_str().unwrap().ends_with('Z'));
+    for _ in 0..20 {
+        assert_eq!(
+            chat(&cut_off, "inference", RES).await.status,
+            200,
+            "traffic flows"
+        );
+        assert_eq!(
+            chat(&cut_off, "inference", &old_key).await.status,
+            401,
+            "revoked stays revoked"
+        );
+    }
+    let fresh = format!(r#"{{"base_url": "{}"}}"#, up.base_url());
+    let ans = call(
+        &cut_off,
+        Method::PUT,
+        "/manage/accounts/coreweave-model/endpoints/lost",
+        MGR,
+        Some(&fresh),
+    )
+    .await;
+    assert_eq!(ans.status, 503, "{}", ans.body);
+    assert_eq!(ans.json()["error"]["code"], "store_unavailable");
+    // Meanwhile, through a replica that still reaches the database.
+    let ans = call(
+        &direct,
+        Method::PUT,
+        "/manage/accounts/coreweave-model/endpoints/during",
+        MGR,
+        Some(&fresh),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+
+    link.restore();
+    let caught_up = until("the replica to catch up", async || {
+        chat(&cut_off, "during", MGR).await.status == 200
+    })
+    .await;
+    eprintln!("caught up {caught_up:?} after the database returned");
+    until("readiness", async || {
+        call(&cut_off, Method::GET, "/readyz", RES, None)
+            .await
+            .status
+            == 200
+    })
+    .await;
+    let ans = call(
+        &cut_off,
+        Method::PUT,
+        "/manage/accounts/coreweave-model/endpoints/after",
+        MGR,
+        Some(&fresh),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "writes work again: {}", ans.body);
+    let listed = call(
+        &direct,
+        Method::GET,
+        "/manage/accounts/coreweave-model",
+        MGR,
+        None,
+    )
+    .await;
+    let names: Vec<String> = listed.json()["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        names.contains(&"during".to_owned()) && names.contains(&"after".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"lost".to_owned()),
+        "the refused write was not applied later"
+    );
+    drop((direct, cut_off, link));
+    db.drop_it().await;
+}
