@@ -13,6 +13,7 @@ use http::request::Parts;
 use http_body_util::{BodyExt, Limited};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::MAX_BODY;
 use super::snippet::{EXAMPLE_MODEL, UsageSnippet};
@@ -142,7 +143,7 @@ fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, GatewayError> {
 
 /// The body of `PUT …/access`, and the `access` of an endpoint: subjects as strings
 /// (`everyone`, `team:NAME`, `user:SUBJECT`), each list `[]` when left out.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct GrantsBody {
     #[serde(default)]
@@ -161,7 +162,7 @@ impl GrantsBody {
 }
 
 /// An endpoint's timeouts, in milliseconds; each one left out takes the forwarder's default.
-#[derive(Deserialize, Serialize, Default)]
+#[derive(Deserialize, Serialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TimeoutsBody {
     #[serde(default)]
@@ -174,7 +175,7 @@ pub(super) struct TimeoutsBody {
 
 /// The body of `PUT …/endpoints/{endpoint}`. Leaving out `headers` keeps the endpoint's
 /// current ones.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EndpointBody {
     base_url: String,
@@ -189,13 +190,13 @@ pub(super) struct EndpointBody {
 // ---------------------------------------------------------------------------------------------
 // Answers.
 
-#[derive(Serialize)]
-struct AccountList {
+#[derive(Serialize, ToSchema)]
+pub(super) struct AccountList {
     accounts: Vec<AccountView>,
 }
 
-#[derive(Serialize)]
-struct GrantsView {
+#[derive(Serialize, ToSchema)]
+pub(super) struct GrantsView {
     managers: Vec<String>,
     users: Vec<String>,
     viewers: Vec<String>,
@@ -214,8 +215,8 @@ impl From<&Grants> for GrantsView {
 
 /// An account as a caller may see it: header names (never values) and the endpoints the
 /// caller may view.
-#[derive(Serialize)]
-struct AccountView {
+#[derive(Serialize, ToSchema)]
+pub(super) struct AccountView {
     name: String,
     header_names: Vec<String>,
     access: GrantsView,
@@ -224,8 +225,8 @@ struct AccountView {
 }
 
 /// An endpoint as a caller may see it: header names (never values).
-#[derive(Serialize)]
-struct EndpointView {
+#[derive(Serialize, ToSchema)]
+pub(super) struct EndpointView {
     account: String,
     name: String,
     base_url: String,
@@ -238,15 +239,30 @@ struct EndpointView {
     your_role: Option<&'static str>,
 }
 
-#[derive(Serialize)]
-struct Deleted<'a> {
-    deleted: DeletedEndpoint<'a>,
+#[derive(Serialize, ToSchema)]
+pub(super) struct Deleted {
+    deleted: DeletedEndpoint,
 }
 
-#[derive(Serialize)]
-struct DeletedEndpoint<'a> {
-    account: &'a str,
-    endpoint: &'a str,
+#[derive(Serialize, ToSchema)]
+pub(super) struct DeletedEndpoint {
+    account: String,
+    endpoint: String,
+}
+
+/// The error shape of every answer the gateway makes itself (OpenAI's).
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only: errors are written by `GatewayError`
+pub(super) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub(super) struct ErrorDetail {
+    message: String,
+    r#type: String,
+    code: String,
 }
 
 fn role_name(role: Option<Role>) -> Option<&'static str> {
@@ -358,6 +374,7 @@ impl Api {
 
 type Shared = State<Arc<Api>>;
 
+#[utoipa::path(get, path = "/accounts", tag = "accounts", responses((status = 200, description = "The accounts and endpoints the caller may view", body = AccountList), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn list(State(api): Shared, Caller(principal): Caller) -> Response {
     let registry = api.live.registry().load();
     let accounts = registry
@@ -368,6 +385,7 @@ pub(super) async fn list(State(api): Shared, Caller(principal): Caller) -> Respo
     json(StatusCode::OK, &AccountList { accounts })
 }
 
+#[utoipa::path(get, path = "/accounts/{account}", tag = "accounts", params(("account" = String, Path, description = "The provider account name")), responses((status = 200, description = "One account; ETag: its version", body = AccountView), (status = 404, description = "No such account", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn get_account(
     State(api): Shared,
     Caller(principal): Caller,
@@ -381,6 +399,7 @@ pub(super) async fn get_account(
     Ok(tagged(json(StatusCode::OK, &view), account.version()))
 }
 
+#[utoipa::path(put, path = "/accounts/{account}/access", tag = "accounts", params(("account" = String, Path, description = "The provider account name"), ("If-Match" = Option<String>, Header, description = "An ETag from a GET: the write applies only to that version")), request_body = GrantsBody, responses((status = 200, description = "The new grants are in force", body = AccountView), (status = 400, description = "Invalid input, the field named", body = ErrorBody), (status = 404, description = "No such account", body = ErrorBody), (status = 409, description = "A stale If-Match; ETag: the current version", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn set_access(
     State(api): Shared,
     Caller(principal): Caller,
@@ -425,6 +444,7 @@ pub(super) async fn set_access(
     ))
 }
 
+#[utoipa::path(get, path = "/accounts/{account}/endpoints/{endpoint}", tag = "endpoints", params(("account" = String, Path, description = "The provider account name"), ("endpoint" = String, Path, description = "The endpoint name")), responses((status = 200, description = "One endpoint; ETag: its version", body = EndpointView), (status = 404, description = "No such account or endpoint", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn get_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
@@ -437,6 +457,7 @@ pub(super) async fn get_endpoint(
     ))
 }
 
+#[utoipa::path(put, path = "/accounts/{account}/endpoints/{endpoint}", tag = "endpoints", params(("account" = String, Path, description = "The provider account name"), ("endpoint" = String, Path, description = "The endpoint name"), ("If-Match" = Option<String>, Header, description = "An ETag from a GET: the write applies only to that version")), request_body = EndpointBody, responses((status = 200, description = "Replaced", body = EndpointView), (status = 201, description = "Created", body = EndpointView), (status = 400, description = "Invalid input, the field named", body = ErrorBody), (status = 404, description = "No such account", body = ErrorBody), (status = 409, description = "A stale If-Match; ETag: the current version", body = ErrorBody), (status = 413, description = "A body over 64 KiB", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn put_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
@@ -573,6 +594,7 @@ pub(super) async fn put_endpoint(
     ))
 }
 
+#[utoipa::path(delete, path = "/accounts/{account}/endpoints/{endpoint}", tag = "endpoints", params(("account" = String, Path, description = "The provider account name"), ("endpoint" = String, Path, description = "The endpoint name"), ("If-Match" = Option<String>, Header, description = "An ETag from a GET: the write applies only to that version")), responses((status = 200, description = "Deleted", body = Deleted), (status = 404, description = "No such account or endpoint", body = ErrorBody), (status = 409, description = "A stale If-Match; ETag: the current version", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn delete_endpoint(
     State(api): Shared,
     Caller(principal): Caller,
@@ -614,13 +636,14 @@ pub(super) async fn delete_endpoint(
     tracing::info!(key_id = %principal.key_id, account, endpoint, "endpoint deleted");
     let deleted = Deleted {
         deleted: DeletedEndpoint {
-            account: &account,
-            endpoint: &endpoint,
+            account: account.clone(),
+            endpoint: endpoint.clone(),
         },
     };
     Ok(json(StatusCode::OK, &deleted))
 }
 
+#[utoipa::path(get, path = "/accounts/{account}/endpoints/{endpoint}/snippet", tag = "endpoints", params(("account" = String, Path, description = "The provider account name"), ("endpoint" = String, Path, description = "The endpoint name")), responses((status = 200, description = "How to call the endpoint through the gateway", body = UsageSnippet), (status = 404, description = "No such account or endpoint", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn snippet(
     State(api): Shared,
     Caller(principal): Caller,

@@ -7,15 +7,18 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::IntoResponse;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::api::{Answer, Api, Caller, JsonBody, Refused, audit_entry, bad_request, json};
+use super::api::{
+    Answer, Api, Caller, ErrorBody, JsonBody, Refused, audit_entry, bad_request, json,
+};
 use crate::error::GatewayError;
 use crate::ext::Principal;
 use crate::model::{KeyDigest, KeyRecord, KeySource, Snapshot};
 use crate::rfc3339;
 
 /// The body of `POST /keys`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewKey {
     subject: String,
@@ -26,7 +29,7 @@ pub(super) struct NewKey {
 }
 
 /// The body of `POST /keys/{id}/rotate`.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Rotate {
     #[serde(default)]
@@ -34,8 +37,8 @@ pub(super) struct Rotate {
 }
 
 /// A key as issued: the only answer that ever holds the key itself.
-#[derive(Serialize)]
-struct Issued {
+#[derive(Serialize, ToSchema)]
+pub(super) struct Issued {
     id: String,
     key: String,
     subject: String,
@@ -45,8 +48,8 @@ struct Issued {
 }
 
 /// A key as listed: never the key or its digest.
-#[derive(Serialize)]
-struct Listed {
+#[derive(Serialize, ToSchema)]
+pub(super) struct Listed {
     id: String,
     subject: String,
     teams: Vec<String>,
@@ -57,8 +60,8 @@ struct Listed {
     last_used_day: Option<String>,
 }
 
-#[derive(Serialize)]
-struct KeyList {
+#[derive(Serialize, ToSchema)]
+pub(super) struct KeyList {
     keys: Vec<Listed>,
 }
 
@@ -90,18 +93,19 @@ fn audit_query(query: Option<&str>) -> Result<(u32, Option<i64>), GatewayError> 
     Ok((limit.clamp(1, 1000), before))
 }
 
-#[derive(Serialize)]
-struct AuditPage {
+#[derive(Serialize, ToSchema)]
+pub(super) struct AuditPage {
     entries: Vec<AuditView>,
     next: Option<String>,
 }
 
-#[derive(Serialize)]
-struct AuditView {
+#[derive(Serialize, ToSchema)]
+pub(super) struct AuditView {
     at: String,
     actor: String,
     action: String,
     target: String,
+    #[schema(value_type = Object)]
     changes: serde_json::Value,
 }
 
@@ -188,6 +192,7 @@ fn from_file() -> GatewayError {
     GatewayError::forbidden("This key comes from the configuration file; change it there.")
 }
 
+#[utoipa::path(post, path = "/keys", tag = "keys", request_body = NewKey, responses((status = 201, description = "The key, shown this once", body = Issued), (status = 400, description = "Invalid input, the field named", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn create(
     State(api): State<Arc<Api>>,
     Caller(principal): Caller,
@@ -234,6 +239,7 @@ pub(super) async fn create(
     Ok(json(StatusCode::CREATED, &issued(&record, key)))
 }
 
+#[utoipa::path(get, path = "/keys", tag = "keys", responses((status = 200, description = "Every key, never a key or its digest", body = KeyList), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn list(State(api): State<Arc<Api>>, Caller(principal): Caller) -> Answer {
     api.admin(&principal)?;
     let keys = api
@@ -257,6 +263,7 @@ pub(super) async fn list(State(api): State<Arc<Api>>, Caller(principal): Caller)
     Ok(json(StatusCode::OK, &KeyList { keys }))
 }
 
+#[utoipa::path(delete, path = "/keys/{id}", tag = "keys", params(("id" = String, Path, description = "The key id")), responses((status = 204, description = "Revoked"), (status = 404, description = "No such key", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn revoke(
     State(api): State<Arc<Api>>,
     Caller(principal): Caller,
@@ -287,6 +294,7 @@ pub(super) async fn revoke(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/keys/{id}/rotate", tag = "keys", params(("id" = String, Path, description = "The key id")), request_body = Rotate, responses((status = 201, description = "The new key, shown this once", body = Issued), (status = 404, description = "No such key", body = ErrorBody), (status = 409, description = "The key is revoked or expired", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn rotate(
     State(api): State<Arc<Api>>,
     Caller(principal): Caller,
@@ -339,6 +347,7 @@ pub(super) async fn rotate(
     Ok(json(StatusCode::CREATED, &issued(&record, key)))
 }
 
+#[utoipa::path(get, path = "/audit", tag = "audit", params(("limit" = Option<u32>, Query, description = "At most this many entries (1 to 1000, default 50)"), ("before" = Option<String>, Query, description = "The `next` of the previous page")), responses((status = 200, description = "Audit entries, newest first", body = AuditPage), (status = 400, description = "A bad limit or cursor", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn audit(
     State(api): State<Arc<Api>>,
     Caller(principal): Caller,

@@ -64,6 +64,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use http_body::Body;
 use tower_service::Service;
+use utoipa::OpenApi;
 
 pub use self::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::BoxError;
@@ -127,7 +128,7 @@ impl Management {
     fn with(api: api::Api, prefix: Arc<str>) -> Self {
         let api = Arc::new(api);
         Self {
-            router: routes(api.clone()),
+            router: routes(api.clone(), &prefix),
             api,
             prefix,
         }
@@ -147,9 +148,15 @@ impl Management {
 
     /// The prefix this API answers under (empty when mounted with a prefix-stripping router).
     #[must_use]
-    pub fn prefix(mut self, prefix: &str) -> Self {
-        self.prefix = prefix.into();
-        self
+    pub fn prefix(self, prefix: &str) -> Self {
+        let api = Arc::try_unwrap(self.api).unwrap_or_else(|shared| api::Api {
+            live: shared.live.clone(),
+            writer: shared.writer.clone(),
+            proxy_prefix: shared.proxy_prefix.clone(),
+            public_url: shared.public_url.clone(),
+            admins: shared.admins.clone(),
+        });
+        Self::with(api, prefix.into())
     }
 
     #[cfg(feature = "gateway")]
@@ -210,9 +217,74 @@ impl Management {
     }
 }
 
+/// The management API's OpenAPI 3 document, generated from its request and answer types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tower-gateway management API",
+        description = "Accounts, endpoints, grants, gateway keys and the audit log of a tower-gateway. Every answer the gateway makes itself has the OpenAI error shape and an `x-gateway-error` header."
+    ),
+    paths(
+        api::list,
+        api::get_account,
+        api::set_access,
+        api::get_endpoint,
+        api::put_endpoint,
+        api::delete_endpoint,
+        api::snippet,
+        keys::create,
+        keys::list,
+        keys::revoke,
+        keys::rotate,
+        keys::audit,
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+/// Every operation takes a gateway key: `Authorization: Bearer <key>`.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document with its server at `prefix`, as JSON.
+pub fn openapi_json(prefix: &str) -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.servers = Some(vec![utoipa::openapi::Server::new(if prefix.is_empty() {
+        "/"
+    } else {
+        prefix
+    })]);
+    doc.to_json().expect("the document serializes")
+}
+
 /// The routes, relative to the management prefix.
-fn routes(api: Arc<api::Api>) -> Router {
+fn routes(api: Arc<api::Api>, prefix: &str) -> Router {
+    let doc = Bytes::from(openapi_json(prefix));
     Router::new()
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move {
+                    let mut res = Response::new(AxumBody::from(doc));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    res
+                }
+            }),
+        )
         .route("/accounts", get(api::list))
         .route("/accounts/{account}", get(api::get_account))
         .route("/accounts/{account}/access", put(api::set_access))

@@ -2,7 +2,7 @@
 
 /// How to call an endpoint through the gateway: the base URL for OpenAI-compatible clients
 /// and ready-to-paste snippets. The management API and the demo print the same thing.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct UsageSnippet {
     /// The base URL clients configure, e.g. `http://host/proxy-api/coreweave-model/inference`.
     pub base_url: String,
