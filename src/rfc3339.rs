@@ -15,6 +15,18 @@ pub fn format(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// A day as days since 1970-01-01 UTC, written `YYYY-MM-DD`.
+pub fn day(days: u32) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(days) * 86_400);
+    let date = OffsetDateTime::from(t).date();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
 /// An RFC 3339 time (any offset), or `None`.
 pub fn parse(text: &str) -> Option<SystemTime> {
     OffsetDateTime::parse(text, &Rfc3339)
@@ -37,6 +49,7 @@ mod tests {
             format(t + Duration::from_millis(900)),
             "2026-12-07T22:14:10Z"
         );
+        assert_eq!(day(1_796_681_650 / 86_400), "2026-12-07");
         for bad in ["", "2026-12-07", "tomorrow", "2026-13-07T22:14:10Z"] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }

@@ -328,6 +328,110 @@ headers = {{ Authorization = "Bearer ${{WANDB_API_KEY}}" }}
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--store sqlite://…` keeps what is changed through the API across a restart (the second
+/// start names the store with `GATEWAY_STORE`); a store that cannot be reached stops the
+/// gateway from starting, with a clear message that never shows the URL's password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_keeps_its_state_in_a_store() {
+    let mock = MockUpstream::new("wandb-store-CANARY-41ab", Duration::ZERO);
+    let upstream = mock.spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "tower-gateway-example-store-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+admins = ["user:ops@example.com"]
+
+[[keys]]
+id = "ops"
+subject = "ops@example.com"
+key = "gw-ops-CANARY-77c1"
+
+[[accounts]]
+name = "coreweave-model"
+access = {{ users = ["everyone"] }}
+
+[[accounts.endpoints]]
+name = "inference"
+base_url = "http://{upstream}/v1"
+headers = {{ Authorization = "Bearer wandb-store-CANARY-41ab" }}
+"#
+        ),
+    )
+    .unwrap();
+    let store = format!("sqlite://{}", dir.join("state.db").display());
+    let config = path.to_str().unwrap().to_owned();
+    let models = |addr: SocketAddr, key: &str| {
+        Request::get(format!(
+            "http://{addr}/proxy-api/coreweave-model/inference/models"
+        ))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::<Bytes>::default())
+        .unwrap()
+    };
+
+    let mut gw = start(
+        &[
+            "--config",
+            &config,
+            "--store",
+            &store,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let ans = send_json(
+        http::Method::POST,
+        format!("http://{}/manage/keys", gw.addr).parse().unwrap(),
+        Some("gw-ops-CANARY-77c1"),
+        Some(r#"{"subject": "ci@example.com"}"#),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    let key = ans.json()["key"].as_str().unwrap().to_owned();
+    let res = within("response", client().request(models(gw.addr, &key)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    sigterm(&gw.child);
+    assert!(tokio::task::block_in_place(|| wait_exit(&mut gw.child)).success());
+
+    let gw = start(
+        &["--config", &config, "--listen", "127.0.0.1:0"],
+        &[("GATEWAY_STORE", &store)],
+    );
+    let res = within("response", client().request(models(gw.addr, &key)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "the issued key survived the restart");
+    drop(gw);
+
+    let out = Command::new(example_binary())
+        .args([
+            "--config",
+            &config,
+            "--store",
+            "postgres://ops:pw-CANARY-9f0d@127.0.0.1:1/gateway",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the store"), "{stderr}");
+    assert!(stderr.contains("refusing to start"), "{stderr}");
+    assert!(!stderr.contains("CANARY"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it never listened");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Where the demo's stderr goes.
 #[derive(Clone, Copy, Debug)]
 enum LogsTo {

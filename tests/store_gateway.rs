@@ -456,6 +456,15 @@ async fn keys_through_the_api(replicas: &[&TestGateway]) {
         sources.contains(&(id.clone(), "store".into())),
         "{sources:?}"
     );
+    let today =
+        tower_gateway::rfc3339::day(tower_gateway::model::day_of(std::time::SystemTime::now()));
+    let new_key = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(new_key["last_used_day"], today.as_str(), "{new_key}");
 
     // Keys of the file are changed in the file.
     let ans = call(first, Method::DELETE, "/manage/keys/res", MGR, None).await;
@@ -793,4 +802,53 @@ async fn postgres_an_outage_keeps_traffic_flowing_and_recovers() {
     );
     drop((direct, cut_off, link));
     db.drop_it().await;
+}
+
+/// The day a key was last used reaches the store off the hot path, and is listed after a
+/// restart.
+#[tokio::test]
+async fn sqlite_the_last_day_of_use_is_kept() {
+    let file = SqliteFile::new();
+    let (up, _feeds) = sse_upstream().await;
+    let store = Store::open_with(&file.url(), Duration::from_millis(100))
+        .await
+        .unwrap();
+    let gw = serve_app(
+        Gateway::builder()
+            .config(config(&up.base_url()))
+            .build_with_store(store.clone())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(chat(&gw, "inference", RES).await.status, 200);
+    let today = tower_gateway::model::day_of(std::time::SystemTime::now());
+    until("the day of use in the store", async || {
+        let loaded = store.load().await.unwrap();
+        loaded
+            .state
+            .keys
+            .iter()
+            .any(|k| k.id == "res" && k.last_used_day == Some(today))
+    })
+    .await;
+    let unused = store.load().await.unwrap();
+    let mgr = unused.state.keys.iter().find(|k| k.id == "mgr").unwrap();
+    assert_eq!(mgr.last_used_day, None, "a key not used has no day");
+    drop(gw);
+    store.close().await;
+
+    let gw = replica(&up.base_url(), &file.url()).await;
+    let ans = call(&gw, Method::GET, "/manage/keys", MGR, None).await;
+    let res = ans.json()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == "res")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        res["last_used_day"],
+        tower_gateway::rfc3339::day(today).as_str()
+    );
 }

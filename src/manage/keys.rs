@@ -242,6 +242,7 @@ pub(super) async fn create(
 #[utoipa::path(get, path = "/keys", tag = "keys", responses((status = 200, description = "Every key, never a key or its digest", body = KeyList), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn list(State(api): State<Arc<Api>>, Caller(principal): Caller) -> Answer {
     api.admin(&principal)?;
+    let used = api.live.keys().current();
     let keys = api
         .live
         .key_records()
@@ -257,7 +258,10 @@ pub(super) async fn list(State(api): State<Arc<Api>>, Caller(principal): Caller)
             created_at: time(k.created_at),
             expires_at: time(k.expires_at),
             revoked_at: time(k.revoked_at),
-            last_used_day: None,
+            last_used_day: k
+                .last_used_day
+                .max(used.used_on(&k.digest))
+                .map(rfc3339::day),
         })
         .collect();
     Ok(json(StatusCode::OK, &KeyList { keys }))

@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
@@ -155,6 +156,8 @@ pub struct KeyRecord {
     pub revoked_at: Option<SystemTime>,
     /// Where it comes from.
     pub source: KeySource,
+    /// The last day it was used, as a store last recorded it (days since 1970-01-01 UTC).
+    pub last_used_day: Option<u32>,
 }
 
 impl KeyRecord {
@@ -174,6 +177,7 @@ impl KeyRecord {
             expires_at: None,
             revoked_at: None,
             source: KeySource::File,
+            last_used_day: None,
         }
     }
 }
@@ -254,11 +258,28 @@ pub struct HashedKeyStore {
     keys: HashMap<KeyDigest, Held>,
 }
 
-/// A key as the store holds it in memory: who it authenticates, and until when.
-#[derive(Clone)]
+/// A key as the store holds it in memory: who it authenticates, until when, and the last day
+/// it was used (days since 1970-01-01 UTC; 0 for never).
 struct Held {
     principal: Principal,
     expires: Option<SystemTime>,
+    used: AtomicU32,
+}
+
+impl Clone for Held {
+    fn clone(&self) -> Self {
+        Self {
+            principal: self.principal.clone(),
+            expires: self.expires,
+            used: AtomicU32::new(self.used.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The day `t` falls on, as days since 1970-01-01 UTC.
+pub fn day_of(t: SystemTime) -> u32 {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    u32::try_from(secs / 86_400).unwrap_or(u32::MAX)
 }
 
 impl HashedKeyStore {
@@ -287,7 +308,11 @@ impl HashedKeyStore {
                 existing_key_id: e.get().principal.key_id.clone(),
             }),
             Entry::Vacant(v) => {
-                v.insert(Held { principal, expires });
+                v.insert(Held {
+                    principal,
+                    expires,
+                    used: AtomicU32::new(0),
+                });
                 Ok(())
             }
         }
@@ -307,11 +332,37 @@ impl HashedKeyStore {
     /// The principal registered for a digest.
     ///
     /// A key past its expiry time is not found, whether or not the store was rebuilt since.
+    ///
+    /// A key found is marked as used today (one clock read; see [`used_on`](Self::used_on)).
     pub fn get(&self, digest: &KeyDigest) -> Option<&Principal> {
         let held = self.keys.get(digest)?;
-        match held.expires {
-            Some(at) if SystemTime::now() >= at => None,
-            _ => Some(&held.principal),
+        let now = SystemTime::now();
+        if held.expires.is_some_and(|at| now >= at) {
+            return None;
+        }
+        let today = day_of(now);
+        if held.used.load(Ordering::Relaxed) != today {
+            held.used.store(today, Ordering::Relaxed);
+        }
+        Some(&held.principal)
+    }
+
+    /// The last day the key with `digest` was found by [`get`](Self::get) (days since
+    /// 1970-01-01 UTC), by this store or the one it took over from
+    /// ([`carry_usage`](Self::carry_usage)).
+    pub fn used_on(&self, digest: &KeyDigest) -> Option<u32> {
+        let day = self.keys.get(digest)?.used.load(Ordering::Relaxed);
+        (day > 0).then_some(day)
+    }
+
+    /// Keeps the days of use `previous` recorded for the keys both hold: what a store rebuilt
+    /// from a newer snapshot does before it replaces the old one.
+    pub fn carry_usage(&self, previous: &HashedKeyStore) {
+        for (digest, held) in &self.keys {
+            if let Some(old) = previous.keys.get(digest) {
+                held.used
+                    .fetch_max(old.used.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
         }
     }
 
@@ -326,7 +377,12 @@ impl HashedKeyStore {
             record.subject.as_str(),
             record.teams.iter().map(String::as_str),
         );
-        self.insert_until(record.digest, principal, record.expires_at)
+        self.insert_until(record.digest, principal, record.expires_at)?;
+        if let Some(day) = record.last_used_day {
+            let held = self.keys.get(&record.digest).expect("just inserted");
+            held.used.fetch_max(day, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// A store of `records` (the revoked ones left out).
@@ -439,5 +495,25 @@ mod tests {
         assert!(store.get(&KeyDigest::of("k2")).is_none());
         assert!(store.get(&KeyDigest::of("k3")).is_none());
         assert_eq!(store.len(), 2, "the revoked record is left out");
+    }
+
+    #[test]
+    fn a_lookup_marks_the_day_and_a_rebuilt_store_keeps_it() {
+        let record = KeyRecord::new("k", KeyDigest::of("gw-k"), "s@x", vec![]);
+        let store = HashedKeyStore::from_records([&record]).unwrap();
+        let digest = KeyDigest::of("gw-k");
+        assert_eq!(store.used_on(&digest), None, "never used");
+        store.get(&digest).unwrap();
+        let today = day_of(SystemTime::now());
+        assert_eq!(store.used_on(&digest), Some(today));
+        let rebuilt = HashedKeyStore::from_records([&record]).unwrap();
+        rebuilt.carry_usage(&store);
+        assert_eq!(rebuilt.used_on(&digest), Some(today));
+        let stored = KeyRecord {
+            last_used_day: Some(today - 3),
+            ..record
+        };
+        let from_store = HashedKeyStore::from_records([&stored]).unwrap();
+        assert_eq!(from_store.used_on(&digest), Some(today - 3));
     }
 }

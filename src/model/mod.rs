@@ -45,7 +45,8 @@ pub use self::account::{AccountSpec, EndpointSpec, bump_versions, validate};
 pub use self::grants::{Grants, InvalidSubject, Permission, Role, Subject};
 #[cfg(feature = "auth")]
 pub use self::keys::{
-    DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyRecord, KeySource, validate_keys,
+    DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyRecord, KeySource, day_of,
+    validate_keys,
 };
 pub use self::principal::Principal;
 #[cfg(feature = "auth")]

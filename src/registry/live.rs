@@ -86,6 +86,7 @@ impl Live {
         let keys = HashedKeyStore::from_records(&snapshot.keys)
             .map_err(|e| FieldError::new("keys", e.to_string()))?;
         let registry = Registry::from_accounts(snapshot.accounts)?;
+        keys.carry_usage(&self.keys.current());
         self.registry.store(registry);
         self.keys.store(keys);
         self.records.store(Arc::new(snapshot.keys));

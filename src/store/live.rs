@@ -119,6 +119,7 @@ impl Store {
         let mut revisions = self.revisions();
         let mut applied = loaded.revision;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let (weak_usage, usage_live) = (weak.clone(), live.clone());
         tokio::spawn(async move {
             while revisions.changed().await.is_ok() {
                 let latest = *revisions.borrow_and_update();
@@ -136,6 +137,35 @@ impl Store {
                 }
             }
         });
+        tokio::spawn(record_usage(weak_usage, usage_live, self.inner.resync));
         Ok(())
+    }
+}
+
+/// Every `every`, writes to the store the days keys were used that it does not have yet, until
+/// the store is dropped. The hot path only marks a day in memory.
+async fn record_usage(weak: Weak<Inner>, live: Live, every: std::time::Duration) {
+    // What this task wrote, so an unchanged day is not written again before the next load.
+    let mut written: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let store = Store { inner };
+        let keys = live.keys().current();
+        let used: Vec<(String, u32)> = live
+            .key_records()
+            .iter()
+            .filter_map(|record| {
+                let day = keys.used_on(&record.digest)?;
+                let known = record.last_used_day.max(written.get(&record.id).copied());
+                (known < Some(day)).then(|| (record.id.clone(), day))
+            })
+            .collect();
+        match store.record_usage(&used).await {
+            Ok(()) => written.extend(used),
+            Err(error) => {
+                tracing::debug!(%error, "could not record key usage; trying again later")
+            }
+        }
     }
 }

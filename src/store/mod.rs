@@ -12,7 +12,7 @@
 //! | URL | engine | for |
 //! |---|---|---|
 //! | `sqlite://PATH` | SQLite, a file (created if missing) | one gateway whose management changes survive a restart |
-//! | `postgres://USER@HOST/DB` | PostgreSQL | many replicas: a change made through any of them reaches every other one through `LISTEN/NOTIFY` within a second, with a full check every few seconds ([`Store::resync_every`]) as a safety net for a lost notification or a dropped connection |
+//! | `postgres://USER@HOST/DB` | PostgreSQL | many replicas: a change made through any of them reaches every other one through `LISTEN/NOTIFY` within a second, with a full check every few seconds ([`Store::open_with`]) as a safety net for a lost notification or a dropped connection |
 //!
 //! The schema is versioned and migrated on open; on PostgreSQL the migrator holds an advisory
 //! lock, so replicas that start at once against an empty database migrate it once. Writers
@@ -98,6 +98,8 @@ struct Inner {
     /// Whether the database answered the last time it was asked, and since when it has not.
     health: watch::Sender<Health>,
     tls: TlsCache,
+    /// How often the revision is checked, and key usage recorded.
+    resync: Duration,
 }
 
 /// Whether the database answers.
@@ -282,6 +284,7 @@ impl Store {
             revision: watch::Sender::new(revision),
             health: watch::Sender::new(Health::Reachable),
             tls: TlsCache::default(),
+            resync,
         });
         tokio::spawn(watch_changes(Arc::downgrade(&inner), resync));
         Ok(Self { inner })
@@ -439,6 +442,33 @@ impl Store {
             .collect()
     }
 
+    /// Records the last day each key was used, `(id, day)`, where it is later than what the
+    /// store has. It is not a change of the state: no revision, no audit entry; other replicas
+    /// read it with their next snapshot.
+    pub async fn record_usage(&self, used: &[(String, u32)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let result = async {
+            let mut tx = self.inner.pool.begin().await?;
+            for (id, day) in used {
+                sqlx::query(
+                    "UPDATE gw_keys SET last_used_day = $1 \
+                     WHERE id = $2 AND (last_used_day IS NULL OR last_used_day < $1)",
+                )
+                .bind(i64::from(*day))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        self.inner.observe(&result);
+        result
+    }
+
     /// Closes the connections; the watcher stops with the last clone.
     pub async fn close(&self) {
         self.inner.pool.close().await;
@@ -548,8 +578,8 @@ async fn load_in(conn: &mut AnyConnection, tls: &TlsCache) -> Result<Loaded, Sto
             .push(ep);
     }
     let rows = sqlx::query(
-        "SELECT id, digest, subject, teams, created_at, expires_at, revoked_at, source \
-         FROM gw_keys ORDER BY position, id",
+        "SELECT id, digest, subject, teams, created_at, expires_at, revoked_at, source, \
+         last_used_day FROM gw_keys ORDER BY position, id",
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -565,6 +595,7 @@ async fn load_in(conn: &mut AnyConnection, tls: &TlsCache) -> Result<Loaded, Sto
                 expires_at: row.try_get(5)?,
                 revoked_at: row.try_get(6)?,
                 source: row.try_get(7)?,
+                last_used_day: row.try_get(8)?,
             },
         )?);
     }
@@ -687,11 +718,11 @@ async fn write_key(
     let row = rows::key_row(key);
     sqlx::query(
         "INSERT INTO gw_keys (id, position, digest, subject, teams, created_at, expires_at, \
-         revoked_at, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         revoked_at, source, last_used_day) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
          ON CONFLICT (id) DO UPDATE SET position = excluded.position, digest = excluded.digest, \
          subject = excluded.subject, teams = excluded.teams, created_at = excluded.created_at, \
          expires_at = excluded.expires_at, revoked_at = excluded.revoked_at, \
-         source = excluded.source",
+         source = excluded.source, last_used_day = excluded.last_used_day",
     )
     .bind(&key.id)
     .bind(position)
@@ -702,6 +733,7 @@ async fn write_key(
     .bind(row.expires_at)
     .bind(row.revoked_at)
     .bind(row.source)
+    .bind(row.last_used_day)
     .execute(conn)
     .await?;
     Ok(())

@@ -246,6 +246,7 @@ pub(super) struct KeyRow {
     pub(super) expires_at: Option<i64>,
     pub(super) revoked_at: Option<i64>,
     pub(super) source: String,
+    pub(super) last_used_day: Option<i64>,
 }
 
 pub(super) fn key_row(k: &KeyRecord) -> KeyRow {
@@ -257,6 +258,7 @@ pub(super) fn key_row(k: &KeyRecord) -> KeyRow {
         expires_at: seconds(k.expires_at),
         revoked_at: seconds(k.revoked_at),
         source: source_name(k.source).to_owned(),
+        last_used_day: k.last_used_day.map(i64::from),
     }
 }
 
@@ -276,6 +278,7 @@ pub(super) fn key_of(id: String, row: KeyRow) -> Result<KeyRecord, StoreError> {
         expires_at: time_of(row.expires_at),
         revoked_at: time_of(row.revoked_at),
         source,
+        last_used_day: row.last_used_day.and_then(|d| u32::try_from(d).ok()),
         ..KeyRecord::new(id, digest, row.subject, teams)
     })
 }

@@ -103,6 +103,10 @@ CREATE TABLE gw_audit (
 );
 "#;
 
+/// Version 2: the last day each key was used (days since 1970-01-01 UTC), recorded off the
+/// hot path.
+const V2: &str = "ALTER TABLE gw_keys ADD COLUMN last_used_day BIGINT;";
+
 /// The migrations of `engine`, in order.
 #[derive(Debug)]
 pub(super) struct Migrations(pub(super) Engine);
@@ -113,13 +117,22 @@ impl MigrationSource<'static> for Migrations {
             Engine::Postgres => V1_POSTGRES,
             Engine::Sqlite => V1_SQLITE,
         };
-        let migrations = vec![Migration::new(
-            1,
-            Cow::Borrowed("gateway state"),
-            MigrationType::Simple,
-            Cow::Borrowed(v1),
-            false,
-        )];
+        let migrations = vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("gateway state"),
+                MigrationType::Simple,
+                Cow::Borrowed(v1),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("key usage"),
+                MigrationType::Simple,
+                Cow::Borrowed(V2),
+                false,
+            ),
+        ];
         Box::pin(async move { Ok(migrations) })
     }
 }
