@@ -544,6 +544,7 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
 impl GatewayBuilder {
     /// The gateway keys, replaceable later by [`Gateway::apply`] and [`Gateway::reload`].
     pub fn keys(mut self, keys: HashedKeyStore) -> Self {
+        self.key_records = keys.records();
         self.keys = SharedKeyStore::new(keys);
         self.live_keys = self.keys.clone();
         self
@@ -552,11 +553,14 @@ impl GatewayBuilder {
     /// Keys, endpoints, path prefix and limits from a loaded configuration.
     pub fn config(mut self, config: GatewayConfig) -> Self {
         self.max_request_body = config.max_request_body;
-        self.key_records = config.key_records;
         self.admins = config.admins;
-        self.keys(config.keys)
+        let mut builder = self
+            .keys(config.keys)
             .registry(config.registry.into())
-            .path_prefix(&config.path_prefix)
+            .path_prefix(&config.path_prefix);
+        // The file's records, in the file's order.
+        builder.key_records = config.key_records;
+        builder
     }
 }
 

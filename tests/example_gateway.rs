@@ -2,6 +2,7 @@
 //! `listening on` line, graceful shutdown on SIGTERM, and logs without colour codes when they
 //! do not go to a terminal or `NO_COLOR` is set.
 
+mod dbs;
 mod support;
 
 use std::io::{BufRead, BufReader, Read};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use sha2::Digest as _;
 
 use support::*;
 
@@ -375,7 +377,9 @@ headers = {{ Authorization = "Bearer wandb-store-CANARY-41ab" }}
         .unwrap()
     };
 
-    let mut gw = start(
+    // Everything it logs at debug, the store's own logs included, goes to a file to search.
+    let log = dir.join("first.log");
+    let mut gw = start_with(
         &[
             "--config",
             &config,
@@ -384,7 +388,8 @@ headers = {{ Authorization = "Bearer wandb-store-CANARY-41ab" }}
             "--listen",
             "127.0.0.1:0",
         ],
-        &[],
+        &[("RUST_LOG", "debug")],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
     );
     let ans = send_json(
         http::Method::POST,
@@ -399,8 +404,38 @@ headers = {{ Authorization = "Bearer wandb-store-CANARY-41ab" }}
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    let ans = send_json(
+        http::Method::POST,
+        format!(
+            "http://{}/manage/keys/{}/rotate",
+            gw.addr,
+            ans.json()["id"].as_str().unwrap()
+        )
+        .parse()
+        .unwrap(),
+        Some("gw-ops-CANARY-77c1"),
+        Some(r#"{"grace_seconds": 3600}"#),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    let rotated = ans.json()["key"].as_str().unwrap().to_owned();
     sigterm(&gw.child);
     assert!(tokio::task::block_in_place(|| wait_exit(&mut gw.child)).success());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("DEBUG"), "the log was written at debug");
+    for secret in [
+        key.as_str(),
+        rotated.as_str(),
+        "gw-ops-CANARY-77c1",
+        "wandb-store-CANARY-41ab",
+    ] {
+        let digest: String = sha2::Sha256::digest(secret.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(!logged.contains(secret), "a secret in the log");
+        assert!(!logged.contains(&digest), "a key's digest in the log");
+    }
 
     let gw = start(
         &["--config", &config, "--listen", "127.0.0.1:0"],
@@ -429,6 +464,130 @@ headers = {{ Authorization = "Bearer wandb-store-CANARY-41ab" }}
     assert!(stderr.contains("refusing to start"), "{stderr}");
     assert!(!stderr.contains("CANARY"), "{stderr}");
     assert!(out.stdout.is_empty(), "it never listened");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The README's three replicas: three example processes started at once with the same
+/// `--config` and `--store postgres://…`; an endpoint and a key created through the first are
+/// usable through the other two at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_example_replicas_share_one_postgres() {
+    let Some(db) = dbs::PgDatabase::new().await else {
+        return;
+    };
+    let mock = MockUpstream::new("wandb-pg-CANARY-5b2e", Duration::ZERO);
+    let upstream = mock.spawn().await.unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "tower-gateway-example-replicas-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+admins = ["team:platform"]
+
+[[keys]]
+id = "platform"
+subject = "ops@example.com"
+teams = ["platform"]
+key = "gw-platform-key"
+
+[[accounts]]
+name = "coreweave-model"
+access = {{ managers = ["team:platform"], users = ["everyone"] }}
+
+[[accounts.endpoints]]
+name = "inference"
+base_url = "http://{upstream}/v1"
+headers = {{ Authorization = "Bearer wandb-pg-CANARY-5b2e" }}
+"#
+        ),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap().to_owned();
+    let starting: Vec<_> = (0..3)
+        .map(|_| {
+            let (config, url) = (config.clone(), db.url.clone());
+            std::thread::spawn(move || {
+                start_with(
+                    &[
+                        "--config",
+                        &config,
+                        "--store",
+                        &url,
+                        "--listen",
+                        "127.0.0.1:0",
+                    ],
+                    &[],
+                    // Nobody reads it: a full pipe would stop the replica.
+                    Stdio::null(),
+                )
+            })
+        })
+        .collect();
+    let replicas: Vec<Running> = starting.into_iter().map(|t| t.join().unwrap()).collect();
+    let url = |r: &Running, path: &str| -> http::Uri {
+        format!("http://{}{path}", r.addr).parse().unwrap()
+    };
+    let body = format!(
+        r#"{{"base_url": "http://{upstream}/v1", "headers": {{"Authorization": "Bearer wandb-pg-CANARY-5b2e"}}}}"#
+    );
+    let ans = send_json(
+        http::Method::PUT,
+        url(
+            &replicas[0],
+            "/manage/accounts/coreweave-model/endpoints/llama",
+        ),
+        Some("gw-platform-key"),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    let ans = send_json(
+        http::Method::POST,
+        url(&replicas[0], "/manage/keys"),
+        Some("gw-platform-key"),
+        Some(r#"{"subject": "ci@example.com"}"#),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    let key = ans.json()["key"].as_str().unwrap().to_owned();
+    for r in &replicas[1..] {
+        let start = Instant::now();
+        loop {
+            let ans = send_json(
+                http::Method::GET,
+                url(r, "/proxy-api/coreweave-model/llama/models"),
+                Some(&key),
+                None,
+            )
+            .await;
+            if ans.status == 200 {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{}", ans.body);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let ans = send_json(
+        http::Method::GET,
+        url(&replicas[2], "/manage/audit"),
+        Some("gw-platform-key"),
+        None,
+    )
+    .await;
+    let seeds = ans.json()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "seed")
+        .count();
+    assert_eq!(seeds, 1, "one replica seeded the store: {}", ans.body);
+    drop(replicas);
+    db.drop_it().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

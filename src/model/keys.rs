@@ -385,6 +385,26 @@ impl HashedKeyStore {
         Ok(())
     }
 
+    /// The keys as records (sorted by id): what a store is seeded with when the keys were given
+    /// in code rather than in a file.
+    pub fn records(&self) -> Vec<KeyRecord> {
+        let mut records: Vec<KeyRecord> = self
+            .keys
+            .iter()
+            .map(|(digest, held)| KeyRecord {
+                expires_at: held.expires,
+                ..KeyRecord::new(
+                    held.principal.key_id.to_string(),
+                    *digest,
+                    held.principal.subject.to_string(),
+                    held.principal.teams.iter().map(|t| t.to_string()).collect(),
+                )
+            })
+            .collect();
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        records
+    }
+
     /// A store of `records` (the revoked ones left out).
     pub fn from_records<'a>(
         records: impl IntoIterator<Item = &'a KeyRecord>,
@@ -515,5 +535,21 @@ mod tests {
         };
         let from_store = HashedKeyStore::from_records([&stored]).unwrap();
         assert_eq!(from_store.used_on(&digest), Some(today - 3));
+    }
+
+    #[test]
+    fn a_store_gives_back_its_keys_as_records() {
+        let store = HashedKeyStore::new()
+            .with_key("gw-b", Principal::new("b", "b@x", ["t"]))
+            .unwrap()
+            .with_key("gw-a", Principal::new("a", "a@x", [] as [&str; 0]))
+            .unwrap();
+        let records = store.records();
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(records[1].digest, KeyDigest::of("gw-b"));
+        assert_eq!(records[1].teams, ["t"]);
+        let again = HashedKeyStore::from_records(&records).unwrap();
+        assert_eq!(&*again.get(&KeyDigest::of("gw-a")).unwrap().subject, "a@x");
     }
 }
