@@ -20,8 +20,8 @@ use super::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::error::GatewayError;
 use crate::ext::Principal;
 use crate::model::{
-    AuditEntry, EndpointSpec, Grants, Permission, Role, Snapshot, Subject, Timeouts, UpstreamBase,
-    Writer, is_valid_name,
+    AccountSpec, AuditEntry, EndpointSpec, Grants, Permission, Role, Snapshot, Subject, Timeouts,
+    UpstreamBase, Writer, is_valid_name,
 };
 use crate::registry::{Account, Endpoint, Live};
 
@@ -413,11 +413,7 @@ pub(super) async fn set_access(
     let edit = {
         let (principal, account, conflict) = (principal.clone(), account.clone(), conflict.clone());
         move |s: &mut Snapshot| {
-            let spec = s
-                .accounts
-                .iter_mut()
-                .find(|a| a.name == account)
-                .ok_or_else(no_account)?;
+            let spec = account_mut(s, &account)?;
             if !spec.access.allows(&principal, Permission::Manage) {
                 return Err(denied(&principal, Permission::Manage, "this account"));
             }
@@ -487,11 +483,7 @@ pub(super) async fn put_endpoint(
         let (principal, account, endpoint) = (principal.clone(), account.clone(), endpoint.clone());
         let (conflict, created) = (conflict.clone(), created.clone());
         move |s: &mut Snapshot| {
-            let spec = s
-                .accounts
-                .iter_mut()
-                .find(|a| a.name == account)
-                .ok_or_else(no_account)?;
+            let spec = account_mut(s, &account)?;
             let manages_account = spec.access.allows(&principal, Permission::Manage);
             let existing = spec.endpoints.iter().position(|e| e.name == endpoint);
             match existing.map(|i| &spec.endpoints[i]) {
@@ -607,11 +599,7 @@ pub(super) async fn delete_endpoint(
         let (principal, account, endpoint) = (principal.clone(), account.clone(), endpoint.clone());
         let conflict = conflict.clone();
         move |s: &mut Snapshot| {
-            let spec = s
-                .accounts
-                .iter_mut()
-                .find(|a| a.name == account)
-                .ok_or_else(no_account)?;
+            let spec = account_mut(s, &account)?;
             let i = spec
                 .endpoints
                 .iter()
@@ -815,6 +803,14 @@ fn denied(principal: &Principal, permission: Permission, what: &str) -> GatewayE
         "The key \"{}\" may not {permission} {what}.",
         principal.key_id
     ))
+}
+
+/// The account named `name` in the state a write applies to.
+fn account_mut<'a>(s: &'a mut Snapshot, name: &str) -> Result<&'a mut AccountSpec, GatewayError> {
+    s.accounts
+        .iter_mut()
+        .find(|a| a.name == name)
+        .ok_or_else(no_account)
 }
 
 fn no_account() -> GatewayError {
