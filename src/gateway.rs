@@ -224,14 +224,19 @@ impl Gateway {
             ));
         }
         #[cfg(feature = "store")]
-        if self.store.is_some() {
-            // The store holds the keys, accounts and grants; the file gives only the settings.
-            return Ok(());
+        let on_store = self.store.is_some();
+        #[cfg(not(feature = "store"))]
+        let on_store = false;
+        // On a store, the store holds the keys, accounts and grants; the file gives only the
+        // settings.
+        if !on_store {
+            self.live.apply(Snapshot {
+                accounts: config.registry.specs().to_vec(),
+                keys: config.key_records,
+            })?;
         }
-        self.live.apply(Snapshot {
-            accounts: config.registry.specs().to_vec(),
-            keys: config.key_records,
-        })?;
+        #[cfg(feature = "manage")]
+        self.management.set_admins(config.admins);
         Ok(())
     }
 }

@@ -852,3 +852,63 @@ async fn sqlite_the_last_day_of_use_is_kept() {
         tower_gateway::rfc3339::day(today).as_str()
     );
 }
+
+/// A reload replaces the admins, on a store as in memory; on a store it leaves the keys and
+/// endpoints to the store.
+#[tokio::test]
+async fn sqlite_a_reload_takes_the_settings_and_leaves_the_state_to_the_store() {
+    let file = SqliteFile::new();
+    let (up, _feeds) = sse_upstream().await;
+    let store = Store::open(&file.url()).await.unwrap();
+    let gateway = Gateway::builder()
+        .config(config(&up.base_url()))
+        .build_with_store(store)
+        .await
+        .unwrap();
+    let gw = serve_app(gateway.clone()).await;
+    let fresh = format!(r#"{{"base_url": "{}"}}"#, up.base_url());
+    let ans = call(
+        &gw,
+        Method::PUT,
+        "/manage/accounts/coreweave-model/endpoints/fresh",
+        MGR,
+        Some(&fresh),
+    )
+    .await;
+    assert_eq!(ans.status, 201, "{}", ans.body);
+    assert_eq!(
+        call(&gw, Method::GET, "/manage/keys", MGR, None)
+            .await
+            .status,
+        200
+    );
+
+    // The same file without admins, without the research key, with another endpoint.
+    let toml = config_toml(&up.base_url())
+        .replace("admins = [\"team:platform\"]", "")
+        .replace("name = \"inference\"", "name = \"other\"");
+    let reloaded = GatewayConfig::from_toml(
+        &toml,
+        &SecretSource::from_vars([] as [(&str, &str); 0], std::env::temp_dir()),
+    )
+    .unwrap();
+    gateway.apply(reloaded).unwrap();
+    assert_eq!(
+        call(&gw, Method::GET, "/manage/keys", MGR, None)
+            .await
+            .status,
+        403,
+        "the admins come from the file"
+    );
+    assert_eq!(
+        chat(&gw, "fresh", RES).await.status,
+        200,
+        "the store's endpoints stay"
+    );
+    assert_eq!(chat(&gw, "inference", RES).await.status, 200);
+    assert_eq!(
+        chat(&gw, "other", RES).await.status,
+        404,
+        "the file's endpoints are not applied"
+    );
+}

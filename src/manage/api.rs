@@ -31,7 +31,8 @@ pub(super) struct Api {
     pub(super) writer: Arc<dyn Writer>,
     pub(super) proxy_prefix: Arc<str>,
     pub(super) public_url: Option<Arc<str>>,
-    pub(super) admins: Arc<[Subject]>,
+    /// Shared by every clone of the service, and replaced by a reload.
+    pub(super) admins: Arc<arc_swap::ArcSwap<Vec<Subject>>>,
 }
 
 impl fmt::Debug for Api {

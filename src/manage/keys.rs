@@ -116,7 +116,7 @@ fn time(t: Option<SystemTime>) -> Option<String> {
 impl Api {
     /// Admins only: 403 for anyone else.
     fn admin(&self, principal: &Principal) -> Result<(), GatewayError> {
-        if self.admins.iter().any(|s| s.matches(principal)) {
+        if self.admins.load().iter().any(|s| s.matches(principal)) {
             Ok(())
         } else {
             Err(GatewayError::forbidden(format!(

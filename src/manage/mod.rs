@@ -119,7 +119,7 @@ impl Management {
                 writer,
                 proxy_prefix: DEFAULT_PATH_PREFIX.into(),
                 public_url: None,
-                admins: Arc::from(Vec::new()),
+                admins: Arc::default(),
             },
             DEFAULT_MANAGEMENT_PREFIX.into(),
         )
@@ -181,7 +181,14 @@ impl Management {
     /// log (`/audit`). None by default.
     #[must_use]
     pub fn admins(self, admins: Vec<Subject>) -> Self {
-        self.change(|api| api.admins = admins.into())
+        self.set_admins(admins);
+        self
+    }
+
+    /// Replaces the gateway admins while the API serves (what a configuration reload does);
+    /// every clone of this service sees the new list on its next request.
+    pub fn set_admins(&self, admins: Vec<Subject>) {
+        self.api.admins.store(Arc::new(admins));
     }
 
     /// The routes alone, relative to the prefix (`/accounts`, …), to nest in an axum app:
