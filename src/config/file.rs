@@ -22,6 +22,47 @@ pub(super) struct RawConfig {
     pub(super) accounts: Vec<RawAccount>,
     #[serde(default)]
     pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) rate_limits: RawRateLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimits {
+    #[serde(default)]
+    pub(super) backend: Option<String>,
+    #[serde(default)]
+    pub(super) on_backend_error: RawOnError,
+    #[serde(default)]
+    pub(super) key_prefix: Option<String>,
+    #[serde(default)]
+    pub(super) rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawOnError {
+    #[default]
+    Open,
+    Closed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub(super) scope: String,
+    #[serde(default)]
+    pub(super) endpoint: Option<String>,
+    #[serde(default)]
+    pub(super) requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub(super) tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub(super) tokens_per_day: Option<u64>,
+    #[serde(default)]
+    pub(super) tokens_per_month: Option<u64>,
+    #[serde(default)]
+    pub(super) concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]

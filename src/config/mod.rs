@@ -154,8 +154,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub use self::secrets::{Secret, SecretSource};
 use crate::model::{
-    AccountSpec, EndpointSpec, FieldError, Grants, HashedKeyStore, KeyDigest, KeyRecord, Subject,
-    is_valid_prefix, validate_keys,
+    AccountSpec, EndpointSpec, FieldError, Grants, HashedKeyStore, KeyDigest, KeyRecord,
+    LimitBackend, LimitScope, OnBackendError, RateLimitRule, RateLimits, Subject, is_valid_prefix,
+    validate_keys,
 };
 use crate::registry::Registry;
 use crate::tls::TlsSettings;
@@ -174,6 +175,8 @@ pub struct GatewayConfig {
     pub key_records: Vec<KeyRecord>,
     /// `admins`: the subjects who manage gateway keys and read the audit log.
     pub admins: Vec<Subject>,
+    /// `[rate_limits]`: request rates, token budgets and concurrent streams.
+    pub rate_limits: RateLimits,
     /// The accounts and endpoints.
     pub registry: Registry,
     /// `limits.max_request_body_bytes`: the largest request body forwarded, if set (the
@@ -240,7 +243,9 @@ fn build(raw: file::RawConfig, secrets: &SecretSource) -> Result<GatewayConfig, 
     let admins = Grants::parse(&raw.admins, &[], &[], "admins")
         .map_err(|e| FieldError::new(e.field().replace(".managers", ""), e.message()))?
         .managers;
+    let rate_limits = build_rate_limits(raw.rate_limits, secrets)?;
     Ok(GatewayConfig {
+        rate_limits,
         path_prefix: raw.path_prefix,
         keys,
         key_records,
@@ -280,6 +285,69 @@ fn build_keys(
     }
     validate_keys(&records)?;
     Ok(records)
+}
+
+fn build_rate_limits(
+    raw: file::RawRateLimits,
+    secrets: &SecretSource,
+) -> Result<RateLimits, FieldError> {
+    let backend = match raw.backend {
+        None => LimitBackend::Memory,
+        // A Redis URL may hold a password: it may come from `${VAR}`, and is never shown.
+        Some(text) => match secrets.expand("rate_limits.backend", &text)?.expose() {
+            "memory" => LimitBackend::Memory,
+            url => LimitBackend::Redis(url.to_owned()),
+        },
+    };
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    for (i, rule) in raw.rules.into_iter().enumerate() {
+        let field = format!("rate_limits.rules[{i}]");
+        let scope: LimitScope = rule
+            .scope
+            .parse()
+            .map_err(|e: String| FieldError::new(format!("{field}.scope"), e))?;
+        let endpoint = rule
+            .endpoint
+            .map(|e| {
+                RateLimits::parse_endpoint(&e).ok_or_else(|| {
+                    FieldError::new(
+                        format!("{field}.endpoint"),
+                        "must be ACCOUNT/ENDPOINT, two valid names",
+                    )
+                })
+            })
+            .transpose()?;
+        rules.push(RateLimitRule {
+            endpoint,
+            requests_per_minute: rule.requests_per_minute,
+            tokens_per_minute: rule.tokens_per_minute,
+            tokens_per_day: rule.tokens_per_day,
+            tokens_per_month: rule.tokens_per_month,
+            concurrent_streams: rule.concurrent_streams,
+            ..RateLimitRule::new(scope)
+        });
+    }
+    let limits = RateLimits {
+        backend,
+        on_backend_error: match raw.on_backend_error {
+            file::RawOnError::Open => OnBackendError::Open,
+            file::RawOnError::Closed => OnBackendError::Closed,
+        },
+        key_prefix: raw
+            .key_prefix
+            .unwrap_or_else(|| RateLimits::default().key_prefix),
+        rules,
+    };
+    limits.validate()?;
+    if !limits.rules.is_empty() {
+        // Parsed and checked, but no layer enforces them yet: refusing is better than a limit
+        // that silently does nothing.
+        return Err(FieldError::new(
+            "rate_limits.rules",
+            "rate limits are not enforced by this version of the gateway yet; remove the rules",
+        ));
+    }
+    Ok(limits)
 }
 
 fn build_headers(
@@ -400,5 +468,57 @@ mod tests {
         assert!(config.keys.get(&KeyDigest::of("gw-k")).is_some());
         let err = load(r#"admins = ["team:platform", "ops"]"#).unwrap_err();
         assert_eq!(err.field(), "admins[1]", "{err}");
+    }
+
+    #[test]
+    fn rate_limits_parse_and_name_the_field() {
+        let table = |rules: &str| {
+            load(&format!(
+                r#"
+                [rate_limits]
+                backend = "${{K}}"
+                on_backend_error = "closed"
+                key_prefix = "gw-test:"
+                {rules}
+                "#
+            ))
+        };
+        // `K` is `gw-k`: not a Redis URL, and never shown.
+        let err = table("").unwrap_err();
+        assert_eq!(err.field(), "rate_limits.backend");
+        assert!(!err.to_string().contains("gw-k"), "{err}");
+        let ok =
+            load("[rate_limits]\nbackend = \"memory\"\non_backend_error = \"closed\"").unwrap();
+        assert_eq!(ok.rate_limits.backend, LimitBackend::Memory);
+        assert_eq!(ok.rate_limits.on_backend_error, OnBackendError::Closed);
+        assert_eq!(load("").unwrap().rate_limits, RateLimits::default());
+        let rules = |rule: &str| load(&format!("[[rate_limits.rules]]\n{rule}"));
+        for (rule, field) in [
+            (
+                "scope = \"group:x\"\nrequests_per_minute = 1",
+                "rate_limits.rules[0].scope",
+            ),
+            (
+                "scope = \"everyone\"\nendpoint = \"a\"\nrequests_per_minute = 1",
+                "rate_limits.rules[0].endpoint",
+            ),
+            ("scope = \"everyone\"", "rate_limits.rules[0]"),
+            (
+                "scope = \"everyone\"\ntokens_per_day = 0",
+                "rate_limits.rules[0].tokens_per_day",
+            ),
+            (
+                "scope = \"everyone\"\nrequests_per_hour = 1",
+                "rate_limits.rules[0].requests_per_hour",
+            ),
+            // Well formed, and refused: this version does not enforce them yet.
+            (
+                "scope = \"team:research\"\nendpoint = \"a/b\"\nrequests_per_minute = 600",
+                "rate_limits.rules",
+            ),
+        ] {
+            let err = rules(rule).unwrap_err();
+            assert_eq!(err.field(), field, "{rule}: {err}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! | [`UpstreamBase`], [`Timeouts`] | where an endpoint's requests go, and how long they wait |
 //! | [`Principal`] | who is calling: a key's label, subject and teams |
 //! | [`HashedKeyStore`], [`KeyDigest`] | gateway key records: digests and the principal of each (feature `auth`) |
+//! | [`RateLimits`], [`RateLimitRule`], [`LimitScope`] | request rates, token budgets and concurrent streams, per key, team, subject or endpoint |
 //! | [`FieldError`] | the one validation error: the field, as a path, and the problem |
 //!
 //! This module imports no layer and no transport: the layers, the sources and the
@@ -33,6 +34,7 @@ mod account;
 mod grants;
 #[cfg(feature = "auth")]
 mod keys;
+mod limits;
 mod principal;
 #[cfg(feature = "auth")]
 mod snapshot;
@@ -48,6 +50,7 @@ pub use self::keys::{
     DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyRecord, KeySource, day_of,
     validate_keys,
 };
+pub use self::limits::{LimitBackend, LimitScope, OnBackendError, RateLimitRule, RateLimits};
 pub use self::principal::Principal;
 #[cfg(feature = "auth")]
 pub use self::snapshot::{AuditEntry, AuditFuture, Edit, Snapshot, WriteFuture, Writer};

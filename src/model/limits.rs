@@ -1,0 +1,331 @@
+//! Rate limits and token budgets as a user writes them (`[rate_limits]` in the file), and their
+//! validation.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use super::{FieldError, Principal, is_valid_name};
+
+/// Who a limit applies to. Each matching caller is counted in the scope's bucket:
+/// `team:NAME` is one bucket for the whole team, `user:SUBJECT` one for that subject,
+/// `key:ID` one for that key, and `everyone` one bucket *per key*.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    /// Every caller, each key counted on its own.
+    Everyone,
+    /// Every key of the team, counted together.
+    Team(Arc<str>),
+    /// Every key of the subject, counted together.
+    User(Arc<str>),
+    /// One key, by its id.
+    Key(Arc<str>),
+}
+
+impl FromStr for LimitScope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let named = |rest: &str| {
+            if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err("must be followed by a name without spaces or control characters".to_owned())
+            } else {
+                Ok(Arc::<str>::from(rest))
+            }
+        };
+        if s == "everyone" {
+            Ok(Self::Everyone)
+        } else if let Some(rest) = s.strip_prefix("team:") {
+            named(rest).map(Self::Team)
+        } else if let Some(rest) = s.strip_prefix("user:") {
+            named(rest).map(Self::User)
+        } else if let Some(rest) = s.strip_prefix("key:") {
+            named(rest).map(Self::Key)
+        } else {
+            Err("a scope is \"everyone\", \"team:NAME\", \"user:SUBJECT\" or \"key:ID\"".to_owned())
+        }
+    }
+}
+
+impl fmt::Display for LimitScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Everyone => f.write_str("everyone"),
+            Self::Team(t) => write!(f, "team:{t}"),
+            Self::User(u) => write!(f, "user:{u}"),
+            Self::Key(k) => write!(f, "key:{k}"),
+        }
+    }
+}
+
+impl LimitScope {
+    /// The bucket `principal` is counted in under this scope, or `None` if the scope does not
+    /// cover it: `key:ID` for `everyone` and `key:` scopes, the team or subject otherwise.
+    pub fn bucket(&self, principal: &Principal) -> Option<String> {
+        match self {
+            Self::Everyone => Some(format!("key:{}", principal.key_id)),
+            Self::Team(team) => principal.in_team(team).then(|| format!("team:{team}")),
+            Self::User(subject) => {
+                (*principal.subject == **subject).then(|| format!("user:{subject}"))
+            }
+            Self::Key(id) => (*principal.key_id == **id).then(|| format!("key:{id}")),
+        }
+    }
+}
+
+/// One limit rule: a scope, optionally one endpoint, and any of the limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitRule {
+    /// Who it applies to.
+    pub scope: LimitScope,
+    /// `(account, endpoint)` when it applies to one endpoint only.
+    pub endpoint: Option<(String, String)>,
+    /// Requests per minute, admitted smoothly (not a fixed window).
+    pub requests_per_minute: Option<u32>,
+    /// Prompt and completion tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens per day (UTC).
+    pub tokens_per_day: Option<u64>,
+    /// Tokens per month (UTC).
+    pub tokens_per_month: Option<u64>,
+    /// Responses streaming at once.
+    pub concurrent_streams: Option<u32>,
+}
+
+impl RateLimitRule {
+    /// A rule for `scope` with no limit yet.
+    pub fn new(scope: LimitScope) -> Self {
+        Self {
+            scope,
+            endpoint: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            tokens_per_day: None,
+            tokens_per_month: None,
+            concurrent_streams: None,
+        }
+    }
+
+    /// Whether the rule covers a request by `principal` to `account/endpoint`, and in which
+    /// bucket it is counted (the endpoint's own when the rule names one).
+    pub fn bucket(&self, principal: &Principal, account: &str, endpoint: &str) -> Option<String> {
+        let who = self.scope.bucket(principal)?;
+        match &self.endpoint {
+            None => Some(who),
+            Some((a, e)) if a == account && e == endpoint => Some(format!("{who}@{a}/{e}")),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Where the counters live.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LimitBackend {
+    /// This process's memory: limits hold for one replica.
+    Memory,
+    /// A Redis server shared by every replica (`redis://` or `rediss://`).
+    Redis(String),
+}
+
+impl fmt::Debug for LimitBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory => f.write_str("Memory"),
+            // The URL may hold a password.
+            Self::Redis(_) => f.write_str("Redis(<redacted>)"),
+        }
+    }
+}
+
+/// What a request meets while the backend cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnBackendError {
+    /// Serve it, log it and count it locally (the default).
+    #[default]
+    Open,
+    /// Refuse it with 503.
+    Closed,
+}
+
+/// The rate limits of a gateway: where they are counted, what happens when that place cannot
+/// be reached, and the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Where the counters live.
+    pub backend: LimitBackend,
+    /// What happens while the backend cannot be reached.
+    pub on_backend_error: OnBackendError,
+    /// The prefix of every counter's key in a shared backend.
+    pub key_prefix: String,
+    /// The rules; every matching one applies, and the strictest refuses.
+    pub rules: Vec<RateLimitRule>,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            backend: LimitBackend::Memory,
+            on_backend_error: OnBackendError::Open,
+            key_prefix: "gw:".to_owned(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl RateLimits {
+    /// Checks the limits; an error names the field, e.g. `rate_limits.rules[2].endpoint`, and
+    /// never the backend URL (it may hold a password).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let LimitBackend::Redis(url) = &self.backend
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(FieldError::new(
+                "rate_limits.backend",
+                "must be \"memory\" or a redis:// or rediss:// URL",
+            ));
+        }
+        if self.key_prefix.len() > 64
+            || self
+                .key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(FieldError::new(
+                "rate_limits.key_prefix",
+                "must be at most 64 characters, without spaces or control characters",
+            ));
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let field = format!("rate_limits.rules[{i}]");
+            if let Some((account, endpoint)) = &rule.endpoint
+                && !(is_valid_name(account) && is_valid_name(endpoint))
+            {
+                return Err(FieldError::new(
+                    format!("{field}.endpoint"),
+                    "must be ACCOUNT/ENDPOINT, two valid names",
+                ));
+            }
+            let limits = [
+                (
+                    "requests_per_minute",
+                    rule.requests_per_minute.map(u64::from),
+                ),
+                ("tokens_per_minute", rule.tokens_per_minute),
+                ("tokens_per_day", rule.tokens_per_day),
+                ("tokens_per_month", rule.tokens_per_month),
+                ("concurrent_streams", rule.concurrent_streams.map(u64::from)),
+            ];
+            if limits.iter().all(|(_, v)| v.is_none()) {
+                return Err(FieldError::new(
+                    field,
+                    "sets no limit: give at least one of requests_per_minute, tokens_per_minute, \
+                     tokens_per_day, tokens_per_month, concurrent_streams",
+                ));
+            }
+            for (name, value) in limits {
+                if value == Some(0) {
+                    return Err(FieldError::new(
+                        format!("{field}.{name}"),
+                        "must be greater than zero (leave it out for no limit)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `account/endpoint` text of a rule's `endpoint`, split and checked.
+    pub fn parse_endpoint(text: &str) -> Option<(String, String)> {
+        let (a, e) = text.split_once('/')?;
+        (is_valid_name(a) && is_valid_name(e)).then(|| (a.to_owned(), e.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_parse_print_and_bucket() {
+        for ok in ["everyone", "team:research", "user:a@x", "key:ci"] {
+            assert_eq!(ok.parse::<LimitScope>().unwrap().to_string(), ok);
+        }
+        for bad in ["", "team:", "group:x", "key:a b", "Everyone"] {
+            assert!(bad.parse::<LimitScope>().is_err(), "{bad:?}");
+        }
+        let p = Principal::new("k1", "a@x", ["research"]);
+        let bucket = |s: &str| s.parse::<LimitScope>().unwrap().bucket(&p);
+        assert_eq!(bucket("everyone").as_deref(), Some("key:k1"));
+        assert_eq!(bucket("team:research").as_deref(), Some("team:research"));
+        assert_eq!(bucket("team:sales"), None);
+        assert_eq!(bucket("user:a@x").as_deref(), Some("user:a@x"));
+        assert_eq!(bucket("key:k2"), None);
+        let rule = RateLimitRule {
+            endpoint: Some(("acct".into(), "inference".into())),
+            ..RateLimitRule::new(LimitScope::Everyone)
+        };
+        assert_eq!(
+            rule.bucket(&p, "acct", "inference").as_deref(),
+            Some("key:k1@acct/inference")
+        );
+        assert_eq!(rule.bucket(&p, "acct", "other"), None);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let rule = |f: fn(&mut RateLimitRule)| {
+            let mut r = RateLimitRule {
+                requests_per_minute: Some(60),
+                ..RateLimitRule::new(LimitScope::Everyone)
+            };
+            f(&mut r);
+            RateLimits {
+                rules: vec![r],
+                ..RateLimits::default()
+            }
+        };
+        assert!(rule(|_| {}).validate().is_ok());
+        let cases: Vec<(RateLimits, &str)> = vec![
+            (
+                rule(|r| r.requests_per_minute = None),
+                "rate_limits.rules[0]",
+            ),
+            (
+                rule(|r| r.tokens_per_day = Some(0)),
+                "rate_limits.rules[0].tokens_per_day",
+            ),
+            (
+                rule(|r| r.endpoint = Some(("a".into(), "..".into()))),
+                "rate_limits.rules[0].endpoint",
+            ),
+            (
+                RateLimits {
+                    backend: LimitBackend::Redis("http://secret@x".into()),
+                    ..RateLimits::default()
+                },
+                "rate_limits.backend",
+            ),
+            (
+                RateLimits {
+                    key_prefix: "a b".into(),
+                    ..RateLimits::default()
+                },
+                "rate_limits.key_prefix",
+            ),
+        ];
+        for (limits, field) in cases {
+            let err = limits.validate().unwrap_err();
+            assert_eq!(err.field(), field, "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+        assert_eq!(
+            RateLimits::parse_endpoint("coreweave-model/inference"),
+            Some(("coreweave-model".into(), "inference".into()))
+        );
+        assert_eq!(RateLimits::parse_endpoint("a/b/c"), None);
+        assert_eq!(
+            format!("{:?}", LimitBackend::Redis("redis://:pw@h".into())),
+            "Redis(<redacted>)"
+        );
+    }
+}
