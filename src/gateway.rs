@@ -65,9 +65,10 @@ use crate::encoding::{IdentityEncoding, IdentityEncodingLayer};
 use crate::error::{Rescue, RescueLayer};
 use crate::forward::{Forward, ForwardBuilder, ResponseBody};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
+use crate::limits::{RateLimit, RateLimitLayer, ResponseBody as LimitedBody};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
-use crate::model::{AuditEntry, KeyRecord, Snapshot, Subject, Writer};
+use crate::model::{AuditEntry, KeyRecord, RateLimits, Snapshot, Subject, Writer};
 use crate::registry::{Live, MemoryWriter, SharedRegistry};
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 #[cfg(feature = "store")]
@@ -86,13 +87,15 @@ pub type GatewayService<K, B> = Traced<
         GatewayAuth<
             CustomEndpointRoute<
                 UsageTap<
-                    AccessControl<InjectHeaders<IdentityEncoding<Forward<TapRequestBody<B>>>>>,
+                    AccessControl<
+                        RateLimit<InjectHeaders<IdentityEncoding<Forward<TapRequestBody<B>>>>>,
+                    >,
                 >,
             >,
             K,
         >,
     >,
-    UsageBody<ResponseBody>,
+    UsageBody<LimitedBody<ResponseBody>>,
 >;
 
 /// The management API behind authentication, as returned by [`Gateway::management_service`].
@@ -157,6 +160,8 @@ pub struct Gateway<K = SharedKeyStore> {
     usage: UsageTapLayer,
     metrics: bool,
     live: Live,
+    /// One limiter for every service this gateway makes, so they count together.
+    rate_limit: RateLimitLayer,
     #[cfg(feature = "store")]
     store: Option<Store>,
 }
@@ -179,6 +184,7 @@ impl Gateway {
             live_keys: SharedKeyStore::default(),
             key_records: Vec::new(),
             admins: Vec::new(),
+            rate_limits: RateLimits::default(),
         }
     }
 
@@ -217,6 +223,12 @@ impl Gateway {
                 "cannot change while the gateway runs; restart it to change the prefix",
             ));
         }
+        if config.rate_limits != *self.rate_limit.limits() {
+            return Err(ConfigError::new(
+                "rate_limits",
+                "cannot change while the gateway runs; restart it to change the limits",
+            ));
+        }
         if config.max_request_body != self.max_request_body {
             return Err(ConfigError::new(
                 "limits.max_request_body_bytes",
@@ -249,6 +261,7 @@ impl<K: KeyStore> Gateway<K> {
         let forward = self.forward.for_body::<TapRequestBody<B>>();
         let stack = IdentityEncodingLayer::new().layer(forward);
         let stack = InjectHeadersLayer::from_route().layer(stack);
+        let stack = self.rate_limit.layer(stack);
         let stack = AccessControlLayer::new().layer(stack);
         let stack = self.usage.layer(stack);
         let stack = self.route.layer(stack);
@@ -330,6 +343,7 @@ impl<K> Clone for Gateway<K> {
             usage: self.usage.clone(),
             metrics: self.metrics,
             live: self.live.clone(),
+            rate_limit: self.rate_limit.clone(),
             #[cfg(feature = "store")]
             store: self.store.clone(),
         }
@@ -544,6 +558,7 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
     live_keys: SharedKeyStore,
     key_records: Vec<KeyRecord>,
     admins: Vec<Subject>,
+    rate_limits: RateLimits,
 }
 
 impl GatewayBuilder {
@@ -559,6 +574,7 @@ impl GatewayBuilder {
     pub fn config(mut self, config: GatewayConfig) -> Self {
         self.max_request_body = config.max_request_body;
         self.admins = config.admins;
+        self.rate_limits = config.rate_limits;
         let mut builder = self
             .keys(config.keys)
             .registry(config.registry.into())
@@ -601,7 +617,15 @@ impl<K> GatewayBuilder<K> {
             live_keys: SharedKeyStore::default(),
             key_records: Vec::new(),
             admins: self.admins,
+            rate_limits: self.rate_limits,
         }
+    }
+
+    /// Request rates and concurrent streams (also `[rate_limits]` in the configuration file),
+    /// counted in this process's memory.
+    pub fn rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = limits;
+        self
     }
 
     /// The gateway admins (also `admins` in the configuration file): who manages gateway keys
@@ -741,6 +765,7 @@ impl<K> GatewayBuilder<K> {
             },
             metrics: self.metrics,
             live,
+            rate_limit: RateLimitLayer::new(self.rate_limits),
             #[cfg(feature = "store")]
             store: None,
         }

@@ -109,6 +109,7 @@ pub mod forward;
 pub mod gateway;
 mod hop;
 pub mod inject;
+pub mod limits;
 #[cfg(feature = "manage")]
 pub mod manage;
 #[cfg(feature = "trace")]

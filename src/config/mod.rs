@@ -339,13 +339,26 @@ fn build_rate_limits(
         rules,
     };
     limits.validate()?;
-    if !limits.rules.is_empty() {
-        // Parsed and checked, but no layer enforces them yet: refusing is better than a limit
-        // that silently does nothing.
+    // What no layer enforces yet is refused, rather than accepted and silently ignored.
+    if matches!(limits.backend, LimitBackend::Redis(_)) {
         return Err(FieldError::new(
-            "rate_limits.rules",
-            "rate limits are not enforced by this version of the gateway yet; remove the rules",
+            "rate_limits.backend",
+            "a Redis backend is not supported by this version yet; use \"memory\"",
         ));
+    }
+    for (i, rule) in limits.rules.iter().enumerate() {
+        for (name, set) in [
+            ("tokens_per_minute", rule.tokens_per_minute.is_some()),
+            ("tokens_per_day", rule.tokens_per_day.is_some()),
+            ("tokens_per_month", rule.tokens_per_month.is_some()),
+        ] {
+            if set {
+                return Err(FieldError::new(
+                    format!("rate_limits.rules[{i}].{name}"),
+                    "token budgets are not enforced by this version yet; remove it",
+                ));
+            }
+        }
     }
     Ok(limits)
 }
@@ -486,12 +499,20 @@ mod tests {
         // `K` is `gw-k`: not a Redis URL, and never shown.
         let err = table("").unwrap_err();
         assert_eq!(err.field(), "rate_limits.backend");
+        let redis = load("[rate_limits]\nbackend = \"redis://:pw-9@127.0.0.1:6379\"").unwrap_err();
+        assert!(!redis.to_string().contains("pw-9"), "{redis}");
+        assert_eq!(err.field(), "rate_limits.backend");
         assert!(!err.to_string().contains("gw-k"), "{err}");
         let ok =
             load("[rate_limits]\nbackend = \"memory\"\non_backend_error = \"closed\"").unwrap();
         assert_eq!(ok.rate_limits.backend, LimitBackend::Memory);
         assert_eq!(ok.rate_limits.on_backend_error, OnBackendError::Closed);
         assert_eq!(load("").unwrap().rate_limits, RateLimits::default());
+        let enforced = load(
+            "[[rate_limits.rules]]\nscope = \"team:research\"\nendpoint = \"a/b\"\nrequests_per_minute = 600\nconcurrent_streams = 8",
+        )
+        .unwrap();
+        assert_eq!(enforced.rate_limits.rules[0].requests_per_minute, Some(600));
         let rules = |rule: &str| load(&format!("[[rate_limits.rules]]\n{rule}"));
         for (rule, field) in [
             (
@@ -513,8 +534,8 @@ mod tests {
             ),
             // Well formed, and refused: this version does not enforce them yet.
             (
-                "scope = \"team:research\"\nendpoint = \"a/b\"\nrequests_per_minute = 600",
-                "rate_limits.rules",
+                "scope = \"team:research\"\ntokens_per_day = 5",
+                "rate_limits.rules[0].tokens_per_day",
             ),
         ] {
             let err = rules(rule).unwrap_err();

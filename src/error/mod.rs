@@ -135,6 +135,7 @@ impl GatewayError {
             403 => "permission_error",
             404 => "not_found_error",
             409 => "conflict",
+            429 => "rate_limit_exceeded",
             400..=499 => "invalid_request_error",
             _ => "api_error",
         }

@@ -1,0 +1,236 @@
+//! Rate limits through the real stack: a gateway from a TOML file with `[[rate_limits.rules]]`
+//! on a real hyper server, real upstreams on loopback, real clients (hyper, and the OpenAI
+//! client library async-openai, which must recover from a 429 by itself).
+
+mod support;
+
+use std::time::Duration;
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+};
+use http::Method;
+use tower_gateway::config::{GatewayConfig, SecretSource};
+use tower_gateway::gateway::Gateway;
+
+use support::*;
+
+const RES: &str = "gw-research";
+const SALES: &str = "gw-sales";
+
+fn gateway(base_url: &str, rules: &str) -> Gateway {
+    let toml = format!(
+        r#"
+[[keys]]
+id = "res"
+subject = "res@example.com"
+teams = ["research"]
+key = "{RES}"
+
+[[keys]]
+id = "sales"
+subject = "sales@example.com"
+teams = ["sales"]
+key = "{SALES}"
+
+[[accounts]]
+name = "{ACCOUNT}"
+access = {{ users = ["everyone"] }}
+
+[[accounts.endpoints]]
+name = "{ENDPOINT}"
+base_url = "{base_url}"
+headers = {{ Authorization = "Bearer {UP_KEY}" }}
+
+{rules}
+"#
+    );
+    let config = GatewayConfig::from_toml(
+        &toml,
+        &SecretSource::from_vars([] as [(&str, &str); 0], std::env::temp_dir()),
+    )
+    .unwrap_or_else(|e| panic!("config: {e}"));
+    Gateway::builder().config(config).build()
+}
+
+async fn models(gw: &TestGateway, key: &str) -> Answer {
+    send_json(
+        Method::GET,
+        gw.url(&format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/models")),
+        Some(key),
+        None,
+    )
+    .await
+}
+
+/// A team's requests per minute: its keys share one bucket; the request over the limit gets
+/// 429 in the OpenAI shape with an honest `Retry-After`, and never reaches the upstream;
+/// another team is not affected; every answer says what is left.
+#[tokio::test]
+async fn a_team_limit_admits_its_rate_and_refuses_the_rest() {
+    let (up, _feeds) = sse_upstream().await;
+    let gw = serve_gateway(gateway(
+        &up.base_url(),
+        &format!(
+            "[[rate_limits.rules]]\nscope = \"team:research\"\nendpoint = \"{ACCOUNT}/{ENDPOINT}\"\nrequests_per_minute = 3"
+        ),
+    ))
+    .await;
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let ans = models(&gw, RES).await;
+        assert_eq!(ans.status, 200, "{}", ans.body);
+        assert_eq!(ans.headers["x-ratelimit-limit-requests"], "3");
+        assert!(ans.headers.contains_key("x-ratelimit-reset-requests"));
+        remaining.push(
+            ans.headers["x-ratelimit-remaining-requests"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    let seen = up.count();
+    let ans = models(&gw, RES).await;
+    assert_eq!(ans.status, 429, "{}", ans.body);
+    assert_eq!(ans.headers["x-gateway-error"], "rate_limit_exceeded");
+    let err = ans.json();
+    assert_eq!(err["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    let retry: u64 = ans.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let retry_ms: u64 = ans.headers["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (19..=20).contains(&retry),
+        "one request every 20 s: {retry}"
+    );
+    assert!(
+        retry_ms <= retry * 1000 && retry_ms > (retry - 1) * 1000,
+        "{retry_ms}"
+    );
+    assert_eq!(
+        up.count(),
+        seen,
+        "a refused request never reaches the upstream"
+    );
+    assert_eq!(
+        models(&gw, SALES).await.status,
+        200,
+        "another team's bucket"
+    );
+}
+
+/// One stream at a time per key: a second is refused while the first runs, and admitted once
+/// it has ended.
+#[tokio::test]
+async fn concurrent_streams_are_held_until_the_body_ends() {
+    let (up, mut feeds) = sse_upstream().await;
+    let gw = serve_gateway(gateway(
+        &up.base_url(),
+        "[[rate_limits.rules]]\nscope = \"everyone\"\nconcurrent_streams = 1",
+    ))
+    .await;
+    let chat = gw.url(&format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions"));
+    let mut body = open_stream(chat.clone(), RES).await;
+    let (_, events) = within("the stream", feeds.recv()).await.unwrap();
+    let refused = send_json(Method::POST, chat.clone(), Some(RES), Some("{}")).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(
+        models(&gw, SALES).await.status,
+        200,
+        "each key has its own slot"
+    );
+    events.send(Ok(sse_event(0).into())).await.unwrap();
+    events.send(Ok(SSE_DONE.into())).await.unwrap();
+    drop(events);
+    read_to_end(&mut body).await.unwrap();
+    drop(body);
+    let mut again = None;
+    for _ in 0..100 {
+        let ans = models(&gw, RES).await;
+        if ans.status == 200 {
+            again = Some(ans);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(again.is_some(), "the slot was freed when the stream ended");
+}
+
+/// The OpenAI client library hits the limit, waits and retries by itself, and succeeds.
+#[tokio::test]
+async fn the_openai_client_recovers_from_a_429_by_itself() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockUpstream::new(UP_KEY, Duration::from_millis(1));
+    let addr = mock.spawn().await.unwrap();
+    // 20 a minute: after a burst of 20, one every 3 s.
+    let gw = serve_gateway(gateway(
+        &format!("http://{addr}/v1"),
+        "[[rate_limits.rules]]\nscope = \"key:res\"\nrequests_per_minute = 20",
+    ))
+    .await;
+    for _ in 0..20 {
+        assert_eq!(models(&gw, RES).await.status, 200);
+    }
+    // Exhausted: the client's first attempt, right after, is refused too.
+    let refused = models(&gw, RES).await;
+    assert_eq!(refused.status, 429);
+    let wait: u64 = refused.headers["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait >= 2000, "{wait}");
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!(
+                "{}/proxy-api/{ACCOUNT}/{ENDPOINT}",
+                gw.base_url()
+                    .trim_end_matches(&format!("/proxy-api/{ACCOUNT}/{ENDPOINT}"))
+            ))
+            .with_api_key(RES),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("meta-llama/Llama-3.1-8B-Instruct")
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("Say hello")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let response = within(
+        "a completion after the client's own retries",
+        client.chat().create(request),
+    )
+    .await
+    .expect("the client retried past the 429");
+    assert!(response.choices[0].message.content.is_some());
+}
+
+#[test]
+fn limits_the_gateway_does_not_enforce_yet_are_refused_with_the_field_named() {
+    let load = |rules: &str| {
+        GatewayConfig::from_toml(
+            rules,
+            &SecretSource::from_vars([] as [(&str, &str); 0], std::env::temp_dir()),
+        )
+    };
+    let err = load("[rate_limits]\nbackend = \"redis://127.0.0.1:6379\"").unwrap_err();
+    assert_eq!(err.field(), "rate_limits.backend");
+    let err =
+        load("[[rate_limits.rules]]\nscope = \"everyone\"\ntokens_per_minute = 1000").unwrap_err();
+    assert_eq!(err.field(), "rate_limits.rules[0].tokens_per_minute");
+    let err =
+        load("[[rate_limits.rules]]\nscope = \"everyone\"\nrequests_per_minute = 0").unwrap_err();
+    assert_eq!(err.field(), "rate_limits.rules[0].requests_per_minute");
+}
