@@ -11,8 +11,8 @@
 //! ```text
 //! client ──▶ request ids ──▶ TraceLayer ──▶ RescueLayer ──▶ GatewayAuthLayer ──▶ CustomEndpointRouteLayer
 //!            (x-request-id)  (one span)     (Err → 5xx)      (key → Principal)    (path → RouteMatch, URI)
-//!        ──▶ UsageTapLayer ──▶ AccessControlLayer ──▶ InjectHeadersLayer ──▶ IdentityEncodingLayer ──▶ Forward ──▶ upstream
-//!            (model, tokens)   (Principal × RouteMatch) (upstream secret)     (Accept-Encoding: identity) (hop-by-hop, timeouts)
+//!        ──▶ UsageTapLayer ──▶ AccessControlLayer ──▶ RateLimitLayer ──▶ InjectHeadersLayer ──▶ IdentityEncodingLayer ──▶ Forward ──▶ upstream
+//!            (model, tokens)   (Principal × RouteMatch) (429)             (upstream secret)     (Accept-Encoding: identity) (hop-by-hop, timeouts)
 //! ```
 //!
 //! | layer | module | rejects with |
@@ -23,6 +23,7 @@
 //! | [`CustomEndpointRouteLayer`](route::CustomEndpointRouteLayer) | [`route`] | 400, 404, 405, 414 |
 //! | [`UsageTapLayer`](usage::UsageTapLayer) | [`usage`] | never |
 //! | [`AccessControlLayer`](access::AccessControlLayer) | [`access`] | 403 |
+//! | [`RateLimitLayer`](limits::RateLimitLayer) | [`limits`] | 429 (requests per minute, concurrent streams) |
 //! | [`InjectHeadersLayer`](inject::InjectHeadersLayer) | [`inject`] | 403 (a header template without a value) |
 //! | [`IdentityEncodingLayer`](encoding::IdentityEncodingLayer) | [`encoding`] | never |
 //! | [`Forward`](forward::Forward) | [`forward`] | `Err` (mapped by `RescueLayer` to 413, 502, 504) |
@@ -69,7 +70,7 @@
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |
 //! | `manage` (default) | [`manage`]: the management API, on an axum `Router` (axum, without its default features) |
 //!
-//! [`model`], [`ext`], [`registry`], [`route`], [`access`], [`inject`], [`encoding`],
+//! [`model`], [`ext`], [`registry`], [`route`], [`access`], [`limits`], [`inject`], [`encoding`],
 //! [`error`] and [`request_id`] are always available.
 //!
 //! # Module map
@@ -85,6 +86,7 @@
 //! | [`error`] | the gateway's own errors, every transport error, the reject future, and `RescueLayer` with the one `classify` | nothing |
 //! | `hop`, [`request_id`], [`metric`], [`tls`] | leaves: hop-by-hop headers, request-id names and rule, metric names, TLS settings | leaves |
 //! | [`auth`], [`route`], [`access`], [`inject`], [`encoding`] | the five layers | the model, the registry, the extensions, leaves; never another layer |
+//! | [`limits`] | the rate-limit layer and its in-memory counters | the same |
 //! | [`trace`], [`usage`] | telemetry layers: request ids and spans, the usage tap | the same |
 //! | [`forward`] | transport: the forwarder, the inline HTTP/1.1 connection, the pools (owned here, keyed by how they connect), timeouts | the same |
 //! | [`config`] | a source of the model: the TOML file, secrets, redaction | the model, the registry, the extensions, leaves |

@@ -2,7 +2,7 @@
 //! endpoint, counted in this process's memory.
 //!
 //! [`RateLimitLayer`] sits after authentication, routing and access control (it reads the
-//! [`Principal`](crate::ext::Principal) and the [`RouteMatch`](crate::ext::RouteMatch)) and
+//! [`Principal`] and the [`RouteMatch`]) and
 //! before the upstream. Every [rule](crate::model::RateLimitRule) that covers the caller and
 //! the endpoint applies, each in its own bucket (`team:research` is one bucket for the team,
 //! `everyone` one per key); the strictest refuses:
