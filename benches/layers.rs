@@ -11,6 +11,9 @@
 //! baseline is the five-layer stack, and every arm there reads the response body to its end,
 //! where the tap and the span finish.
 //!
+//! The `limiter` group adds the in-memory rate limiter to the five layers, beside the same
+//! stack without it.
+//!
 //! The `backed` group runs the five layers on the live state of a gateway built from the file
 //! and of one built on a store (SQLite): the hot path never touches the store, so the ratio
 //! should be 1.
@@ -37,6 +40,8 @@ use tower_gateway::encoding::IdentityEncodingLayer;
 use tower_gateway::error::RescueLayer;
 use tower_gateway::gateway::Gateway;
 use tower_gateway::inject::InjectHeadersLayer;
+use tower_gateway::limits::RateLimitLayer;
+use tower_gateway::model::{LimitScope, RateLimitRule, RateLimits};
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry, SharedRegistry};
 use tower_gateway::route::CustomEndpointRouteLayer;
 use tower_gateway::store::Store;
@@ -274,5 +279,32 @@ fn backed(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, layers, telemetry, backed);
+/// The five layers with the in-memory rate limiter between routing and injection, as the
+/// gateway runs it, beside the same stack without it. The rule covers every caller with a
+/// limit no run reaches, so every request is checked and charged and none is refused.
+fn limiter(c: &mut Criterion) {
+    let limits = RateLimits {
+        rules: vec![RateLimitRule {
+            requests_per_minute: Some(u32::MAX),
+            ..RateLimitRule::new(LimitScope::Everyone)
+        }],
+        ..RateLimits::default()
+    };
+    let without = RescueLayer::new().layer(GatewayAuthLayer::new(keys()).layer(
+        CustomEndpointRouteLayer::new(registry()).layer(
+            InjectHeadersLayer::from_route().layer(IdentityEncodingLayer::new().layer(inner())),
+        ),
+    ));
+    let with = RescueLayer::new().layer(GatewayAuthLayer::new(keys()).layer(
+        CustomEndpointRouteLayer::new(registry()).layer(RateLimitLayer::new(limits).layer(
+            InjectHeadersLayer::from_route().layer(IdentityEncodingLayer::new().layer(inner())),
+        )),
+    ));
+    let mut g = c.benchmark_group("limiter");
+    run(&mut g, "five_layers", without);
+    bench(&mut g, "five_layers+memory_limiter", with, |res| res);
+    g.finish();
+}
+
+criterion_group!(benches, layers, telemetry, backed, limiter);
 criterion_main!(benches);

@@ -49,10 +49,10 @@ pub(super) struct MemoryLimiter {
 
 #[derive(Default)]
 struct State {
-    /// The theoretical arrival time of each request bucket, since `start`.
-    tat: HashMap<String, Duration>,
-    /// The streams in flight of each stream bucket.
-    streams: HashMap<String, Arc<AtomicU32>>,
+    /// The theoretical arrival time of each request bucket (rule, bucket id), since `start`.
+    tat: HashMap<(usize, Arc<str>), Duration>,
+    /// The streams in flight of each stream bucket (rule, bucket id).
+    streams: HashMap<(usize, Arc<str>), Arc<AtomicU32>>,
     checks: u64,
 }
 
@@ -80,7 +80,7 @@ impl MemoryLimiter {
     }
 
     /// Checks every rule that covers `principal` calling `route` (account, endpoint); charges
-    /// them only if none refuses.
+    /// them only if none refuses. One lock, no allocation unless a stream slot is taken.
     pub(super) fn check(&self, principal: &Principal, route: Option<(&str, &str)>) -> Decision {
         if self.limits.rules.is_empty() {
             return Decision::Unlimited;
@@ -88,69 +88,77 @@ impl MemoryLimiter {
         let (account, endpoint) = route.unwrap_or(("", ""));
         let now = self.start.elapsed();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // First every covering rule is checked; only if none refuses are they charged.
         let mut covered = false;
-        let mut charges: Vec<(String, Duration)> = Vec::new();
-        let mut slots: Vec<Arc<AtomicU32>> = Vec::new();
-        let mut strictest: Option<RequestQuota> = None;
         for (i, rule) in self.limits.rules.iter().enumerate() {
-            let Some(bucket) = rule.bucket(principal, account, endpoint) else {
+            let Some(bucket) = rule.covers(principal, account, endpoint) else {
                 continue;
             };
             covered = true;
+            // Said in a refusal only.
+            let name = || {
+                rule.bucket(principal, account, endpoint)
+                    .unwrap_or_default()
+            };
             if let Some(rpm) = rule.requests_per_minute {
-                let key = format!("{i}|{bucket}");
-                // Emission interval and burst tolerance: at most `rpm` in any minute.
-                let t = MINUTE / rpm;
-                let tau = MINUTE - t;
+                let (_, tau) = gcra(rpm);
+                let key = (i, bucket.clone());
                 let tat = state.tat.get(&key).copied().unwrap_or(now).max(now);
                 let allowed_at = tat.saturating_sub(tau);
                 if now < allowed_at {
                     return Decision::Refused {
                         retry_after: allowed_at - now,
-                        what: format!("{rpm} requests per minute for {bucket}"),
+                        what: format!("{rpm} requests per minute for {}", name()),
                     };
                 }
-                let next = tat + t;
+            }
+            if let Some(max) = rule.concurrent_streams {
+                let busy = state
+                    .streams
+                    .get(&(i, bucket))
+                    .is_some_and(|slot| slot.load(Ordering::Acquire) >= max);
+                if busy {
+                    return Decision::Refused {
+                        retry_after: Duration::from_secs(1),
+                        what: format!("{max} concurrent streams for {}", name()),
+                    };
+                }
+            }
+        }
+        if !covered {
+            return Decision::Unlimited;
+        }
+        let mut slots: Vec<Arc<AtomicU32>> = Vec::new();
+        let mut strictest: Option<RequestQuota> = None;
+        for (i, rule) in self.limits.rules.iter().enumerate() {
+            let Some(bucket) = rule.covers(principal, account, endpoint) else {
+                continue;
+            };
+            if let Some(rpm) = rule.requests_per_minute {
+                let (t, tau) = gcra(rpm);
+                let tat = state.tat.entry((i, bucket.clone())).or_insert(now);
+                let next = (*tat).max(now) + t;
+                *tat = next;
                 let remaining = if next > now + tau {
                     0
                 } else {
                     let slack = (now + tau - next).as_nanos() / t.as_nanos().max(1);
                     u32::try_from(slack + 1).unwrap_or(u32::MAX).min(rpm)
                 };
-                let quota = RequestQuota {
-                    limit: rpm,
-                    remaining,
-                    reset: next - now,
-                };
-                if strictest.is_none_or(|s| quota.remaining < s.remaining) {
-                    strictest = Some(quota);
+                if strictest.is_none_or(|s| remaining < s.remaining) {
+                    strictest = Some(RequestQuota {
+                        limit: rpm,
+                        remaining,
+                        reset: next - now,
+                    });
                 }
-                charges.push((key, next));
             }
-            if let Some(max) = rule.concurrent_streams {
-                let slot = state
-                    .streams
-                    .entry(format!("{i}|{bucket}"))
-                    .or_default()
-                    .clone();
-                if slot.load(Ordering::Acquire) >= max {
-                    return Decision::Refused {
-                        retry_after: Duration::from_secs(1),
-                        what: format!("{max} concurrent streams for {bucket}"),
-                    };
-                }
+            if rule.concurrent_streams.is_some() {
+                // Taken under the lock, so two requests never both take the last slot.
+                let slot = state.streams.entry((i, bucket)).or_default().clone();
+                slot.fetch_add(1, Ordering::AcqRel);
                 slots.push(slot);
             }
-        }
-        if !covered {
-            return Decision::Unlimited;
-        }
-        for (key, next) in charges {
-            state.tat.insert(key, next);
-        }
-        // Taken under the lock, so two requests never both take the last slot.
-        for slot in &slots {
-            slot.fetch_add(1, Ordering::AcqRel);
         }
         state.checks += 1;
         if state.checks % 4096 == 0 {
@@ -166,6 +174,13 @@ impl MemoryLimiter {
             requests: strictest,
         }
     }
+}
+
+/// The emission interval and the burst tolerance of `rpm` requests per minute: at most `rpm`
+/// in any minute.
+fn gcra(rpm: u32) -> (Duration, Duration) {
+    let t = MINUTE / rpm;
+    (t, MINUTE - t)
 }
 
 #[cfg(test)]

@@ -59,6 +59,18 @@ impl fmt::Display for LimitScope {
 }
 
 impl LimitScope {
+    /// The name of the bucket `principal` is counted in under this scope, without allocating
+    /// (the key id, team or subject, shared), or `None` if the scope does not cover it. Only
+    /// unique within one scope: the kind of scope is not part of it.
+    pub fn bucket_id(&self, principal: &Principal) -> Option<Arc<str>> {
+        match self {
+            Self::Everyone => Some(principal.key_id.clone()),
+            Self::Team(team) => principal.in_team(team).then(|| team.clone()),
+            Self::User(subject) => (*principal.subject == **subject).then(|| subject.clone()),
+            Self::Key(id) => (*principal.key_id == **id).then(|| id.clone()),
+        }
+    }
+
     /// The bucket `principal` is counted in under this scope, or `None` if the scope does not
     /// cover it: `key:ID` for `everyone` and `key:` scopes, the team or subject otherwise.
     pub fn bucket(&self, principal: &Principal) -> Option<String> {
@@ -106,8 +118,17 @@ impl RateLimitRule {
         }
     }
 
+    /// Whether the rule covers a request by `principal` to `account/endpoint`: the bucket's
+    /// name within this rule ([`LimitScope::bucket_id`]), without allocating.
+    pub fn covers(&self, principal: &Principal, account: &str, endpoint: &str) -> Option<Arc<str>> {
+        match &self.endpoint {
+            Some((a, e)) if a != account || e != endpoint => None,
+            _ => self.scope.bucket_id(principal),
+        }
+    }
+
     /// Whether the rule covers a request by `principal` to `account/endpoint`, and in which
-    /// bucket it is counted (the endpoint's own when the rule names one).
+    /// bucket it is counted (the endpoint's own when the rule names one), as text for messages.
     pub fn bucket(&self, principal: &Principal, account: &str, endpoint: &str) -> Option<String> {
         let who = self.scope.bucket(principal)?;
         match &self.endpoint {
