@@ -528,7 +528,7 @@ impl<K, B> GatewayApp<K, B> {
                     serde_json::json!({
                         "status": "not_ready",
                         "store": "stale",
-                        "since": crate::store::rfc3339(since),
+                        "since": crate::rfc3339::format(since),
                     }),
                 ),
             };

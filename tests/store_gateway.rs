@@ -912,3 +912,103 @@ async fn sqlite_a_reload_takes_the_settings_and_leaves_the_state_to_the_store() 
         "the file's endpoints are not applied"
     );
 }
+
+/// What the key and audit endpoints refuse, each with a 400 (or 409) that says why and changes
+/// nothing.
+#[tokio::test]
+async fn keys_and_the_audit_log_refuse_bad_input() {
+    let (up, _feeds) = sse_upstream().await;
+    let gw = serve_app(Gateway::builder().config(config(&up.base_url())).build()).await;
+    for (body, field) in [
+        (
+            r#"{"subject": "ci@example.com", "expires_at": "tomorrow"}"#,
+            "expires_at",
+        ),
+        (
+            r#"{"subject": "ci@example.com", "expires_at": "2001-01-01T00:00:00Z"}"#,
+            "expires_at",
+        ),
+        (r#"{"subject": "has space"}"#, "subject"),
+        (
+            r#"{"subject": "ci@example.com", "teams": [""]}"#,
+            "teams[0]",
+        ),
+        (
+            r#"{"subject": "ci@example.com", "key": "mine"}"#,
+            "unknown field",
+        ),
+    ] {
+        let ans = call(&gw, Method::POST, "/manage/keys", MGR, Some(body)).await;
+        assert_eq!(ans.status, 400, "{body}: {}", ans.body);
+        assert!(ans.error_message().contains(field), "{body}: {}", ans.body);
+    }
+    let listed = call(&gw, Method::GET, "/manage/keys", MGR, None).await;
+    assert_eq!(
+        listed.json()["keys"].as_array().unwrap().len(),
+        2,
+        "nothing was issued"
+    );
+    for query in ["limit=x", "limit=-1", "before=abc"] {
+        let ans = call(
+            &gw,
+            Method::GET,
+            &format!("/manage/audit?{query}"),
+            MGR,
+            None,
+        )
+        .await;
+        assert_eq!(ans.status, 400, "{query}: {}", ans.body);
+    }
+    // A revoked key cannot be rotated; revoking it again changes nothing.
+    let ans = call(
+        &gw,
+        Method::POST,
+        "/manage/keys",
+        MGR,
+        Some(r#"{"subject": "ci@example.com"}"#),
+    )
+    .await;
+    let id = ans.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(
+            &gw,
+            Method::DELETE,
+            &format!("/manage/keys/{id}"),
+            MGR,
+            None
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(
+            &gw,
+            Method::DELETE,
+            &format!("/manage/keys/{id}"),
+            MGR,
+            None
+        )
+        .await
+        .status,
+        204
+    );
+    let ans = call(
+        &gw,
+        Method::POST,
+        &format!("/manage/keys/{id}/rotate"),
+        MGR,
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(ans.status, 409, "{}", ans.body);
+    let ans = call(
+        &gw,
+        Method::POST,
+        "/manage/keys/nope/rotate",
+        MGR,
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(ans.status, 404, "{}", ans.body);
+}

@@ -62,6 +62,7 @@ mod conn;
 mod idle;
 mod pool;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -377,11 +378,13 @@ impl<B> Forward<B> {
     /// connect timeout get a pool of their own, kept by this forwarder (not by the registry)
     /// and shared by every endpoint that connects the same way; the others share the default
     /// pool.
-    fn client_for(&self, ep: &Endpoint) -> (UpstreamClient, Resolved) {
+    ///
+    /// The default pool is borrowed: most requests take no reference count at all.
+    fn client_for(&self, ep: &Endpoint) -> (Cow<'_, UpstreamClient>, Resolved) {
         let defaults = self.shared.settings.defaults;
         let t = defaults.with(ep.timeouts());
         if ep.tls().is_none() && t.connect == defaults.connect {
-            return (self.shared.client.clone(), t);
+            return (Cow::Borrowed(&self.shared.client), t);
         }
         let key = PoolKey {
             tls: ep.tls().cloned(),
@@ -393,7 +396,7 @@ impl<B> Forward<B> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(client) = clients.get(&key) {
-            return (client.clone(), t);
+            return (Cow::Owned(client.clone()), t);
         }
         // A new pool: first drop those whose settings no registry snapshot holds any more.
         clients.retain(|key, _| key.in_use());
@@ -403,7 +406,7 @@ impl<B> Forward<B> {
             .map_or_else(tls::default_client_config, |s| s.client_config());
         let client = build_client(tls, t.connect, &self.shared.settings);
         clients.insert(key, client.clone());
-        (client, t)
+        (Cow::Owned(client), t)
     }
 
     /// How many pools of their own endpoints have (for tests).
@@ -487,7 +490,7 @@ where
             .map(|r| r.target.clone());
         let (client, t) = match &target {
             Some(ep) => self.client_for(ep),
-            None => (self.shared.client.clone(), settings.defaults),
+            None => (Cow::Borrowed(&self.shared.client), settings.defaults),
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);

@@ -26,6 +26,8 @@ use crate::model::{
 use crate::registry::{Account, Endpoint, Live};
 
 /// What every handler reads: the live state, where changes go, and how to write proxy URLs.
+/// Cloning shares the state, the writer and the admins.
+#[derive(Clone)]
 pub(super) struct Api {
     pub(super) live: Live,
     pub(super) writer: Arc<dyn Writer>,

@@ -135,13 +135,7 @@ impl Management {
     }
 
     fn change(self, f: impl FnOnce(&mut api::Api)) -> Self {
-        let mut api = api::Api {
-            live: self.api.live.clone(),
-            writer: self.api.writer.clone(),
-            proxy_prefix: self.api.proxy_prefix.clone(),
-            public_url: self.api.public_url.clone(),
-            admins: self.api.admins.clone(),
-        };
+        let mut api = api::Api::clone(&self.api);
         f(&mut api);
         Self::with(api, self.prefix)
     }
@@ -149,14 +143,7 @@ impl Management {
     /// The prefix this API answers under (empty when mounted with a prefix-stripping router).
     #[must_use]
     pub fn prefix(self, prefix: &str) -> Self {
-        let api = Arc::try_unwrap(self.api).unwrap_or_else(|shared| api::Api {
-            live: shared.live.clone(),
-            writer: shared.writer.clone(),
-            proxy_prefix: shared.proxy_prefix.clone(),
-            public_url: shared.public_url.clone(),
-            admins: shared.admins.clone(),
-        });
-        Self::with(api, prefix.into())
+        Self::with(api::Api::clone(&self.api), prefix.into())
     }
 
     #[cfg(feature = "gateway")]

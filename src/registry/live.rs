@@ -68,6 +68,11 @@ impl Live {
         self.swap(snapshot)
     }
 
+    /// The revision of the source snapshot applied last (0 before any).
+    pub fn applied_revision(&self) -> u64 {
+        *self.revision.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// [`apply`](Self::apply) for a snapshot a source loaded at `revision`: one older than the
     /// last applied is dropped (two loads that finish out of order never go back in time).
     /// Returns whether it was applied.

@@ -75,8 +75,10 @@ impl Writer for StoreWriter {
                 Err(WriteError::Store(e)) => return Err(store_failed(&e)),
             };
             // Read our own write (or, after a refusal, the newer state the write was checked
-            // against): load it now rather than wait for the notification.
-            refresh(&self.store, &self.live).await;
+            // against): catch up now rather than wait for the notification. The follower
+            // finds it done and does not load it again.
+            let known = *self.store.revisions().borrow();
+            catch_up(&self.store, &self.live, known).await;
             answer
         })
     }
@@ -91,8 +93,14 @@ impl Writer for StoreWriter {
     }
 }
 
-/// Loads the store's state into `live`; a failure keeps the last state (and is logged).
-async fn refresh(store: &Store, live: &Live) -> bool {
+/// Brings `live` to revision `target` at least: loads the store's state unless `live` already
+/// has it. Loads are one at a time, so the writer and the follower never both load the same
+/// revision. A failure keeps the last state (and is logged).
+async fn catch_up(store: &Store, live: &Live, target: u64) -> bool {
+    let _one_at_a_time = store.inner.loading.lock().await;
+    if live.applied_revision() >= target {
+        return true;
+    }
     match store.load().await {
         Ok(loaded) => match live.apply_revision(loaded.state, loaded.revision) {
             Ok(_) => true,
@@ -117,19 +125,14 @@ impl Store {
         live.apply_revision(loaded.state, loaded.revision)
             .map_err(|e| super::StoreError::corrupt(format!("the stored state: {e}")))?;
         let mut revisions = self.revisions();
-        let mut applied = loaded.revision;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let (weak_usage, usage_live) = (weak.clone(), live.clone());
         tokio::spawn(async move {
             while revisions.changed().await.is_ok() {
                 let latest = *revisions.borrow_and_update();
-                if latest <= applied {
-                    continue;
-                }
                 loop {
                     let Some(inner) = weak.upgrade() else { return };
-                    if refresh(&Store { inner }, &live).await {
-                        applied = latest;
+                    if catch_up(&Store { inner }, &live, latest).await {
                         break;
                     }
                     // Unreachable or unreadable: try again shortly, still serving the last state.

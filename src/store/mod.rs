@@ -100,6 +100,8 @@ struct Inner {
     tls: TlsCache,
     /// How often the revision is checked, and key usage recorded.
     resync: Duration,
+    /// Held while a snapshot is loaded into a live state (see `live::catch_up`).
+    loading: tokio::sync::Mutex<()>,
 }
 
 /// Whether the database answers.
@@ -285,6 +287,7 @@ impl Store {
             health: watch::Sender::new(Health::Reachable),
             tls: TlsCache::default(),
             resync,
+            loading: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(watch_changes(Arc::downgrade(&inner), resync));
         Ok(Self { inner })
@@ -344,9 +347,19 @@ impl Store {
         &self,
         edit: impl FnOnce(&mut Snapshot) -> Result<(T, Vec<AuditEntry>), E>,
     ) -> Result<T, WriteError<E>> {
-        let mut tx = self.inner.pool.begin().await?;
-        // The first statement takes the write lock: on the revision row in PostgreSQL, on the
-        // database in SQLite. Every writer waits here for the one before it.
+        let tx = self.inner.pool.begin().await?;
+        self.apply_in(tx, edit).await
+    }
+
+    /// A write in `tx`: the first statement takes the write lock (on the revision row in
+    /// PostgreSQL, on the database in SQLite), so every writer waits here for the one before
+    /// it; then `edit` runs on the state read in the transaction, the result is validated,
+    /// versioned, written with its audit entries, announced and committed.
+    async fn apply_in<T, E>(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        edit: impl FnOnce(&mut Snapshot) -> Result<(T, Vec<AuditEntry>), E>,
+    ) -> Result<T, WriteError<E>> {
         let revision: i64 = sqlx::query_scalar(
             "UPDATE gw_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
         )
@@ -371,10 +384,8 @@ impl Store {
     /// does on the first start with a store. Returns whether it did; a store seeded before (by
     /// this replica or another, whatever was changed since) is left as it is.
     pub async fn seed(&self, state: &Snapshot, entry: AuditEntry) -> Result<bool, StoreError> {
-        validate(&state.accounts)
-            .and_then(|()| validate_keys(&state.keys))
-            .map_err(|e| StoreError::invalid(format!("the seed: {e}")))?;
         let mut tx = self.inner.pool.begin().await?;
+        // Claimed in the same transaction as the import: a failed import leaves it unclaimed.
         let claimed = sqlx::query("UPDATE gw_revision SET seeded = 1 WHERE id = 1 AND seeded = 0")
             .execute(&mut *tx)
             .await?
@@ -382,25 +393,17 @@ impl Store {
         if claimed == 0 {
             return Ok(false);
         }
-        let revision: i64 = sqlx::query_scalar(
-            "UPDATE gw_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let current = load_in(&mut tx, &self.inner.tls).await?.state;
-        let mut next = current.clone();
-        next.accounts.extend(state.accounts.iter().cloned());
-        next.keys.extend(state.keys.iter().cloned());
-        validate(&next.accounts)
-            .and_then(|()| validate_keys(&next.keys))
-            .map_err(|e| StoreError::invalid(format!("the seed: {e}")))?;
-        bump_versions(&current.accounts, &mut next.accounts);
-        write_diff(&mut tx, &current, &next).await?;
-        audit(&mut tx, &[entry]).await?;
-        self.inner.announce(&mut tx, revision).await?;
-        tx.commit().await?;
-        self.inner.seen(u64::try_from(revision).unwrap_or(0));
-        Ok(true)
+        let import = |next: &mut Snapshot| {
+            next.accounts.extend(state.accounts.iter().cloned());
+            next.keys.extend(state.keys.iter().cloned());
+            Ok::<_, std::convert::Infallible>(((), vec![entry]))
+        };
+        match self.apply_in(tx, import).await {
+            Ok(()) => Ok(true),
+            Err(WriteError::Rejected(never)) => match never {},
+            Err(WriteError::Invalid(e)) => Err(StoreError::invalid(format!("the seed: {e}"))),
+            Err(WriteError::Store(e)) => Err(e),
+        }
     }
 
     /// The newest audit entries first: at most `limit` of them, older than the entry
@@ -525,11 +528,6 @@ impl Inner {
             Err(_) => {}
         }
     }
-}
-
-/// `t` as an RFC 3339 time in UTC, e.g. `2026-12-07T22:14:10Z`.
-pub fn rfc3339(t: SystemTime) -> String {
-    crate::rfc3339::format(t)
 }
 
 async fn read_revision(pool: &AnyPool) -> Result<u64, StoreError> {
