@@ -105,6 +105,31 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
     start.elapsed()
 }
 
+/// `PUT` of [`EP`] by the manager, with `If-Match: tag` if given: the status, the `ETag`
+/// answered and the body.
+fn put_endpoint(
+    gw: &TestGateway,
+    tag: Option<String>,
+    body: String,
+) -> impl std::future::Future<Output = (u16, Option<String>, String)> + use<> {
+    let mut req = http::Request::put(gw.url(EP))
+        .header("authorization", format!("Bearer {MGR}"))
+        .header("content-type", "application/json");
+    if let Some(tag) = tag {
+        req = req.header("if-match", tag);
+    }
+    let req = req.body(http_body_util::Full::from(body)).unwrap();
+    async move {
+        let res = client().request(req).await.unwrap();
+        let status = res.status().as_u16();
+        let tag = res
+            .headers()
+            .get("etag")
+            .map(|t| t.to_str().unwrap().to_owned());
+        (status, tag, body_string(res).await)
+    }
+}
+
 fn etag(ans: &Answer) -> String {
     ans.headers["etag"].to_str().unwrap().to_owned()
 }
@@ -182,30 +207,12 @@ async fn stale_if_match_conflicts(a: &TestGateway, b: &TestGateway) {
     let first = call(a, Method::GET, EP, MGR, None).await;
     assert_eq!(first.status, 200);
     let v1 = etag(&first);
+    let base = first.json()["base_url"].as_str().unwrap().to_owned();
     let put = |gw: &TestGateway, tag: Option<String>, ms: u64| {
         let body = format!(
-            r#"{{"base_url": "{}", "access": {{"users": ["team:research"]}}, "timeouts": {{"idle_ms": {ms}}}}}"#,
-            first.json()["base_url"].as_str().unwrap()
+            r#"{{"base_url": "{base}", "access": {{"users": ["team:research"]}}, "timeouts": {{"idle_ms": {ms}}}}}"#
         );
-        let uri = gw.url(EP);
-        async move {
-            let mut req = http::Request::put(uri)
-                .header("authorization", format!("Bearer {MGR}"))
-                .header("content-type", "application/json");
-            if let Some(tag) = tag {
-                req = req.header("if-match", tag);
-            }
-            let res = client()
-                .request(req.body(http_body_util::Full::from(body)).unwrap())
-                .await
-                .unwrap();
-            let status = res.status().as_u16();
-            let tag = res
-                .headers()
-                .get("etag")
-                .map(|t| t.to_str().unwrap().to_owned());
-            (status, tag, body_string(res).await)
-        }
+        put_endpoint(gw, tag, body)
     };
     let (status, v2, body) = put(a, Some(v1.clone()), 1000).await;
     assert_eq!(status, 200, "{body}");
@@ -281,13 +288,8 @@ async fn postgres_concurrent_managers_through_two_replicas_never_lose_a_change()
         let tag = etag(&seen);
         let write = |gw: &TestGateway, ms: u64| {
             let body = format!(r#"{{"base_url": "{base}", "timeouts": {{"idle_ms": {ms}}}}}"#);
-            let req = http::Request::put(gw.url(EP))
-                .header("authorization", format!("Bearer {MGR}"))
-                .header("content-type", "application/json")
-                .header("if-match", tag.clone())
-                .body(http_body_util::Full::from(body))
-                .unwrap();
-            async move { client().request(req).await.unwrap().status().as_u16() }
+            let answer = put_endpoint(gw, Some(tag.clone()), body);
+            async move { answer.await.0 }
         };
         let (sa, sb) = tokio::join!(write(&a, 1000 + round), write(&b, 2000 + round));
         let mut statuses = [sa, sb];

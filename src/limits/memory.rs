@@ -82,9 +82,6 @@ impl MemoryLimiter {
     /// Checks every rule that covers `principal` calling `route` (account, endpoint); charges
     /// them only if none refuses. One lock, no allocation unless a stream slot is taken.
     pub(super) fn check(&self, principal: &Principal, route: Option<(&str, &str)>) -> Decision {
-        if self.limits.rules.is_empty() {
-            return Decision::Unlimited;
-        }
         let (account, endpoint) = route.unwrap_or(("", ""));
         let now = self.start.elapsed();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
