@@ -357,3 +357,31 @@ async fn sqlite_a_second_store_on_the_same_file_catches_up_by_resync() {
         .expect("the resync sees the change")
         .unwrap();
 }
+
+/// A write refused on a state newer than this process knew (another process committed it)
+/// makes that revision known at once, so the writer can catch up without waiting for a
+/// notification or a resync.
+#[tokio::test]
+async fn sqlite_a_refused_write_makes_the_newer_revision_known() {
+    let file = SqliteFile::new();
+    let long = Duration::from_secs(600);
+    let a = Store::open_with(&file.url(), long).await.unwrap();
+    let b = Store::open_with(&file.url(), long).await.unwrap();
+    a.write(|s| {
+        s.accounts.push(account("a", &["e"]));
+        Ok::<_, String>(((), vec![]))
+    })
+    .await
+    .unwrap();
+    assert_eq!(*b.revisions().borrow(), 0, "nothing told b yet");
+    let refused = b
+        .write(|_| Err::<((), Vec<AuditEntry>), _>("stale".to_owned()))
+        .await;
+    assert!(matches!(refused, Err(WriteError::Rejected(_))));
+    assert_eq!(*b.revisions().borrow(), 1, "the refusal saw revision 1");
+    assert_eq!(
+        b.load().await.unwrap().revision,
+        1,
+        "and nothing was committed"
+    );
+}

@@ -367,9 +367,23 @@ impl Store {
         .await?;
         let current = load_in(&mut tx, &self.inner.tls).await?.state;
         let mut next = current.clone();
-        let (out, entries) = edit(&mut next).map_err(WriteError::Rejected)?;
-        validate(&next.accounts).map_err(WriteError::Invalid)?;
-        validate_keys(&next.keys).map_err(WriteError::Invalid)?;
+        let checked = edit(&mut next)
+            .map_err(WriteError::Rejected)
+            .and_then(|done| {
+                validate(&next.accounts).map_err(WriteError::Invalid)?;
+                validate_keys(&next.keys).map_err(WriteError::Invalid)?;
+                Ok(done)
+            });
+        let (out, entries) = match checked {
+            Ok(done) => done,
+            Err(refused) => {
+                // The change was checked against the committed state, which may be newer than
+                // this process knew (a notification on its way): say so, so that the caller
+                // catches up to it.
+                self.inner.seen(u64::try_from(revision - 1).unwrap_or(0));
+                return Err(refused);
+            }
+        };
         bump_versions(&current.accounts, &mut next.accounts);
         write_diff(&mut tx, &current, &next).await?;
         audit(&mut tx, &entries).await?;
