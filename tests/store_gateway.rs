@@ -780,6 +780,11 @@ async fn postgres_an_outage_keeps_traffic_flowing_and_recovers() {
     )
     .await;
     assert_eq!(ans.status, 201, "writes work again: {}", ans.body);
+    // The other replica has it within a second (its notification is on its way).
+    until("the write on the other replica", async || {
+        chat(&direct, "after", MGR).await.status == 200
+    })
+    .await;
     let listed = call(
         &direct,
         Method::GET,
