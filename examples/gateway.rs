@@ -36,21 +36,24 @@ use http::HeaderMap;
 use tokio::net::TcpListener;
 use tower_gateway::access::{Grants, Subject};
 use tower_gateway::auth::{HashedKeyStore, Principal};
-use tower_gateway::gateway::Gateway;
+use tower_gateway::gateway::{Gateway, GatewayBuilder};
 use tower_gateway::manage::{EXAMPLE_MODEL, UsageSnippet};
+use tower_gateway::model::LimitBackend;
 use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
 use tower_gateway::server::{ServeOptions, serve_with_options};
 use tower_gateway::store::Store;
 use tower_gateway::usage::UsageTapLayer;
 
 const USAGE: &str = "\
-usage: gateway [--config FILE] [--store URL] [--listen ADDR] [--metrics ADDR] [--include-usage]
-               [--log-format text|json]
+usage: gateway [--config FILE] [--store URL] [--redis URL] [--listen ADDR] [--metrics ADDR]
+               [--include-usage] [--log-format text|json]
 
   (no arguments)     offline demo: a mock W&B Inference upstream and a gateway in front of it
   --config FILE      serve the gateway described by FILE (TOML; see the README)
   --store URL        keep keys, accounts and grants in sqlite://PATH or postgres://...
                      (also GATEWAY_STORE); with --config, the file seeds an empty store once
+  --redis URL        count the rate limits in Redis, shared by every replica: redis://HOST:PORT
+                     (also GATEWAY_REDIS); overrides [rate_limits] backend of the file
   --listen ADDR      address to listen on (default 127.0.0.1:8080; 127.0.0.1:0 picks a free port)
   --metrics ADDR     serve Prometheus metrics at http://ADDR/metrics
   --include-usage    ask streaming chat completions for their usage (stream_options.include_usage),
@@ -65,6 +68,7 @@ const DEMO_UPSTREAM_KEY: &str = "demo-wandb-upstream-key";
 struct Args {
     config: Option<String>,
     store: Option<String>,
+    redis: Option<String>,
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
     include_usage: bool,
@@ -83,6 +87,9 @@ fn parse_args() -> Result<Args, String> {
         store: std::env::var("GATEWAY_STORE")
             .ok()
             .filter(|s| !s.is_empty()),
+        redis: std::env::var("GATEWAY_REDIS")
+            .ok()
+            .filter(|s| !s.is_empty()),
         listen: "127.0.0.1:8080".parse().expect("static address"),
         metrics: None,
         include_usage: false,
@@ -93,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--config" => parsed.config = Some(args.next().ok_or("--config needs a file")?),
             "--store" => parsed.store = Some(args.next().ok_or("--store needs a URL")?),
+            "--redis" => parsed.redis = Some(args.next().ok_or("--redis needs a URL")?),
             "--listen" => parsed.listen = parse_addr("--listen", args.next())?,
             "--metrics" => parsed.metrics = Some(parse_addr("--metrics", args.next())?),
             "--include-usage" => parsed.include_usage = true,
@@ -169,6 +177,9 @@ async fn main() -> ExitCode {
                 },
                 None => builder,
             };
+            let Some(builder) = with_redis(builder, args.redis.as_deref()) else {
+                return ExitCode::FAILURE;
+            };
             // The URL may hold a password: it is never printed.
             let store = match Store::open(url).await {
                 Ok(store) => store,
@@ -199,6 +210,9 @@ async fn main() -> ExitCode {
             .config_file(path)
         {
             Ok(builder) => {
+                let Some(builder) = with_redis(builder, args.redis.as_deref()) else {
+                    return ExitCode::FAILURE;
+                };
                 let gateway = builder.build();
                 reload_on_sighup(gateway.clone());
                 (gateway, false)
@@ -328,6 +342,21 @@ fn indent(text: &str) -> String {
 
 /// Reloads the configuration file on SIGHUP; a bad file is refused and the running
 /// configuration stays.
+/// `--redis URL`: the rate limits are counted in Redis. The URL may hold a password: it is
+/// never printed.
+fn with_redis(builder: GatewayBuilder, url: Option<&str>) -> Option<GatewayBuilder> {
+    let Some(url) = url else {
+        return Some(builder);
+    };
+    match builder.rate_limit_backend(LimitBackend::Redis(url.to_owned())) {
+        Ok(builder) => Some(builder),
+        Err(err) => {
+            eprintln!("error: --redis: {err}");
+            None
+        }
+    }
+}
+
 fn reload_on_sighup(gateway: Gateway) {
     #[cfg(unix)]
     tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | [`Principal`] | [`GatewayAuthLayer`](crate::auth::GatewayAuthLayer) | access control, header templates, the usage tap, the management API |
 //! | [`RouteMatch`] | [`CustomEndpointRouteLayer`](crate::route::CustomEndpointRouteLayer) | access control, header injection, the usage tap, the forwarder |
+//! | [`UsageReport`] (a *response* extension) | [`RateLimitLayer`](crate::limits::RateLimitLayer) | the usage tap, which reports the response's tokens through it |
 //!
 //! They live here, apart from the layers that insert them, so that a layer that reads one
 //! imports this module and not another layer. Both are always compiled, whatever the features.
@@ -11,6 +12,7 @@
 //! holds one) and re-exported here.
 
 use std::borrow::Cow;
+use std::fmt;
 use std::sync::Arc;
 
 pub use crate::model::Principal;
@@ -32,4 +34,30 @@ pub struct RouteMatch {
     pub upstream_path: Cow<'static, str>,
     /// The endpoint's configuration, from the registry snapshot the request was routed with.
     pub target: Arc<Endpoint>,
+}
+
+/// A wish for a response's token count, carried up in the *response* extensions: a layer below
+/// the usage tap (the rate limiter, settling a token reservation) inserts it, and the tap calls
+/// [`report`](Self::report) once with the prompt and completion tokens it read, when the body
+/// ends. A response whose count is never read (no usage in it, a client gone mid-stream) is
+/// never reported, and the wisher keeps its own estimate.
+#[derive(Clone)]
+pub struct UsageReport(Arc<dyn Fn(u64) + Send + Sync>);
+
+impl UsageReport {
+    /// A report that calls `f` with the response's total tokens.
+    pub fn new(f: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Reports the response's prompt plus completion tokens.
+    pub fn report(&self, tokens: u64) {
+        (self.0)(tokens)
+    }
+}
+
+impl fmt::Debug for UsageReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UsageReport").finish_non_exhaustive()
+    }
 }

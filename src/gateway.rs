@@ -68,7 +68,9 @@ use crate::inject::{InjectHeaders, InjectHeadersLayer};
 use crate::limits::{RateLimit, RateLimitLayer, ResponseBody as LimitedBody};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
-use crate::model::{AuditEntry, KeyRecord, RateLimits, Snapshot, Subject, Writer};
+use crate::model::{
+    AuditEntry, FieldError, KeyRecord, LimitBackend, RateLimits, Snapshot, Subject, Writer,
+};
 use crate::registry::{Live, MemoryWriter, SharedRegistry};
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 #[cfg(feature = "store")]
@@ -162,6 +164,9 @@ pub struct Gateway<K = SharedKeyStore> {
     live: Live,
     /// One limiter for every service this gateway makes, so they count together.
     rate_limit: RateLimitLayer,
+    /// Whether the limits' backend was set apart from the file (`--redis`): a reload then
+    /// keeps it, whatever the file says.
+    fixed_backend: bool,
     #[cfg(feature = "store")]
     store: Option<Store>,
 }
@@ -185,6 +190,7 @@ impl Gateway {
             key_records: Vec::new(),
             admins: Vec::new(),
             rate_limits: RateLimits::default(),
+            fixed_backend: false,
         }
     }
 
@@ -223,7 +229,12 @@ impl Gateway {
                 "cannot change while the gateway runs; restart it to change the prefix",
             ));
         }
-        if config.rate_limits != *self.rate_limit.limits() {
+        let running = self.rate_limit.limits();
+        let mut wanted = config.rate_limits.clone();
+        if self.fixed_backend {
+            wanted.backend = running.backend.clone();
+        }
+        if wanted != *running {
             return Err(ConfigError::new(
                 "rate_limits",
                 "cannot change while the gateway runs; restart it to change the limits",
@@ -344,6 +355,7 @@ impl<K> Clone for Gateway<K> {
             metrics: self.metrics,
             live: self.live.clone(),
             rate_limit: self.rate_limit.clone(),
+            fixed_backend: self.fixed_backend,
             #[cfg(feature = "store")]
             store: self.store.clone(),
         }
@@ -559,6 +571,7 @@ pub struct GatewayBuilder<K = SharedKeyStore> {
     key_records: Vec<KeyRecord>,
     admins: Vec<Subject>,
     rate_limits: RateLimits,
+    fixed_backend: bool,
 }
 
 impl GatewayBuilder {
@@ -618,7 +631,22 @@ impl<K> GatewayBuilder<K> {
             key_records: Vec::new(),
             admins: self.admins,
             rate_limits: self.rate_limits,
+            fixed_backend: self.fixed_backend,
         }
+    }
+
+    /// Replaces where the rate limits are counted (the example's `--redis URL`), keeping the
+    /// rules; call it after [`config`](Self::config). An error names `rate_limits.backend`
+    /// and never shows the URL.
+    pub fn rate_limit_backend(mut self, backend: LimitBackend) -> Result<Self, FieldError> {
+        let limits = RateLimits {
+            backend,
+            ..self.rate_limits.clone()
+        };
+        limits.validate()?;
+        self.rate_limits = limits;
+        self.fixed_backend = true;
+        Ok(self)
     }
 
     /// Request rates and concurrent streams (also `[rate_limits]` in the configuration file),
@@ -766,6 +794,7 @@ impl<K> GatewayBuilder<K> {
             metrics: self.metrics,
             live,
             rate_limit: RateLimitLayer::new(self.rate_limits),
+            fixed_backend: self.fixed_backend,
             #[cfg(feature = "store")]
             store: None,
         }

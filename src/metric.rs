@@ -21,6 +21,15 @@ pub const UPSTREAM_DURATION: &str = "gateway_upstream_duration_seconds";
 /// teams, or `""`), `type` (`input` or `output`).
 pub const TOKENS: &str = "gateway_tokens_total";
 
+/// Counter of rate-limit decisions, one per rule that covers a request. Labels: `scope` (the
+/// rule's scope, with `@ACCOUNT/ENDPOINT` if it names one), `outcome` (`allowed` or
+/// `refused`), `limit` (the refusing limit, e.g. `tokens_per_day`; `""` when allowed).
+pub const RATE_LIMIT_DECISIONS: &str = "gateway_rate_limit_decisions_total";
+/// Counter of requests decided while the shared rate-limit backend (Redis) could not be
+/// reached. Label: `policy` (`open`: counted in this replica's memory; `closed`: refused with
+/// 503).
+pub const RATE_LIMIT_BACKEND_ERRORS: &str = "gateway_rate_limit_backend_errors_total";
+
 /// The `status` label: the common codes without an allocation.
 pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
     let code = match status.as_u16() {

@@ -186,6 +186,7 @@ impl<B> MakeSpan<B> for MakeGatewaySpan {
             http.response.body.size = Empty,
             gateway.outcome = Empty,
             gateway.upstream_request_id = Empty,
+            gateway.rate_limit = Empty,
         )
     }
 }

@@ -36,6 +36,8 @@ pub(super) struct RawRateLimits {
     #[serde(default)]
     pub(super) key_prefix: Option<String>,
     #[serde(default)]
+    pub(super) reserve_tokens: Option<u64>,
+    #[serde(default)]
     pub(super) rules: Vec<RawRule>,
 }
 

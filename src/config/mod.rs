@@ -336,30 +336,12 @@ fn build_rate_limits(
         key_prefix: raw
             .key_prefix
             .unwrap_or_else(|| RateLimits::default().key_prefix),
+        reserve_tokens: raw
+            .reserve_tokens
+            .unwrap_or(RateLimits::default().reserve_tokens),
         rules,
     };
     limits.validate()?;
-    // What no layer enforces yet is refused, rather than accepted and silently ignored.
-    if matches!(limits.backend, LimitBackend::Redis(_)) {
-        return Err(FieldError::new(
-            "rate_limits.backend",
-            "a Redis backend is not supported by this version yet; use \"memory\"",
-        ));
-    }
-    for (i, rule) in limits.rules.iter().enumerate() {
-        for (name, set) in [
-            ("tokens_per_minute", rule.tokens_per_minute.is_some()),
-            ("tokens_per_day", rule.tokens_per_day.is_some()),
-            ("tokens_per_month", rule.tokens_per_month.is_some()),
-        ] {
-            if set {
-                return Err(FieldError::new(
-                    format!("rate_limits.rules[{i}].{name}"),
-                    "token budgets are not enforced by this version yet; remove it",
-                ));
-            }
-        }
-    }
     Ok(limits)
 }
 
@@ -499,9 +481,15 @@ mod tests {
         // `K` is `gw-k`: not a Redis URL, and never shown.
         let err = table("").unwrap_err();
         assert_eq!(err.field(), "rate_limits.backend");
-        let redis = load("[rate_limits]\nbackend = \"redis://:pw-9@127.0.0.1:6379\"").unwrap_err();
-        assert!(!redis.to_string().contains("pw-9"), "{redis}");
-        assert_eq!(err.field(), "rate_limits.backend");
+        let redis = load("[rate_limits]\nbackend = \"redis://:pw-9@127.0.0.1:6379\"").unwrap();
+        assert_eq!(
+            redis.rate_limits.backend,
+            LimitBackend::Redis("redis://:pw-9@127.0.0.1:6379".into())
+        );
+        assert!(!format!("{redis:?}").contains("pw-9"));
+        let bad = load("[rate_limits]\nbackend = \"http://:pw-9@127.0.0.1\"").unwrap_err();
+        assert_eq!(bad.field(), "rate_limits.backend");
+        assert!(!bad.to_string().contains("pw-9"), "{bad}");
         assert!(!err.to_string().contains("gw-k"), "{err}");
         let ok =
             load("[rate_limits]\nbackend = \"memory\"\non_backend_error = \"closed\"").unwrap();
@@ -513,6 +501,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(enforced.rate_limits.rules[0].requests_per_minute, Some(600));
+        let budget = load(
+            "[rate_limits]\nreserve_tokens = 64\n[[rate_limits.rules]]\nscope = \"team:research\"\ntokens_per_minute = 200_000\ntokens_per_day = 2_000_000\ntokens_per_month = 40_000_000",
+        )
+        .unwrap();
+        assert_eq!(budget.rate_limits.reserve_tokens, 64);
+        assert_eq!(
+            budget.rate_limits.rules[0].tokens_per_month,
+            Some(40_000_000)
+        );
+        let reserve = load("[rate_limits]\nreserve_tokens = 5_000_000_000").unwrap_err();
+        assert_eq!(reserve.field(), "rate_limits.reserve_tokens");
         let rules = |rule: &str| load(&format!("[[rate_limits.rules]]\n{rule}"));
         for (rule, field) in [
             (
@@ -531,11 +530,6 @@ mod tests {
             (
                 "scope = \"everyone\"\nrequests_per_hour = 1",
                 "rate_limits.rules[0].requests_per_hour",
-            ),
-            // Well formed, and refused: this version does not enforce them yet.
-            (
-                "scope = \"team:research\"\ntokens_per_day = 5",
-                "rate_limits.rules[0].tokens_per_day",
             ),
         ] {
             let err = rules(rule).unwrap_err();

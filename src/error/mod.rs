@@ -130,6 +130,10 @@ impl GatewayError {
 
     /// The OpenAI error `type` for this status.
     pub fn error_type(&self) -> &'static str {
+        if self.code == "insufficient_quota" {
+            // OpenAI's type for a spent budget, which its SDKs tell apart from a rate limit.
+            return "insufficient_quota";
+        }
         match self.status.as_u16() {
             401 => "authentication_error",
             403 => "permission_error",

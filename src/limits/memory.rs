@@ -1,59 +1,50 @@
-//! The in-memory limiter: a GCRA per `requests_per_minute` bucket and a counter per
-//! `concurrent_streams` bucket, behind one lock taken once per request.
+//! The in-memory limiter: a GCRA per `requests_per_minute` and `tokens_per_minute` bucket, a
+//! counter per day or month budget and per `concurrent_streams` bucket, behind one lock taken
+//! once per request (and once more when a response under a token limit settles).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use super::RequestQuota;
+use super::plan::scope_label;
+use super::plan::{
+    Decision, Limit, MINUTE, Quota, Quotas, Refusal, count, gcra, remaining_requests,
+    remaining_tokens, token_time,
+};
+use super::ticket::{Settle, Ticket};
 use crate::ext::Principal;
 use crate::model::RateLimits;
 
-/// What a request gets.
-pub(super) enum Decision {
-    /// No rule covers it.
-    Unlimited,
-    /// It may go on, holding these stream slots until its body ends.
-    Allowed {
-        permits: Permits,
-        requests: Option<RequestQuota>,
-    },
-    /// It is over a limit: when to try again, and which limit.
-    Refused { retry_after: Duration, what: String },
-}
-
-/// The concurrent-stream slots a request holds; dropping them frees them.
-pub(crate) struct Permits(Vec<Arc<AtomicU32>>);
-
-impl Drop for Permits {
-    fn drop(&mut self) {
-        for slot in &self.0 {
-            slot.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl fmt::Debug for Permits {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Permits").field(&self.0.len()).finish()
-    }
-}
-
 pub(super) struct MemoryLimiter {
     limits: RateLimits,
+    /// Each rule's `scope` label in the metrics.
+    labels: Vec<Arc<str>>,
     start: Instant,
     state: Mutex<State>,
 }
 
+/// The counters of one limit of one rule for one bucket.
+type Key = (usize, u8, Arc<str>);
+
 #[derive(Default)]
 struct State {
-    /// The theoretical arrival time of each request bucket (rule, bucket id), since `start`.
-    tat: HashMap<(usize, Arc<str>), Duration>,
-    /// The streams in flight of each stream bucket (rule, bucket id).
-    streams: HashMap<(usize, Arc<str>), Arc<AtomicU32>>,
+    /// The theoretical arrival time (since `start`) of each requests or tokens per minute
+    /// bucket.
+    tat: HashMap<Key, Duration>,
+    /// The window and the tokens used in it, of each day or month budget.
+    budget: HashMap<Key, (u64, u64)>,
+    /// The streams in flight of each stream bucket.
+    streams: HashMap<Key, Arc<AtomicU32>>,
     checks: u64,
+}
+
+/// One token charge to settle when the response ends.
+struct TokenCharge {
+    key: Key,
+    /// The budget's window when it was charged (a settlement after it ended is dropped).
+    window: Option<u64>,
 }
 
 impl fmt::Debug for MemoryLimiter {
@@ -64,11 +55,20 @@ impl fmt::Debug for MemoryLimiter {
     }
 }
 
-const MINUTE: Duration = Duration::from_secs(60);
+fn kind(limit: Limit) -> u8 {
+    match limit {
+        Limit::Requests(_) => 0,
+        Limit::TokensPerMinute(_) => 1,
+        Limit::TokensPerDay(_) => 2,
+        Limit::TokensPerMonth(_) => 3,
+        Limit::Streams(_) => 4,
+    }
+}
 
 impl MemoryLimiter {
     pub(super) fn new(limits: RateLimits) -> Self {
         Self {
+            labels: limits.rules.iter().map(scope_label).collect(),
             limits,
             start: Instant::now(),
             state: Mutex::new(State::default()),
@@ -79,105 +79,250 @@ impl MemoryLimiter {
         &self.limits
     }
 
-    /// Checks every rule that covers `principal` calling `route` (account, endpoint); charges
-    /// them only if none refuses. One lock, no allocation unless a stream slot is taken.
-    pub(super) fn check(&self, principal: &Principal, route: Option<(&str, &str)>) -> Decision {
-        let (account, endpoint) = route.unwrap_or(("", ""));
+    /// Rule `i`'s `scope` label in the metrics.
+    pub(super) fn label(&self, i: usize) -> &Arc<str> {
+        &self.labels[i]
+    }
+
+    /// Checks every limit that covers `principal` calling `route` (account, endpoint); charges
+    /// them only if none refuses. One lock; no allocation unless a stream slot or tokens are
+    /// taken.
+    pub(super) fn check(self: &Arc<Self>, principal: &Principal, route: (&str, &str)) -> Decision {
+        let (account, endpoint) = route;
         let now = self.start.elapsed();
+        let mut wall: Option<SystemTime> = None;
+        let reserve = self.limits.reserve_tokens;
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        // First every covering rule is checked; only if none refuses are they charged.
+        // First every covering limit is checked; only if none refuses are they charged.
         let mut covered = false;
         for (i, rule) in self.limits.rules.iter().enumerate() {
             let Some(bucket) = rule.covers(principal, account, endpoint) else {
                 continue;
             };
             covered = true;
-            // Said in a refusal only.
-            let name = || {
-                rule.bucket(principal, account, endpoint)
-                    .unwrap_or_default()
-            };
-            if let Some(rpm) = rule.requests_per_minute {
-                let (_, tau) = gcra(rpm);
-                let key = (i, bucket.clone());
-                let tat = state.tat.get(&key).copied().unwrap_or(now).max(now);
-                let allowed_at = tat.saturating_sub(tau);
-                if now < allowed_at {
-                    return Decision::Refused {
-                        retry_after: allowed_at - now,
-                        what: format!("{rpm} requests per minute for {}", name()),
-                    };
-                }
-            }
-            if let Some(max) = rule.concurrent_streams {
-                let busy = state
-                    .streams
-                    .get(&(i, bucket))
-                    .is_some_and(|slot| slot.load(Ordering::Acquire) >= max);
-                if busy {
-                    return Decision::Refused {
-                        retry_after: Duration::from_secs(1),
-                        what: format!("{max} concurrent streams for {}", name()),
-                    };
+            for limit in Limit::of(rule) {
+                let key = (i, kind(limit), bucket.clone());
+                let retry_after = match limit {
+                    Limit::Requests(rpm) => {
+                        let (_, tau) = gcra(rpm);
+                        let tat = state.tat.get(&key).copied().unwrap_or(now).max(now);
+                        let allowed_at = tat.saturating_sub(tau);
+                        (now < allowed_at).then(|| allowed_at - now)
+                    }
+                    Limit::TokensPerMinute(_) => {
+                        let tat = state.tat.get(&key).copied().unwrap_or(now).max(now);
+                        // The minute is full: it has room again once the oldest tokens age out.
+                        (tat >= now + MINUTE).then(|| tat - MINUTE - now + Duration::from_millis(1))
+                    }
+                    Limit::TokensPerDay(max) | Limit::TokensPerMonth(max) => {
+                        let window = limit.window(*wall.get_or_insert_with(SystemTime::now));
+                        let window = window.expect("a budget has a window");
+                        let used = match state.budget.get(&key) {
+                            Some(&(id, used)) if id == window.id => used,
+                            _ => 0,
+                        };
+                        (used >= max).then_some(window.left)
+                    }
+                    Limit::Streams(max) => state
+                        .streams
+                        .get(&key)
+                        .is_some_and(|slot| slot.load(Ordering::Acquire) >= max)
+                        .then_some(Duration::from_secs(1)),
+                };
+                if let Some(retry_after) = retry_after {
+                    count(&self.labels[i], "refused", limit.name());
+                    return Decision::Refused(Refusal::new(
+                        &self.limits,
+                        i,
+                        limit,
+                        principal,
+                        route,
+                        retry_after,
+                    ));
                 }
             }
         }
         if !covered {
             return Decision::Unlimited;
         }
-        let mut slots: Vec<Arc<AtomicU32>> = Vec::new();
-        let mut strictest: Option<RequestQuota> = None;
+        let mut ticket = Ticket::default();
+        let mut quotas = Quotas::default();
+        let mut charges: Vec<TokenCharge> = Vec::new();
         for (i, rule) in self.limits.rules.iter().enumerate() {
             let Some(bucket) = rule.covers(principal, account, endpoint) else {
                 continue;
             };
-            if let Some(rpm) = rule.requests_per_minute {
-                let (t, tau) = gcra(rpm);
-                let tat = state.tat.entry((i, bucket.clone())).or_insert(now);
-                let next = (*tat).max(now) + t;
-                *tat = next;
-                let remaining = if next > now + tau {
-                    0
-                } else {
-                    let slack = (now + tau - next).as_nanos() / t.as_nanos().max(1);
-                    u32::try_from(slack + 1).unwrap_or(u32::MAX).min(rpm)
-                };
-                if strictest.is_none_or(|s| remaining < s.remaining) {
-                    strictest = Some(RequestQuota {
-                        limit: rpm,
-                        remaining,
-                        reset: next - now,
-                    });
+            count(&self.labels[i], "allowed", "");
+            for limit in Limit::of(rule) {
+                let key = (i, kind(limit), bucket.clone());
+                match limit {
+                    Limit::Requests(rpm) => {
+                        let (t, _) = gcra(rpm);
+                        let tat = state.tat.entry(key).or_insert(now);
+                        *tat = (*tat).max(now) + t;
+                        let quota = Quota {
+                            limit: u64::from(rpm),
+                            remaining: u64::from(remaining_requests(rpm, *tat, now)),
+                            reset: *tat - now,
+                        };
+                        quotas.add(limit, quota);
+                    }
+                    Limit::TokensPerMinute(per_minute) => {
+                        let tat = state.tat.entry(key.clone()).or_insert(now);
+                        *tat = (*tat).max(now) + token_time(reserve, per_minute);
+                        let quota = Quota {
+                            limit: per_minute,
+                            remaining: remaining_tokens(per_minute, *tat, now),
+                            reset: *tat - now,
+                        };
+                        quotas.add(limit, quota);
+                        charges.push(TokenCharge { key, window: None });
+                    }
+                    Limit::TokensPerDay(max) | Limit::TokensPerMonth(max) => {
+                        let window = limit
+                            .window(*wall.get_or_insert_with(SystemTime::now))
+                            .expect("a budget has a window");
+                        let entry = state.budget.entry(key.clone()).or_insert((window.id, 0));
+                        if entry.0 != window.id {
+                            *entry = (window.id, 0);
+                        }
+                        entry.1 = entry.1.saturating_add(reserve);
+                        quotas.add(
+                            limit,
+                            Quota {
+                                limit: max,
+                                remaining: max.saturating_sub(entry.1),
+                                reset: window.left,
+                            },
+                        );
+                        charges.push(TokenCharge {
+                            key,
+                            window: Some(window.id),
+                        });
+                    }
+                    Limit::Streams(_) => {
+                        // Taken under the lock, so two requests never both take the last slot.
+                        let slot = state.streams.entry(key).or_default().clone();
+                        slot.fetch_add(1, Ordering::AcqRel);
+                        ticket.slots.push(slot);
+                    }
                 }
-            }
-            if rule.concurrent_streams.is_some() {
-                // Taken under the lock, so two requests never both take the last slot.
-                let slot = state.streams.entry((i, bucket)).or_default().clone();
-                slot.fetch_add(1, Ordering::AcqRel);
-                slots.push(slot);
             }
         }
         state.checks += 1;
         if state.checks % 4096 == 0 {
             // A bucket whose arrival time has passed is as good as new; a stream bucket with no
-            // stream and no holder is not needed.
+            // stream and no holder is not needed; a budget of a past window is spent history.
             state.tat.retain(|_, tat| *tat > now);
             state
                 .streams
                 .retain(|_, slot| Arc::strong_count(slot) > 1 || slot.load(Ordering::Acquire) > 0);
+            if let Some(wall) = wall {
+                state.budget.retain(|(_, k, _), (id, _)| {
+                    let limit = if *k == 2 {
+                        Limit::TokensPerDay(1)
+                    } else {
+                        Limit::TokensPerMonth(1)
+                    };
+                    limit.window(wall).is_some_and(|w| w.id == *id)
+                });
+            }
         }
-        Decision::Allowed {
-            permits: Permits(slots),
-            requests: strictest,
+        drop(state);
+        if !charges.is_empty() {
+            let limiter = self.clone();
+            ticket.settle = Some(Arc::new(Settle::new(Some(reserve), move |delta| {
+                limiter.settle(&charges, delta);
+            })));
+        }
+        Decision::Allowed { ticket, quotas }
+    }
+
+    /// Corrects the token charges of a response by `delta` (what it used minus what it
+    /// reserved).
+    fn settle(&self, charges: &[TokenCharge], delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let now = self.start.elapsed();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for charge in charges {
+            let (i, _, _) = &charge.key;
+            match charge.window {
+                None => {
+                    let Some(tat) = state.tat.get_mut(&charge.key) else {
+                        continue;
+                    };
+                    let per_minute = self.limits.rules[*i].tokens_per_minute.unwrap_or(1);
+                    let time = token_time(delta.unsigned_abs(), per_minute);
+                    *tat = if delta > 0 {
+                        (*tat).max(now) + time
+                    } else {
+                        tat.saturating_sub(time)
+                    };
+                }
+                Some(window) => {
+                    if let Some((id, used)) = state.budget.get_mut(&charge.key)
+                        && *id == window
+                    {
+                        *used = used.saturating_add_signed(delta);
+                    }
+                }
+            }
         }
     }
-}
 
-/// The emission interval and the burst tolerance of `rpm` requests per minute: at most `rpm`
-/// in any minute.
-fn gcra(rpm: u32) -> (Duration, Duration) {
-    let t = MINUTE / rpm;
-    (t, MINUTE - t)
+    /// The current counts of every limit of rule `rule` for bucket `bucket`, without charging.
+    pub(super) fn peek(&self, rule: usize, bucket: &Arc<str>) -> Vec<(Limit, Quota)> {
+        let Some(r) = self.limits.rules.get(rule) else {
+            return Vec::new();
+        };
+        let now = self.start.elapsed();
+        let wall = SystemTime::now();
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        Limit::of(r)
+            .map(|limit| {
+                let key = (rule, kind(limit), bucket.clone());
+                let tat = || state.tat.get(&key).copied().unwrap_or(now).max(now);
+                let quota = match limit {
+                    Limit::Requests(rpm) => Quota {
+                        limit: u64::from(rpm),
+                        remaining: u64::from(remaining_requests(rpm, tat(), now)),
+                        reset: tat() - now,
+                    },
+                    Limit::TokensPerMinute(per_minute) => Quota {
+                        limit: per_minute,
+                        remaining: remaining_tokens(per_minute, tat(), now),
+                        reset: tat() - now,
+                    },
+                    Limit::TokensPerDay(max) | Limit::TokensPerMonth(max) => {
+                        let window = limit.window(wall).expect("a budget has a window");
+                        let used = match state.budget.get(&key) {
+                            Some(&(id, used)) if id == window.id => used,
+                            _ => 0,
+                        };
+                        Quota {
+                            limit: max,
+                            remaining: max.saturating_sub(used),
+                            reset: window.left,
+                        }
+                    }
+                    Limit::Streams(max) => {
+                        let busy = state
+                            .streams
+                            .get(&key)
+                            .map_or(0, |slot| slot.load(Ordering::Acquire));
+                        Quota {
+                            limit: u64::from(max),
+                            remaining: u64::from(max.saturating_sub(busy)),
+                            reset: Duration::ZERO,
+                        }
+                    }
+                };
+                (limit, quota)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -185,15 +330,18 @@ mod tests {
     use super::*;
     use crate::model::{LimitScope, RateLimitRule};
 
-    fn limiter(rules: Vec<RateLimitRule>) -> MemoryLimiter {
-        MemoryLimiter::new(RateLimits {
+    fn limiter(rules: Vec<RateLimitRule>) -> Arc<MemoryLimiter> {
+        Arc::new(MemoryLimiter::new(RateLimits {
             rules,
+            reserve_tokens: 100,
             ..RateLimits::default()
-        })
+        }))
     }
 
+    const NO_ROUTE: (&str, &str) = ("", "");
+
     fn refused(d: &Decision) -> bool {
-        matches!(d, Decision::Refused { .. })
+        matches!(d, Decision::Refused(_))
     }
 
     #[test]
@@ -209,21 +357,24 @@ mod tests {
         for i in 0..6 {
             // Two keys of one team share its bucket.
             let who = if i % 2 == 0 { &a } else { &b };
-            match l.check(who, None) {
-                Decision::Allowed { requests, .. } => remaining.push(requests.unwrap().remaining),
+            match l.check(who, NO_ROUTE) {
+                Decision::Allowed { quotas, .. } => {
+                    remaining.push(quotas.requests.unwrap().remaining)
+                }
                 _ => panic!("request {i} refused"),
             }
         }
         assert_eq!(remaining, [5, 4, 3, 2, 1, 0]);
-        match l.check(&a, None) {
-            Decision::Refused { retry_after, .. } => {
-                assert!(retry_after <= Duration::from_secs(10), "{retry_after:?}");
-                assert!(retry_after > Duration::from_secs(9), "{retry_after:?}");
+        match l.check(&a, NO_ROUTE) {
+            Decision::Refused(r) => {
+                assert!(r.retry_after <= Duration::from_secs(10), "{r:?}");
+                assert!(r.retry_after > Duration::from_secs(9), "{r:?}");
+                assert_eq!(r.bucket, "team:research");
             }
             _ => panic!("the seventh was admitted"),
         }
         assert!(
-            matches!(l.check(&c, None), Decision::Unlimited),
+            matches!(l.check(&c, NO_ROUTE), Decision::Unlimited),
             "another team"
         );
     }
@@ -241,18 +392,85 @@ mod tests {
             },
         ]);
         let p = Principal::new("a", "a@x", [] as [&str; 0]);
-        let first = l.check(&p, None);
+        let first = l.check(&p, NO_ROUTE);
         assert!(!refused(&first));
-        assert!(refused(&l.check(&p, None)), "one stream at a time");
+        assert!(refused(&l.check(&p, NO_ROUTE)), "one stream at a time");
         let remaining = |d: Decision| match d {
-            Decision::Allowed { requests, .. } => requests.unwrap().remaining,
+            Decision::Allowed { quotas, .. } => quotas.requests.unwrap().remaining,
             _ => panic!("refused"),
         };
         drop(first);
         assert_eq!(
-            remaining(l.check(&p, None)),
+            remaining(l.check(&p, NO_ROUTE)),
             98,
             "the refused request was not charged"
         );
+    }
+
+    fn allowed(d: Decision) -> (Ticket, Quotas) {
+        match d {
+            Decision::Allowed { ticket, quotas } => (ticket, quotas),
+            Decision::Refused(r) => panic!("refused: {}", r.message()),
+            Decision::Unlimited | Decision::Unavailable => panic!("not admitted"),
+        }
+    }
+
+    #[test]
+    fn a_budget_reserves_settles_and_then_refuses() {
+        let l = limiter(vec![RateLimitRule {
+            tokens_per_day: Some(1000),
+            ..RateLimitRule::new("team:research".parse().unwrap())
+        }]);
+        let p = Principal::new("a", "a@x", ["research"]);
+        // Reserved 100, used 700.
+        let (ticket, quotas) = allowed(l.check(&p, NO_ROUTE));
+        assert_eq!(quotas.tokens.unwrap().remaining, 900);
+        let report = ticket
+            .usage_report()
+            .expect("a token limit asks for the count");
+        report.report(700);
+        drop((ticket, report));
+        // 700 used: one more may start, and two in flight reserve 100 each.
+        let (first, quotas) = allowed(l.check(&p, NO_ROUTE));
+        assert_eq!(quotas.tokens.unwrap().remaining, 200);
+        let (second, _) = allowed(l.check(&p, NO_ROUTE));
+        // The first reports 250, the second never reports (a client gone): its 100 stand.
+        let report = first.usage_report().unwrap();
+        report.report(250);
+        drop((first, report, second));
+        match l.check(&p, NO_ROUTE) {
+            Decision::Refused(r) => {
+                assert_eq!(r.limit.refusal_code(), "insufficient_quota");
+                assert!(r.retry_after <= Duration::from_secs(86_400));
+                assert!(
+                    r.message().contains("1000 tokens per day"),
+                    "{}",
+                    r.message()
+                );
+            }
+            _ => panic!("the spent budget admitted a request"),
+        }
+        let peek = l.peek(0, &Arc::from("research"));
+        assert_eq!(peek[0].1.remaining, 0, "1050 of 1000 used");
+    }
+
+    #[test]
+    fn tokens_per_minute_refill() {
+        let l = limiter(vec![RateLimitRule {
+            tokens_per_minute: Some(6000),
+            ..RateLimitRule::new(LimitScope::Everyone)
+        }]);
+        let p = Principal::new("a", "a@x", [] as [&str; 0]);
+        let (ticket, _) = allowed(l.check(&p, NO_ROUTE));
+        let report = ticket.usage_report().unwrap();
+        report.report(6100);
+        drop((ticket, report));
+        let Decision::Refused(r) = l.check(&p, NO_ROUTE) else {
+            panic!("a full minute admitted a request");
+        };
+        assert_eq!(r.limit.refusal_code(), "rate_limit_exceeded");
+        // 6100 tokens in a minute of 6000: room again once 100 have aged out, in a second.
+        assert!(r.retry_after <= Duration::from_millis(1001), "{r:?}");
+        assert!(r.retry_after > Duration::from_millis(900), "{r:?}");
     }
 }

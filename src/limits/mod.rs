@@ -60,6 +60,10 @@
 //! ```
 
 mod memory;
+mod plan;
+#[cfg(feature = "redis")]
+mod redis;
+mod ticket;
 
 use std::fmt;
 use std::future::Future;
@@ -76,36 +80,144 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use self::memory::{Decision, MemoryLimiter, Permits};
+use self::memory::MemoryLimiter;
+use self::plan::{Decision, Quota, Quotas, Refusal};
+use self::ticket::Ticket;
 use crate::error::GatewayError;
 use crate::ext::{Principal, RouteMatch};
-use crate::model::RateLimits;
+use crate::model::{FieldError, LimitBackend, RateLimits};
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 
-/// Layer that applies [`RateLimit`]. See the [module docs](self).
+/// Where the counters are.
 #[derive(Clone, Debug)]
-pub struct RateLimitLayer {
-    limiter: Arc<MemoryLimiter>,
+enum Backend {
+    Memory(Arc<MemoryLimiter>),
+    #[cfg(feature = "redis")]
+    Redis(Arc<redis::RedisLimiter>),
 }
 
-impl RateLimitLayer {
-    /// Enforces `limits` in this process's memory.
-    pub fn new(limits: RateLimits) -> Self {
-        Self {
-            limiter: Arc::new(MemoryLimiter::new(limits)),
+impl Backend {
+    fn limits(&self) -> &RateLimits {
+        match self {
+            Self::Memory(m) => m.limits(),
+            #[cfg(feature = "redis")]
+            Self::Redis(r) => r.limits(),
         }
     }
 }
 
+/// Layer that applies [`RateLimit`]. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RateLimitLayer {
+    backend: Backend,
+}
+
 impl RateLimitLayer {
+    /// Enforces `limits` with the counters of their [`backend`](RateLimits::backend).
+    ///
+    /// # Panics
+    ///
+    /// If the limits are not [valid](RateLimits::validate): a Redis URL the client refuses, or
+    /// Redis support not compiled in (see [`try_new`](Self::try_new)).
+    pub fn new(limits: RateLimits) -> Self {
+        Self::try_new(limits).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Enforces `limits` with the counters of their [`backend`](RateLimits::backend): this
+    /// process's memory, or a Redis server (which is not contacted before the first request;
+    /// a Redis limiter must be used inside a Tokio runtime). An error names
+    /// `rate_limits.backend` and never shows the URL.
+    pub fn try_new(limits: RateLimits) -> Result<Self, FieldError> {
+        limits.validate()?;
+        let backend = match &limits.backend {
+            LimitBackend::Memory => Backend::Memory(Arc::new(MemoryLimiter::new(limits))),
+            #[cfg(feature = "redis")]
+            LimitBackend::Redis(url) => {
+                let url = url.clone();
+                let limiter = redis::RedisLimiter::new(limits, &url).map_err(|_| {
+                    FieldError::new(
+                        "rate_limits.backend",
+                        "is not a Redis URL the client accepts",
+                    )
+                })?;
+                Backend::Redis(Arc::new(limiter))
+            }
+            // `validate` refused it.
+            #[cfg(not(feature = "redis"))]
+            LimitBackend::Redis(_) => unreachable!("a Redis backend without the redis feature"),
+        };
+        Ok(Self { backend })
+    }
+
     /// The limits this layer enforces.
     pub fn limits(&self) -> &RateLimits {
-        self.limiter.limits()
+        self.backend.limits()
     }
+
+    /// The current usage of every limit of `scope` (as a rule writes it: `team:research`,
+    /// `user:SUBJECT`, `key:ID`; a `key:ID` also reads the `everyone` rules' bucket of that
+    /// key), without charging anything. An error says why the shared backend did not answer.
+    pub async fn usage(&self, scope: &str) -> Result<Vec<LimitUsage>, String> {
+        let scope: crate::model::LimitScope = scope.parse()?;
+        let mut out = Vec::new();
+        for (i, rule) in self.limits().rules.iter().enumerate() {
+            let bucket: Arc<str> = match (&rule.scope, &scope) {
+                (a, b) if a == b => match b {
+                    crate::model::LimitScope::Team(n)
+                    | crate::model::LimitScope::User(n)
+                    | crate::model::LimitScope::Key(n) => n.clone(),
+                    crate::model::LimitScope::Everyone => continue,
+                },
+                (crate::model::LimitScope::Everyone, crate::model::LimitScope::Key(id)) => {
+                    id.clone()
+                }
+                _ => continue,
+            };
+            let counts = match &self.backend {
+                Backend::Memory(m) => m.peek(i, &bucket),
+                #[cfg(feature = "redis")]
+                Backend::Redis(r) => r.peek(i, bucket).await?,
+            };
+            let label = plan::scope_label(rule);
+            for (limit, quota) in counts {
+                out.push(LimitUsage {
+                    rule: i,
+                    scope: label.to_string(),
+                    limit: limit.name(),
+                    value: limit.value(),
+                    remaining: quota.remaining,
+                    reset: quota.reset,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One limit's current usage, from [`RateLimitLayer::usage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimitUsage {
+    /// The rule's index in `rate_limits.rules`.
+    pub rule: usize,
+    /// The rule's scope, with `@ACCOUNT/ENDPOINT` if it names one.
+    pub scope: String,
+    /// The limit: `requests_per_minute`, `tokens_per_minute`, `tokens_per_day`,
+    /// `tokens_per_month` or `concurrent_streams`.
+    pub limit: &'static str,
+    /// Its value.
+    pub value: u64,
+    /// What is left of it now.
+    pub remaining: u64,
+    /// Until it is whole again (a budget: until its window ends).
+    pub reset: Duration,
 }
 
 impl<S> Layer<S> for RateLimitLayer {
@@ -114,7 +226,7 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            limiter: self.limiter.clone(),
+            backend: self.backend.clone(),
         }
     }
 }
@@ -123,7 +235,7 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone, Debug)]
 pub struct RateLimit<S> {
     inner: S,
-    limiter: Arc<MemoryLimiter>,
+    backend: Backend,
 }
 
 impl<S> RateLimit<S> {
@@ -153,55 +265,102 @@ fn reset(d: Duration) -> HeaderValue {
     HeaderValue::from_str(&text).expect("digits and letters")
 }
 
+/// The answer to a refused request: 429 (`rate_limit_exceeded` or `insufficient_quota`).
+fn refusal<B: From<Bytes>>(refusal: &Refusal) -> Response<ResponseBody<B>> {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record(
+            "gateway.rate_limit",
+            format!("{} {}", refusal.limit.name(), refusal.bucket),
+        );
+    }
+    let retry_after = refusal.retry_after;
+    let mut res = GatewayError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        refusal.limit.refusal_code(),
+        refusal.message(),
+    )
+    .into_response::<B>();
+    let headers = res.headers_mut();
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    headers.insert(
+        RETRY_AFTER_MS,
+        HeaderValue::from(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
+    );
+    res.map(ResponseBody::plain)
+}
+
+/// The answer while the shared backend is away under the closed policy: 503.
+fn unavailable<B: From<Bytes>>() -> Response<ResponseBody<B>> {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("gateway.rate_limit", "backend_unavailable");
+    }
+    let mut res = GatewayError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "rate_limit_backend_unavailable",
+        "The gateway could not check its rate limits; try again later.",
+    )
+    .into_response::<B>();
+    res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(1));
+    res.map(ResponseBody::plain)
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     ResBody: From<Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if self.limiter.limits().rules.is_empty() {
+        if self.backend.limits().rules.is_empty() {
             // No rule: not even the extensions are looked at.
-            return ResponseFuture::inner(self.inner.call(req), None, None);
+            return ResponseFuture::inner(
+                self.inner.call(req),
+                Ticket::default(),
+                Quotas::default(),
+            );
         }
         let ext = req.extensions();
-        let decision = match ext.get::<Principal>() {
-            Some(principal) => {
-                let route = ext.get::<RouteMatch>().map(|r| (&*r.account, &*r.endpoint));
-                self.limiter.check(principal, route)
-            }
-            // Without a caller there is no bucket: access control refuses such requests.
-            None => Decision::Unlimited,
+        // Without a caller there is no bucket: access control refuses such requests.
+        let Some(principal) = ext.get::<Principal>() else {
+            return ResponseFuture::inner(
+                self.inner.call(req),
+                Ticket::default(),
+                Quotas::default(),
+            );
         };
-        match decision {
-            Decision::Unlimited => ResponseFuture::inner(self.inner.call(req), None, None),
-            Decision::Allowed { permits, requests } => {
-                ResponseFuture::inner(self.inner.call(req), Some(permits), requests)
-            }
-            Decision::Refused { retry_after, what } => {
-                let mut res = GatewayError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_exceeded",
-                    format!("Rate limit reached: {what}. Retry after {retry_after:?}."),
-                )
-                .into_response::<ResBody>();
-                let headers = res.headers_mut();
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                headers.insert(
-                    RETRY_AFTER_MS,
-                    HeaderValue::from(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
-                );
+        let route = ext.get::<RouteMatch>();
+        match &self.backend {
+            Backend::Memory(m) => {
+                let route = route.map_or(("", ""), |r| (&*r.account, &*r.endpoint));
+                let decision = m.check(principal, route);
                 ResponseFuture {
-                    kind: Kind::Refused {
-                        response: Some(res.map(ResponseBody::plain)),
+                    kind: decide(decision, req, &mut self.inner),
+                }
+            }
+            #[cfg(feature = "redis")]
+            Backend::Redis(r) => {
+                let route = route.map_or((Arc::from(""), Arc::from("")), |r| {
+                    (r.account.clone(), r.endpoint.clone())
+                });
+                let check = r.clone().check(principal.clone(), route);
+                // The ready service goes with the request; a clone stays for the next one.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture {
+                    kind: Kind::Checking {
+                        check: Box::pin(check),
+                        req: Some(req),
+                        inner: Some(inner),
                     },
                 }
             }
@@ -209,103 +368,158 @@ where
     }
 }
 
-/// The request headers' view of the strictest `requests_per_minute` bucket.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RequestQuota {
-    pub(crate) limit: u32,
-    pub(crate) remaining: u32,
-    pub(crate) reset: Duration,
+/// Calls `inner` with an admitted request, or answers a refused one.
+fn decide<S, ReqBody, ResBody>(
+    decision: Decision,
+    req: Request<ReqBody>,
+    inner: &mut S,
+) -> Kind<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    match decision {
+        Decision::Unlimited => Kind::Inner {
+            future: inner.call(req),
+            ticket: Some(Ticket::default()),
+            quotas: Quotas::default(),
+        },
+        Decision::Allowed { ticket, quotas } => Kind::Inner {
+            future: inner.call(req),
+            ticket: Some(ticket),
+            quotas,
+        },
+        Decision::Refused(r) => Kind::Answered {
+            response: Some(refusal(&r)),
+        },
+        Decision::Unavailable => Kind::Answered {
+            response: Some(unavailable()),
+        },
+    }
 }
+
+type CheckFuture = Pin<Box<dyn Future<Output = Decision> + Send>>;
 
 pin_project! {
     /// Response future of [`RateLimit`].
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<S: Service<Request<ReqBody>>, ReqBody, ResBody> {
         #[pin]
-        kind: Kind<F, B>,
+        kind: Kind<S, ReqBody, ResBody>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B> {
+    enum Kind<S: Service<Request<ReqBody>>, ReqBody, ResBody> {
+        Checking {
+            check: CheckFuture,
+            req: Option<Request<ReqBody>>,
+            inner: Option<S>,
+        },
         Inner {
             #[pin]
-            future: F,
-            permits: Option<Permits>,
-            requests: Option<RequestQuota>,
+            future: S::Future,
+            ticket: Option<Ticket>,
+            quotas: Quotas,
         },
-        Refused { response: Option<Response<ResponseBody<B>>> },
+        Answered { response: Option<Response<ResponseBody<ResBody>>> },
     }
 }
 
-impl<F, B> ResponseFuture<F, B> {
-    fn inner(future: F, permits: Option<Permits>, requests: Option<RequestQuota>) -> Self {
+impl<S: Service<Request<ReqBody>>, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody> {
+    fn inner(future: S::Future, ticket: Ticket, quotas: Quotas) -> Self {
         Self {
             kind: Kind::Inner {
                 future,
-                permits,
-                requests,
+                ticket: Some(ticket),
+                quotas,
             },
         }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+fn quota_headers(headers: &mut http::HeaderMap, q: Quota, names: [HeaderName; 3]) {
+    let [limit, remaining, reset_name] = names;
+    headers.insert(limit, HeaderValue::from(q.limit));
+    headers.insert(remaining, HeaderValue::from(q.remaining));
+    headers.insert(reset_name, reset(q.reset));
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Refused { response } => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
-            }
-            KindProj::Inner {
-                future,
-                permits,
-                requests,
-            } => {
-                // On an error the permits are dropped here, and so released.
-                let mut res = ready!(future.poll(cx))?;
-                if let Some(q) = requests {
-                    let headers = res.headers_mut();
-                    headers.insert(LIMIT_REQUESTS, HeaderValue::from(q.limit));
-                    headers.insert(REMAINING_REQUESTS, HeaderValue::from(q.remaining));
-                    headers.insert(RESET_REQUESTS, reset(q.reset));
+        let mut this = self.project();
+        loop {
+            match this.kind.as_mut().project() {
+                KindProj::Checking { check, req, inner } => {
+                    let decision = ready!(check.as_mut().poll(cx));
+                    let req = req.take().expect("polled after completion");
+                    let mut inner = inner.take().expect("polled after completion");
+                    let next = decide(decision, req, &mut inner);
+                    this.kind.set(next);
                 }
-                let permits = permits.take();
-                Poll::Ready(Ok(res.map(|body| ResponseBody {
-                    body,
-                    _permits: permits,
-                })))
+                KindProj::Answered { response } => {
+                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
+                }
+                KindProj::Inner {
+                    future,
+                    ticket,
+                    quotas,
+                } => {
+                    // On an error the ticket is dropped here: its slots freed, its tokens
+                    // reserved.
+                    let mut res = ready!(future.poll(cx))?;
+                    let headers = res.headers_mut();
+                    if let Some(q) = quotas.requests {
+                        quota_headers(
+                            headers,
+                            q,
+                            [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS],
+                        );
+                    }
+                    if let Some(q) = quotas.tokens {
+                        quota_headers(headers, q, [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]);
+                    }
+                    let ticket = ticket.take().expect("polled after completion");
+                    if let Some(report) = ticket.usage_report() {
+                        res.extensions_mut().insert(report);
+                    }
+                    return Poll::Ready(Ok(res.map(|body| ResponseBody {
+                        body,
+                        ticket: Some(ticket),
+                    })));
+                }
             }
         }
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<S: Service<Request<ReqBody>>, ReqBody, ResBody> fmt::Debug
+    for ResponseFuture<S, ReqBody, ResBody>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
 pin_project! {
-    /// The response body of [`RateLimit`]: the inner body, holding the request's
-    /// concurrent-stream permits until it ends or is dropped.
+    /// The response body of [`RateLimit`]: the inner body, holding the request's ticket
+    /// (concurrent-stream slots, token reservation) until it ends or is dropped.
     pub struct ResponseBody<B> {
         #[pin]
         body: B,
-        _permits: Option<Permits>,
+        ticket: Option<Ticket>,
     }
 }
 
 impl<B> ResponseBody<B> {
     fn plain(body: B) -> Self {
-        Self {
-            body,
-            _permits: None,
-        }
+        Self { body, ticket: None }
     }
 }
 
@@ -326,8 +540,9 @@ impl<B: Body> Body for ResponseBody<B> {
         let this = self.project();
         let frame = ready!(this.body.poll_frame(cx));
         if frame.is_none() {
-            // The stream is over: its slot is free for the next one.
-            this._permits.take();
+            // The stream is over: its slot is free for the next one (the tokens settle when
+            // the usage tap has reported them too).
+            this.ticket.take();
         }
         Poll::Ready(frame)
     }
@@ -344,7 +559,7 @@ impl<B: Body> Body for ResponseBody<B> {
 impl<B> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseBody")
-            .field("holds_permits", &self._permits.is_some())
+            .field("ticket", &self.ticket)
             .finish_non_exhaustive()
     }
 }

@@ -118,6 +118,13 @@ impl RateLimitRule {
         }
     }
 
+    /// Whether the rule limits tokens per minute, day or month.
+    pub fn limits_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some()
+            || self.tokens_per_day.is_some()
+            || self.tokens_per_month.is_some()
+    }
+
     /// Whether the rule covers a request by `principal` to `account/endpoint`: the bucket's
     /// name within this rule ([`LimitScope::bucket_id`]), without allocating.
     pub fn covers(&self, principal: &Principal, account: &str, endpoint: &str) -> Option<Arc<str>> {
@@ -178,6 +185,12 @@ pub struct RateLimits {
     pub on_backend_error: OnBackendError,
     /// The prefix of every counter's key in a shared backend.
     pub key_prefix: String,
+    /// The tokens a request under a token limit reserves when it starts, before its real
+    /// count is known; settled to the count the usage tap reads when the response ends (a
+    /// response without a count, e.g. a client gone mid-stream, stays charged the
+    /// reservation). Many concurrent requests overshoot a budget by at most what they
+    /// produce beyond their reservations.
+    pub reserve_tokens: u64,
     /// The rules; every matching one applies, and the strictest refuses.
     pub rules: Vec<RateLimitRule>,
 }
@@ -188,6 +201,7 @@ impl Default for RateLimits {
             backend: LimitBackend::Memory,
             on_backend_error: OnBackendError::Open,
             key_prefix: "gw:".to_owned(),
+            reserve_tokens: 1000,
             rules: Vec::new(),
         }
     }
@@ -197,12 +211,26 @@ impl RateLimits {
     /// Checks the limits; an error names the field, e.g. `rate_limits.rules[2].endpoint`, and
     /// never the backend URL (it may hold a password).
     pub fn validate(&self) -> Result<(), FieldError> {
-        if let LimitBackend::Redis(url) = &self.backend
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
+        if let LimitBackend::Redis(url) = &self.backend {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(FieldError::new(
+                    "rate_limits.backend",
+                    "must be \"memory\" or a redis:// or rediss:// URL",
+                ));
+            }
+            // The client parses without connecting; its error may quote the URL, so it is
+            // not passed on.
+            #[cfg(feature = "redis")]
+            if redis::Client::open(url.as_str()).is_err() {
+                return Err(FieldError::new(
+                    "rate_limits.backend",
+                    "is not a Redis URL: redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://…",
+                ));
+            }
+            #[cfg(not(feature = "redis"))]
             return Err(FieldError::new(
                 "rate_limits.backend",
-                "must be \"memory\" or a redis:// or rediss:// URL",
+                "Redis support is not compiled in (cargo feature \"redis\")",
             ));
         }
         if self.key_prefix.len() > 64
@@ -214,6 +242,12 @@ impl RateLimits {
             return Err(FieldError::new(
                 "rate_limits.key_prefix",
                 "must be at most 64 characters, without spaces or control characters",
+            ));
+        }
+        if self.reserve_tokens > 1_000_000_000 {
+            return Err(FieldError::new(
+                "rate_limits.reserve_tokens",
+                "must be at most 1000000000",
             ));
         }
         for (i, rule) in self.rules.iter().enumerate() {
@@ -253,6 +287,11 @@ impl RateLimits {
             }
         }
         Ok(())
+    }
+
+    /// Whether any rule limits tokens (and so needs the usage tap's counts).
+    pub fn limits_tokens(&self) -> bool {
+        self.rules.iter().any(RateLimitRule::limits_tokens)
     }
 
     /// The `account/endpoint` text of a rule's `endpoint`, split and checked.
@@ -322,6 +361,15 @@ mod tests {
             (
                 RateLimits {
                     backend: LimitBackend::Redis("http://secret@x".into()),
+                    ..RateLimits::default()
+                },
+                "rate_limits.backend",
+            ),
+            (
+                RateLimits {
+                    backend: LimitBackend::Redis(
+                        "redis://:secret@host:port-is-not-a-number".into(),
+                    ),
                     ..RateLimits::default()
                 },
                 "rate_limits.backend",

@@ -15,6 +15,7 @@ use pin_project_lite::pin_project;
 use super::parse::{JsonCollector, MAX_EVENT, Observed, SseParser};
 use super::{CallInfo, Outcome, Settings, Usage};
 use crate::BoxError;
+use crate::ext::UsageReport;
 
 /// How the tap reads a response body.
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub(crate) struct Meter {
     first_byte: Option<Duration>,
     bytes: u64,
     done: bool,
+    /// Told the tokens when the body ends, for a layer below that limits them.
+    report: Option<UsageReport>,
 }
 
 impl Meter {
@@ -42,6 +45,7 @@ impl Meter {
         settings: Arc<Settings>,
         status: StatusCode,
         mode: Mode,
+        report: Option<UsageReport>,
     ) -> Self {
         Self {
             info,
@@ -51,6 +55,7 @@ impl Meter {
             first_byte: None,
             bytes: 0,
             done: false,
+            report,
         }
     }
 
@@ -146,6 +151,12 @@ impl Meter {
             Mode::Sse(parser) => std::mem::take(&mut parser.observed),
             Mode::Json(json) => json.finish().unwrap_or_default(),
         };
+        if let Some(report) = self.report.take()
+            && (observed.input_tokens.is_some() || observed.output_tokens.is_some())
+        {
+            let tokens = observed.input_tokens.unwrap_or(0) + observed.output_tokens.unwrap_or(0);
+            report.report(tokens);
+        }
         let duration = self.info.start.elapsed();
         let span = &self.info.span;
         if !span.is_disabled() {

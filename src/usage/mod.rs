@@ -93,7 +93,7 @@ use self::body::{Meter, Mode};
 use self::parse::{JsonCollector, SseParser};
 pub use self::request::TapRequestBody;
 use crate::error::X_GATEWAY_ERROR;
-use crate::ext::{Principal, RouteMatch};
+use crate::ext::{Principal, RouteMatch, UsageReport};
 
 pub use crate::metric;
 pub use crate::request_id::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
@@ -540,6 +540,7 @@ fn respond<RB: Body>(
         return res.map(UsageBody::passthrough);
     }
     let (mut parts, body) = res.into_parts();
+    let report = parts.extensions.remove::<UsageReport>();
     // `trace::UpstreamRequestId` moves a different upstream id aside; the span notes it.
     if let Some(theirs) = parts.headers.get(X_REQUEST_ID)
         && call.request_id.as_ref().is_some_and(|ours| ours != theirs)
@@ -568,7 +569,7 @@ fn respond<RB: Body>(
         parts.headers.remove(CONTENT_LENGTH);
     }
     let ended = body.is_end_stream();
-    let mut meter = Meter::new(call, settings.clone(), parts.status, mode);
+    let mut meter = Meter::new(call, settings.clone(), parts.status, mode, report);
     if ended {
         // hyper does not poll a body that is already at its end.
         meter.finish_complete();

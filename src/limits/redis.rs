@@ -1,0 +1,556 @@
+//! The Redis limiter: the same limits as in memory, counted in one Redis server that every
+//! replica shares.
+//!
+//! A request costs one round trip: one Lua script checks every limit that covers it and, only
+//! if none refuses, charges them all, atomically, on the server's clock (`TIME`), so replicas
+//! with skewed clocks still agree. Every counter expires by itself once it no longer matters
+//! (a GCRA when its arrival time has passed, a budget a minute after its window, a stream set
+//! after its lease). A response under a token or stream limit settles once more when it ends,
+//! off the request's path.
+//!
+//! While Redis cannot be reached (an error, or no answer within the timeout) the policy
+//! decides: *open* counts the request in this replica's memory instead, *closed* answers 503.
+//! After a failure the next second goes straight to the policy, so an outage does not cost
+//! every request a connection attempt; then Redis is tried again.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use super::memory::MemoryLimiter;
+use super::plan::{
+    Decision, Limit, Quota, Quotas, Refusal, count, covering, gcra, remaining_requests,
+    remaining_tokens,
+};
+use super::ticket::{Settle, Ticket};
+use crate::ext::Principal;
+use crate::model::{OnBackendError, RateLimits};
+
+/// How long a request waits for Redis before the policy decides.
+const TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failure, how long requests go straight to the policy.
+const BACKOFF: Duration = Duration::from_secs(1);
+/// How long a stream holds its slot if its replica dies before releasing it.
+const STREAM_LEASE: Duration = Duration::from_secs(15 * 60);
+
+/// Checks every limit (`KEYS[i]`, with `ARGV[3i+1..3i+3]` = kind, a, b), and charges them all
+/// only if none refuses. Kinds: `r` requests GCRA (a = interval µs), `t` tokens per minute
+/// (a = µs per token), `q` budget (a = limit, b = TTL ms), `s` streams (a = limit). Answers
+/// `{0, i, retry µs}` for a refusal by limit `i`, or `{1, v1, v2, …}`: per limit the arrival
+/// time after the charge minus now (µs) for `r`/`t`, the tokens used for `q`, the streams for
+/// `s`.
+const CHECK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local reserve = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local member = ARGV[3]
+local minute = 60000000
+local function tat_of(key)
+  local v = tonumber(redis.call('GET', key))
+  if v == nil or v < now then return now end
+  return v
+end
+for i, key in ipairs(KEYS) do
+  local kind = ARGV[3 * i + 1]
+  local a = tonumber(ARGV[3 * i + 2])
+  if kind == 'r' then
+    local allowed_at = tat_of(key) - (minute - a)
+    if now < allowed_at then return {0, i, allowed_at - now} end
+  elseif kind == 't' then
+    local tat = tat_of(key)
+    if tat >= now + minute then return {0, i, tat - minute - now + 1000} end
+  elseif kind == 'q' then
+    local used = tonumber(redis.call('GET', key)) or 0
+    if used >= a then return {0, i, 0} end
+  elseif kind == 's' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) >= a then return {0, i, 1000000} end
+  end
+end
+local out = {1}
+for i, key in ipairs(KEYS) do
+  local kind = ARGV[3 * i + 1]
+  local a = tonumber(ARGV[3 * i + 2])
+  local b = tonumber(ARGV[3 * i + 3])
+  if kind == 'r' or kind == 't' then
+    local cost = a
+    if kind == 't' then cost = reserve * a end
+    local tat = tat_of(key) + cost
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+    out[i + 1] = tat - now
+  elseif kind == 'q' then
+    local used = redis.call('INCRBY', key, reserve)
+    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, b) end
+    out[i + 1] = used
+  elseif kind == 's' then
+    redis.call('ZADD', key, now + lease, member)
+    redis.call('PEXPIRE', key, math.ceil(lease / 1000) + 1000)
+    out[i + 1] = redis.call('ZCARD', key)
+  end
+end
+return out
+";
+
+/// Settles a response: `ARGV[1]` = tokens used minus reserved, `ARGV[2]` = the stream's
+/// member; per key `ARGV[2i+1..2i+2]` = kind, a (as for the check).
+const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local delta = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local kind = ARGV[2 * i + 1]
+  local a = tonumber(ARGV[2 * i + 2])
+  if kind == 't' and delta ~= 0 then
+    local v = tonumber(redis.call('GET', key))
+    if v ~= nil then
+      if v < now then v = now end
+      v = v + delta * a
+      if v > now then
+        redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1000)
+      else
+        redis.call('DEL', key)
+      end
+    end
+  elseif kind == 'q' and delta ~= 0 then
+    if redis.call('EXISTS', key) == 1 then
+      if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+    end
+  elseif kind == 's' then
+    redis.call('ZREM', key, ARGV[2])
+  end
+end
+return 1
+";
+
+/// Reads the counters of some limits without charging: per key `ARGV[2i-1..2i]` = kind, a.
+/// Answers per limit what the check answers after a charge, for a charge of nothing.
+const PEEK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = ARGV[2 * i - 1]
+  if kind == 'r' or kind == 't' then
+    local v = tonumber(redis.call('GET', key))
+    if v == nil or v < now then v = now end
+    out[i] = v - now
+  elseif kind == 'q' then
+    out[i] = tonumber(redis.call('GET', key)) or 0
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    out[i] = redis.call('ZCARD', key)
+  end
+end
+return out
+";
+
+pub(super) struct RedisLimiter {
+    /// The rules, and the counters used while Redis is away under the open policy.
+    local: Arc<MemoryLimiter>,
+    client: Client,
+    /// Made on first use, inside the runtime.
+    conn: OnceLock<ConnectionManager>,
+    check: Script,
+    settle: Script,
+    peek: Script,
+    start: Instant,
+    /// Milliseconds since `start` until which Redis is not tried.
+    down_until: AtomicU64,
+    /// Whether the last attempt failed (logged once per outage).
+    down: AtomicBool,
+    /// This replica's random prefix of stream members.
+    replica: u64,
+    streams: AtomicU64,
+}
+
+impl fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The client's URL may hold a password.
+        f.debug_struct("RedisLimiter")
+            .field("rules", &self.local.limits().rules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One counter of a request, as the scripts see it.
+struct Counter {
+    rule: usize,
+    limit: Limit,
+    key: String,
+    /// The budget's window, for a budget.
+    window: Option<super::plan::Window>,
+}
+
+impl Counter {
+    fn kind(&self) -> &'static str {
+        match self.limit {
+            Limit::Requests(_) => "r",
+            Limit::TokensPerMinute(_) => "t",
+            Limit::TokensPerDay(_) | Limit::TokensPerMonth(_) => "q",
+            Limit::Streams(_) => "s",
+        }
+    }
+
+    /// The script's `a`: the interval of a GCRA in µs, or the limit.
+    fn a(&self) -> f64 {
+        match self.limit {
+            Limit::Requests(rpm) => gcra(rpm).0.as_secs_f64() * 1e6,
+            Limit::TokensPerMinute(n) => 60e6 / n.max(1) as f64,
+            other => other.value() as f64,
+        }
+    }
+}
+
+impl RedisLimiter {
+    /// A limiter on the Redis server at `url`. Nothing connects until the first request.
+    pub(super) fn new(limits: RateLimits, url: &str) -> Result<Self, redis::RedisError> {
+        let client = Client::open(url)?;
+        Ok(Self {
+            local: Arc::new(MemoryLimiter::new(limits)),
+            client,
+            conn: OnceLock::new(),
+            check: Script::new(CHECK),
+            settle: Script::new(SETTLE),
+            peek: Script::new(PEEK),
+            start: Instant::now(),
+            down_until: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            replica: RandomState::new().hash_one(std::process::id()),
+            streams: AtomicU64::new(0),
+        })
+    }
+
+    pub(super) fn limits(&self) -> &RateLimits {
+        self.local.limits()
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(BACKOFF);
+        let conn = self.client.get_connection_manager_lazy(config)?;
+        Ok(self.conn.get_or_init(|| conn).clone())
+    }
+
+    fn counters(&self, principal: &Principal, route: (&str, &str)) -> Vec<Counter> {
+        let limits = self.limits();
+        let wall = SystemTime::now();
+        covering(limits, principal, route)
+            .into_iter()
+            .map(|(rule, bucket, limit)| {
+                let window = limit.window(wall);
+                let mut key = format!("{}{}:{rule}:{bucket}", limits.key_prefix, limit.tag());
+                if let Some(w) = window {
+                    key.push_str(&format!(":{}", w.id));
+                }
+                Counter {
+                    rule,
+                    limit,
+                    key,
+                    window,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether Redis is resting after a failure.
+    fn resting(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now < self.down_until.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, err: &dyn fmt::Display) {
+        let until = self.start.elapsed() + BACKOFF;
+        self.down_until.store(
+            u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if !self.down.swap(true, Ordering::Relaxed) {
+            let policy = match self.limits().on_backend_error {
+                OnBackendError::Open => "serving, counting in this replica's memory",
+                OnBackendError::Closed => "refusing limited requests with 503",
+            };
+            tracing::warn!(
+                target: "tower_gateway::limits",
+                error = %err,
+                "the rate-limit backend (Redis) cannot be reached: {policy}"
+            );
+        }
+    }
+
+    fn recovered(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                target: "tower_gateway::limits",
+                "the rate-limit backend (Redis) answers again: limits are shared again"
+            );
+        }
+    }
+
+    /// What the policy says while Redis is away.
+    fn fallback(self: &Arc<Self>, principal: &Principal, route: (&str, &str)) -> Decision {
+        let open = self.limits().on_backend_error == OnBackendError::Open;
+        backend_error(open);
+        if open {
+            self.local.check(principal, route)
+        } else {
+            Decision::Unavailable
+        }
+    }
+
+    /// Checks and charges every limit covering `principal` calling `route`, in one round
+    /// trip.
+    pub(super) async fn check(
+        self: Arc<Self>,
+        principal: Principal,
+        route: (Arc<str>, Arc<str>),
+    ) -> Decision {
+        let route_ref = (&*route.0, &*route.1);
+        let counters = self.counters(&principal, route_ref);
+        if counters.is_empty() {
+            return Decision::Unlimited;
+        }
+        if self.resting() {
+            return self.fallback(&principal, route_ref);
+        }
+        let conn = match self.connection() {
+            Ok(conn) => conn,
+            Err(err) => {
+                self.failed(&err);
+                return self.fallback(&principal, route_ref);
+            }
+        };
+        let limits = self.limits();
+        let reserve = limits.reserve_tokens;
+        let has_streams = counters
+            .iter()
+            .any(|c| matches!(c.limit, Limit::Streams(_)));
+        let member = if has_streams {
+            format!(
+                "{:x}:{}",
+                self.replica,
+                self.streams.fetch_add(1, Ordering::Relaxed)
+            )
+        } else {
+            String::new()
+        };
+        let mut call = self.check.prepare_invoke();
+        call.arg(reserve)
+            .arg(STREAM_LEASE.as_micros() as u64)
+            .arg(&member);
+        for c in &counters {
+            let ttl = c.window.map_or(0, |w| w.left.as_millis() as u64 + 60_000);
+            call.key(&c.key).arg(c.kind()).arg(c.a()).arg(ttl);
+        }
+        let mut conn_for_call = conn;
+        let answer: Result<Vec<i64>, String> =
+            match tokio::time::timeout(TIMEOUT, call.invoke_async(&mut conn_for_call)).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(format!("no answer within {TIMEOUT:?}")),
+            };
+        let answer = match answer {
+            Ok(answer) if !answer.is_empty() => answer,
+            Ok(_) => {
+                self.failed(&"an empty answer");
+                return self.fallback(&principal, route_ref);
+            }
+            Err(err) => {
+                self.failed(&err);
+                return self.fallback(&principal, route_ref);
+            }
+        };
+        self.recovered();
+        if answer[0] == 0 {
+            let i = answer
+                .get(1)
+                .and_then(|&i| usize::try_from(i - 1).ok())
+                .unwrap_or(0);
+            let Some(c) = counters.get(i) else {
+                return self.fallback(&principal, route_ref);
+            };
+            let retry_after = match c.window {
+                Some(w) => w.left,
+                None => Duration::from_micros(answer.get(2).map_or(0, |&v| v.max(0) as u64)),
+            };
+            count(self.local.label(c.rule), "refused", c.limit.name());
+            return Decision::Refused(Refusal::new(
+                limits,
+                c.rule,
+                c.limit,
+                &principal,
+                route_ref,
+                retry_after,
+            ));
+        }
+        let mut quotas = Quotas::default();
+        let mut last_rule = None;
+        for (c, &v) in counters.iter().zip(&answer[1..]) {
+            if last_rule != Some(c.rule) {
+                count(self.local.label(c.rule), "allowed", "");
+                last_rule = Some(c.rule);
+            }
+            if let Some(quota) = quota(c, v) {
+                quotas.add(c.limit, quota);
+            }
+        }
+        // Only the counters settled at the end go with the ticket.
+        let settled: Vec<(String, &'static str, f64)> = counters
+            .iter()
+            .filter(|c| c.limit.counts_tokens() || matches!(c.limit, Limit::Streams(_)))
+            .map(|c| (c.key.clone(), c.kind(), c.a()))
+            .collect();
+        let mut ticket = Ticket::default();
+        if !settled.is_empty() {
+            let tokens = counters.iter().any(|c| c.limit.counts_tokens());
+            let limiter = self.clone();
+            ticket.settle = Some(Arc::new(Settle::new(
+                tokens.then_some(reserve),
+                move |delta| {
+                    limiter.settle_later(settled, member, delta);
+                },
+            )));
+        }
+        Decision::Allowed { ticket, quotas }
+    }
+
+    /// Settles a response on a task of its own: its tokens, its stream slot.
+    fn settle_later(
+        self: Arc<Self>,
+        counters: Vec<(String, &'static str, f64)>,
+        member: String,
+        delta: i64,
+    ) {
+        let only_tokens = counters.iter().all(|(_, kind, _)| *kind != "s");
+        if delta == 0 && only_tokens {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            let Ok(mut conn) = self.connection() else {
+                return;
+            };
+            let mut call = self.settle.prepare_invoke();
+            call.arg(delta).arg(&member);
+            for (key, kind, a) in &counters {
+                call.key(key).arg(*kind).arg(*a);
+            }
+            let done = tokio::time::timeout(TIMEOUT, call.invoke_async::<i64>(&mut conn)).await;
+            if !matches!(done, Ok(Ok(_))) {
+                // The reservation stands (or the slot waits for its lease): limits err on the
+                // side of the budget.
+                tracing::debug!(target: "tower_gateway::limits", "a settlement did not reach Redis");
+            }
+        });
+    }
+
+    /// The counts of rule `rule`'s limits for `bucket`, from Redis.
+    pub(super) async fn peek(
+        &self,
+        rule: usize,
+        bucket: Arc<str>,
+    ) -> Result<Vec<(Limit, Quota)>, String> {
+        let limits = self.limits();
+        let Some(r) = limits.rules.get(rule) else {
+            return Ok(Vec::new());
+        };
+        let wall = SystemTime::now();
+        let counters: Vec<Counter> = Limit::of(r)
+            .map(|limit| {
+                let window = limit.window(wall);
+                let mut key = format!("{}{}:{rule}:{bucket}", limits.key_prefix, limit.tag());
+                if let Some(w) = window {
+                    key.push_str(&format!(":{}", w.id));
+                }
+                Counter {
+                    rule,
+                    limit,
+                    key,
+                    window,
+                }
+            })
+            .collect();
+        let mut conn = self.connection().map_err(|e| e.to_string())?;
+        let mut call = self.peek.prepare_invoke();
+        for c in &counters {
+            call.key(&c.key).arg(c.kind()).arg(c.a());
+        }
+        let answer: Vec<i64> = tokio::time::timeout(TIMEOUT, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| format!("no answer within {TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        Ok(counters
+            .iter()
+            .zip(answer)
+            .filter_map(|(c, v)| {
+                let quota = match c.limit {
+                    Limit::Streams(max) => Quota {
+                        limit: u64::from(max),
+                        remaining: u64::from(max).saturating_sub(v.max(0) as u64),
+                        reset: Duration::ZERO,
+                    },
+                    _ => quota(c, v)?,
+                };
+                Some((c.limit, quota))
+            })
+            .collect())
+    }
+}
+
+/// What a counter's value after a charge tells the client.
+fn quota(c: &Counter, v: i64) -> Option<Quota> {
+    let v = u64::try_from(v).unwrap_or(0);
+    match c.limit {
+        Limit::Requests(rpm) => {
+            let ahead = Duration::from_micros(v);
+            // The arrival time relative to now, as the in-memory limiter keeps it.
+            let now = Duration::from_secs(3600);
+            Some(Quota {
+                limit: u64::from(rpm),
+                remaining: u64::from(remaining_requests(rpm, now + ahead, now)),
+                reset: ahead,
+            })
+        }
+        Limit::TokensPerMinute(n) => {
+            let ahead = Duration::from_micros(v);
+            let now = Duration::from_secs(3600);
+            Some(Quota {
+                limit: n,
+                remaining: remaining_tokens(n, now + ahead, now),
+                reset: ahead,
+            })
+        }
+        Limit::TokensPerDay(n) | Limit::TokensPerMonth(n) => Some(Quota {
+            limit: n,
+            remaining: n.saturating_sub(v),
+            reset: c.window.map_or(Duration::ZERO, |w| w.left),
+        }),
+        Limit::Streams(_) => None,
+    }
+}
+
+#[cfg(feature = "trace")]
+fn backend_error(open: bool) {
+    metrics::counter!(
+        crate::metric::RATE_LIMIT_BACKEND_ERRORS,
+        "policy" => if open { "open" } else { "closed" },
+    )
+    .increment(1);
+}
+
+#[cfg(not(feature = "trace"))]
+fn backend_error(_open: bool) {}
