@@ -65,7 +65,7 @@ use crate::encoding::{IdentityEncoding, IdentityEncodingLayer};
 use crate::error::{Rescue, RescueLayer};
 use crate::forward::{Forward, ForwardBuilder, ResponseBody};
 use crate::inject::{InjectHeaders, InjectHeadersLayer};
-use crate::limits::{RateLimit, RateLimitLayer, ResponseBody as LimitedBody};
+use crate::limits::{LimitUsage, RateLimit, RateLimitLayer, ResponseBody as LimitedBody};
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
 use crate::model::{
@@ -278,6 +278,13 @@ impl<K: KeyStore> Gateway<K> {
         let stack = self.route.layer(stack);
         let stack = GatewayAuthLayer::from_arc(self.keys.clone()).layer(stack);
         traced("proxy", self.metrics, RescueLayer::new().layer(stack))
+    }
+
+    /// The current usage of every rate limit of `scope` (`team:NAME`, `user:SUBJECT` or
+    /// `key:ID`), read from the limits' backend without charging anything: see
+    /// [`RateLimitLayer::usage`].
+    pub async fn rate_limits_usage(&self, scope: &str) -> Result<Vec<LimitUsage>, String> {
+        self.rate_limit.usage(scope).await
     }
 
     /// The [management API](crate::manage) behind the same authentication, answering under
