@@ -218,19 +218,48 @@ async fn the_openai_client_recovers_from_a_429_by_itself() {
 }
 
 #[test]
-fn limits_the_gateway_does_not_enforce_yet_are_refused_with_the_field_named() {
+fn bad_limit_configs_are_refused_with_the_field_named() {
     let load = |rules: &str| {
         GatewayConfig::from_toml(
             rules,
-            &SecretSource::from_vars([] as [(&str, &str); 0], std::env::temp_dir()),
+            &SecretSource::from_vars([("PW", "hunter2")], std::env::temp_dir()),
         )
     };
-    let err = load("[rate_limits]\nbackend = \"redis://127.0.0.1:6379\"").unwrap_err();
-    assert_eq!(err.field(), "rate_limits.backend");
-    let err =
-        load("[[rate_limits.rules]]\nscope = \"everyone\"\ntokens_per_minute = 1000").unwrap_err();
-    assert_eq!(err.field(), "rate_limits.rules[0].tokens_per_minute");
-    let err =
-        load("[[rate_limits.rules]]\nscope = \"everyone\"\nrequests_per_minute = 0").unwrap_err();
-    assert_eq!(err.field(), "rate_limits.rules[0].requests_per_minute");
+    for (toml, field) in [
+        (
+            "[rate_limits]\nbackend = \"http://:${PW}@127.0.0.1:6379\"",
+            "rate_limits.backend",
+        ),
+        (
+            "[rate_limits]\nbackend = \"redis://:${PW}@127.0.0.1:port\"",
+            "rate_limits.backend",
+        ),
+        ("[rate_limits]\non_backend_error = \"maybe\"", "rate_limits.on_backend_error"),
+        ("[rate_limits]\nkey_prefix = \"a b\"", "rate_limits.key_prefix"),
+        (
+            "[[rate_limits.rules]]\nscope = \"everyone\"\nrequests_per_minute = 0",
+            "rate_limits.rules[0].requests_per_minute",
+        ),
+        (
+            "[[rate_limits.rules]]\nscope = \"team:\"\ntokens_per_day = 10",
+            "rate_limits.rules[0].scope",
+        ),
+        (
+            "[[rate_limits.rules]]\nscope = \"everyone\"\ntokens_per_month = -1",
+            "rate_limits.rules[0].tokens_per_month",
+        ),
+        (
+            "[[rate_limits.rules]]\nscope = \"everyone\"\nendpoint = \"a/b/c\"\nconcurrent_streams = 2",
+            "rate_limits.rules[0].endpoint",
+        ),
+    ] {
+        let err = load(toml).unwrap_err();
+        assert_eq!(err.field(), field, "{toml}: {err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+    let ok = load(
+        "[rate_limits]\nbackend = \"redis://:${PW}@127.0.0.1:6379\"\n[[rate_limits.rules]]\nscope = \"everyone\"\ntokens_per_minute = 1000",
+    )
+    .unwrap();
+    assert!(!format!("{ok:?}").contains("hunter2"));
 }
