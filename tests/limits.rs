@@ -166,6 +166,99 @@ async fn concurrent_streams_are_held_until_the_body_ends() {
     assert!(again.is_some(), "the slot was freed when the stream ended");
 }
 
+/// A token budget through the real stack, in memory: a request reserves tokens when it starts
+/// and the headers say what is left; a stream is charged the usage it reports when it ends; a
+/// client gone mid-stream leaves its reservation charged; a spent budget is 429
+/// `insufficient_quota`, and the refusal is on the request's span.
+#[tokio::test]
+async fn a_token_budget_is_charged_from_the_stream_and_refuses_when_spent() {
+    let (up, mut feeds) = sse_upstream().await;
+    let gw = gateway(
+        &up.base_url(),
+        "[rate_limits]\nreserve_tokens = 40\n[[rate_limits.rules]]\nscope = \"key:res\"\ntokens_per_day = 100",
+    );
+    let served = serve_gateway(gw.clone()).await;
+    let chat = served.url(&format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions"));
+    let used = || async {
+        let usage = gw.rate_limits_usage("key:res").await.unwrap();
+        assert_eq!(usage[0].limit, "tokens_per_day");
+        100 - usage[0].remaining
+    };
+
+    // A stream that reports 50 tokens: 40 reserved, then 50 charged.
+    let req = http::Request::post(chat.clone())
+        .header("authorization", format!("Bearer {RES}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::from(
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+        ))
+        .unwrap();
+    let res = within("the stream's head", client().request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "100");
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "60");
+    assert!(res.headers().contains_key("x-ratelimit-reset-tokens"));
+    let mut body = res.into_body();
+    let (_, events) = within("the stream", feeds.recv()).await.unwrap();
+    events.send(Ok(sse_event(0).into())).await.unwrap();
+    events
+        .send(Ok(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":30}}\n\n"
+                .into(),
+        ))
+        .await
+        .unwrap();
+    events.send(Ok(SSE_DONE.into())).await.unwrap();
+    drop(events);
+    read_to_end(&mut body).await.unwrap();
+    drop(body);
+    let mut settled = false;
+    for _ in 0..100 {
+        if used().await == 50 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        settled,
+        "charged the 50 the stream reported, not the 40 reserved"
+    );
+
+    // A client gone mid-stream: nothing reports its usage, its 40 reserved stay charged.
+    let mut body = open_stream(chat.clone(), RES).await;
+    let (_, events) = within("the second stream", feeds.recv()).await.unwrap();
+    events.send(Ok(sse_event(0).into())).await.unwrap();
+    within("the first event", next_data(&mut body)).await;
+    drop(body);
+    // The gateway lets go of the upstream once it sees the client gone.
+    let mut gone = false;
+    for i in 0..200 {
+        if events.send(Ok(sse_event(i).into())).await.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gone, "the gateway dropped the upstream stream");
+    assert_eq!(used().await, 90);
+
+    // 90 of 100: one more request may start (it reserves 40), then the budget is spent.
+    assert_eq!(models(&served, RES).await.status, 200);
+    let refused = models(&served, RES).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.headers["x-gateway-error"], "insufficient_quota");
+    assert_eq!(refused.json()["error"]["type"], "insufficient_quota");
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(
+        models(&served, SALES).await.status,
+        200,
+        "another key's budget"
+    );
+}
+
 /// The OpenAI client library hits the limit, waits and retries by itself, and succeeds.
 #[tokio::test]
 async fn the_openai_client_recovers_from_a_429_by_itself() {
@@ -234,8 +327,14 @@ fn bad_limit_configs_are_refused_with_the_field_named() {
             "[rate_limits]\nbackend = \"redis://:${PW}@127.0.0.1:port\"",
             "rate_limits.backend",
         ),
-        ("[rate_limits]\non_backend_error = \"maybe\"", "rate_limits.on_backend_error"),
-        ("[rate_limits]\nkey_prefix = \"a b\"", "rate_limits.key_prefix"),
+        (
+            "[rate_limits]\non_backend_error = \"maybe\"",
+            "rate_limits.on_backend_error",
+        ),
+        (
+            "[rate_limits]\nkey_prefix = \"a b\"",
+            "rate_limits.key_prefix",
+        ),
         (
             "[[rate_limits.rules]]\nscope = \"everyone\"\nrequests_per_minute = 0",
             "rate_limits.rules[0].requests_per_minute",

@@ -368,6 +368,7 @@ impl PrivateRedis {
         false
     }
 
+    /// Whether `gw:SUFFIX` exists.
     fn has_key(&self, suffix: &str) -> bool {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
@@ -485,11 +486,11 @@ async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The open gateway uses Redis again once a request of another key lands there.
-    let probe = format!("rpm:0:res2");
+    let probe = "rpm:everyone:res2";
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         assert_eq!(models(&open, RES2).await.status, 200);
-        if redis.has_key(&probe) {
+        if redis.has_key(probe) {
             break;
         }
         assert!(
@@ -505,4 +506,58 @@ async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
     }
     // 1 used above, 4 more admitted, then refused: the two gateways count together again.
     assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{statuses:?}");
+}
+
+/// The OpenAI client library against a limit counted in Redis by two replicas: the burst is
+/// spent on one replica, the client calls the other, is refused, waits as told and succeeds,
+/// with no code of ours on its side.
+#[tokio::test]
+async fn the_openai_client_recovers_from_a_shared_429_by_itself() {
+    use async_openai::Client;
+    use async_openai::config::OpenAIConfig;
+    use async_openai::types::chat::{
+        ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+    };
+    let Some(prefix) = Prefix::new() else { return };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockUpstream::new(UP_KEY, Duration::from_millis(1));
+    let addr = mock.spawn().await.unwrap();
+    let limits = format!(
+        "[rate_limits]\nbackend = \"{}\"\nkey_prefix = \"{}\"\n[[rate_limits.rules]]\nscope = \"key:res\"\nrequests_per_minute = 20",
+        redis_url(),
+        prefix.0
+    );
+    let base = format!("http://{addr}/v1");
+    let spent_on = serve_gateway(gateway(&base, &limits)).await;
+    let called = serve_gateway(gateway(&base, &limits)).await;
+    for _ in 0..20 {
+        assert_eq!(models(&spent_on, RES).await.status, 200);
+    }
+    assert_eq!(
+        models(&called, RES).await.status,
+        429,
+        "spent on the other replica"
+    );
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(called.base_url())
+            .with_api_key(RES),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("meta-llama/Llama-3.1-8B-Instruct")
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("Say hello")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let response = within(
+        "a completion after the client's own retries",
+        client.chat().create(request),
+    )
+    .await
+    .expect("the client retried past the 429");
+    assert!(response.choices[0].message.content.is_some());
+    drop(prefix);
 }

@@ -80,6 +80,7 @@ impl MemoryLimiter {
     }
 
     /// Rule `i`'s `scope` label in the metrics.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn label(&self, i: usize) -> &Arc<str> {
         &self.labels[i]
     }

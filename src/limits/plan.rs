@@ -18,6 +18,7 @@ pub(super) enum Decision {
     /// It is over a limit.
     Refused(Refusal),
     /// The shared backend cannot be reached and the policy is to fail closed.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Unavailable,
 }
 
@@ -97,6 +98,7 @@ impl Limit {
     }
 
     /// Whether it counts tokens (and so is settled when the response ends).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn counts_tokens(self) -> bool {
         matches!(
             self,
@@ -114,6 +116,7 @@ impl Limit {
     }
 
     /// A short tag for counter names.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn tag(self) -> &'static str {
         match self {
             Self::Requests(_) => "rpm",

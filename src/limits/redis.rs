@@ -244,24 +244,33 @@ impl RedisLimiter {
         Ok(self.conn.get_or_init(|| conn).clone())
     }
 
+    /// The counter of `limit` of rule `rule` for `bucket`: named by the rule's scope and
+    /// endpoint (not its place in the list, so reordering or retuning the rules keeps the
+    /// counts), the bucket and, for a budget, its window.
+    fn counter(&self, rule: usize, bucket: &str, limit: Limit, wall: SystemTime) -> Counter {
+        let window = limit.window(wall);
+        let mut key = format!(
+            "{}{}:{}:{bucket}",
+            self.limits().key_prefix,
+            limit.tag(),
+            self.local.label(rule)
+        );
+        if let Some(w) = window {
+            key.push_str(&format!(":{}", w.id));
+        }
+        Counter {
+            rule,
+            limit,
+            key,
+            window,
+        }
+    }
+
     fn counters(&self, principal: &Principal, route: (&str, &str)) -> Vec<Counter> {
-        let limits = self.limits();
         let wall = SystemTime::now();
-        covering(limits, principal, route)
+        covering(self.limits(), principal, route)
             .into_iter()
-            .map(|(rule, bucket, limit)| {
-                let window = limit.window(wall);
-                let mut key = format!("{}{}:{rule}:{bucket}", limits.key_prefix, limit.tag());
-                if let Some(w) = window {
-                    key.push_str(&format!(":{}", w.id));
-                }
-                Counter {
-                    rule,
-                    limit,
-                    key,
-                    window,
-                }
-            })
+            .map(|(rule, bucket, limit)| self.counter(rule, &bucket, limit, wall))
             .collect()
     }
 
@@ -470,19 +479,7 @@ impl RedisLimiter {
         };
         let wall = SystemTime::now();
         let counters: Vec<Counter> = Limit::of(r)
-            .map(|limit| {
-                let window = limit.window(wall);
-                let mut key = format!("{}{}:{rule}:{bucket}", limits.key_prefix, limit.tag());
-                if let Some(w) = window {
-                    key.push_str(&format!(":{}", w.id));
-                }
-                Counter {
-                    rule,
-                    limit,
-                    key,
-                    window,
-                }
-            })
+            .map(|limit| self.counter(rule, &bucket, limit, wall))
             .collect();
         let mut conn = self.connection().map_err(|e| e.to_string())?;
         let mut call = self.peek.prepare_invoke();

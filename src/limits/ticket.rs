@@ -117,8 +117,7 @@ mod tests {
             assert_eq!(*seen.lock().unwrap(), None);
         }
         drop(usage);
-        let result = *seen.lock().unwrap();
-        result
+        *seen.lock().unwrap()
     }
 
     #[test]

@@ -260,6 +260,18 @@ impl RateLimits {
                     "must be ACCOUNT/ENDPOINT, two valid names",
                 ));
             }
+            if let Some(j) = self.rules[..i]
+                .iter()
+                .position(|r| r.scope == rule.scope && r.endpoint == rule.endpoint)
+            {
+                return Err(FieldError::new(
+                    format!("{field}.scope"),
+                    format!(
+                        "repeats the scope and endpoint of rate_limits.rules[{j}]; put both \
+                         limits in one rule"
+                    ),
+                ));
+            }
             let limits = [
                 (
                     "requests_per_minute",
@@ -373,6 +385,22 @@ mod tests {
                     ..RateLimits::default()
                 },
                 "rate_limits.backend",
+            ),
+            (
+                RateLimits {
+                    rules: vec![
+                        RateLimitRule {
+                            requests_per_minute: Some(1),
+                            ..RateLimitRule::new(LimitScope::Everyone)
+                        },
+                        RateLimitRule {
+                            tokens_per_day: Some(1),
+                            ..RateLimitRule::new(LimitScope::Everyone)
+                        },
+                    ],
+                    ..RateLimits::default()
+                },
+                "rate_limits.rules[1].scope",
             ),
             (
                 RateLimits {
