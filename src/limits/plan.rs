@@ -295,6 +295,7 @@ impl Refusal {
 
 /// Every limit that covers a request: `(rule, bucket id, limit)`, without allocating unless
 /// some rule covers it.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(super) fn covering(
     limits: &RateLimits,
     principal: &Principal,
