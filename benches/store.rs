@@ -60,7 +60,11 @@ fn state(keys: usize, accounts: usize, endpoints_each: usize) -> Snapshot {
             )
         })
         .collect();
-    Snapshot { accounts, keys }
+    Snapshot {
+        accounts,
+        keys,
+        rate_limits: None,
+    }
 }
 
 fn seed_entry() -> tower_gateway::model::AuditEntry {

@@ -69,9 +69,10 @@ use crate::limits::{LimitUsage, RateLimit, RateLimitLayer, ResponseBody as Limit
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
 use crate::model::{
-    AuditEntry, FieldError, KeyRecord, LimitBackend, RateLimits, Snapshot, Subject, Writer,
+    AuditEntry, FieldError, KeyRecord, LimitBackend, LimitRules, RateLimits, Snapshot, Subject,
+    Writer,
 };
-use crate::registry::{Live, MemoryWriter, SharedRegistry};
+use crate::registry::{Live, MemoryWriter, SharedLimitRules, SharedRegistry};
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
 #[cfg(feature = "store")]
 use crate::store::{Store, StoreError, StoreWriter};
@@ -229,15 +230,21 @@ impl Gateway {
                 "cannot change while the gateway runs; restart it to change the prefix",
             ));
         }
-        let running = self.rate_limit.limits();
-        let mut wanted = config.rate_limits.clone();
+        // The rules change while running (below, or through the store); where and how they
+        // are counted does not.
+        let running = self.rate_limit.settings();
+        let mut wanted = RateLimits {
+            rules: Vec::new(),
+            ..config.rate_limits.clone()
+        };
         if self.fixed_backend {
             wanted.backend = running.backend.clone();
         }
         if wanted != *running {
             return Err(ConfigError::new(
                 "rate_limits",
-                "cannot change while the gateway runs; restart it to change the limits",
+                "backend, on_backend_error, key_prefix and reserve_tokens cannot change while \
+                 the gateway runs; restart it to change them (the rules can)",
             ));
         }
         if config.max_request_body != self.max_request_body {
@@ -253,9 +260,15 @@ impl Gateway {
         // On a store, the store holds the keys, accounts and grants; the file gives only the
         // settings.
         if !on_store {
+            let rules = self.live.rules().load();
+            let rate_limits = (rules.rules != config.rate_limits.rules).then(|| LimitRules {
+                rules: config.rate_limits.rules,
+                version: rules.version + 1,
+            });
             self.live.apply(Snapshot {
                 accounts: config.registry.specs().to_vec(),
                 keys: config.key_records,
+                rate_limits,
             })?;
         }
         #[cfg(feature = "manage")]
@@ -737,6 +750,7 @@ impl<K> GatewayBuilder<K> {
         let seed = Snapshot {
             accounts: self.registry.load().specs().to_vec(),
             keys: self.key_records.clone(),
+            rate_limits: Some(LimitRules::new(self.rate_limits.rules.clone())),
         };
         if !seed.accounts.is_empty() || !seed.keys.is_empty() {
             let entry = AuditEntry {
@@ -746,6 +760,7 @@ impl<K> GatewayBuilder<K> {
                 changes: serde_json::json!({
                     "accounts": seed.accounts.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
                     "keys": seed.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+                    "rate_limits": self.rate_limits.rules.len(),
                 }),
             };
             if store.seed(&seed, entry).await? {
@@ -761,7 +776,9 @@ impl<K> GatewayBuilder<K> {
     }
 
     fn build_with(self, writer: impl FnOnce(&Live) -> Arc<dyn Writer>) -> Gateway<K> {
-        let live = Live::new(self.registry.clone(), self.live_keys, self.key_records);
+        let rules = SharedLimitRules::new(LimitRules::new(self.rate_limits.rules.clone()));
+        let live = Live::new(self.registry.clone(), self.live_keys, self.key_records)
+            .with_rules(rules.clone());
         let writer = writer(&live);
         #[cfg(feature = "manage")]
         let management = {
@@ -800,7 +817,8 @@ impl<K> GatewayBuilder<K> {
             },
             metrics: self.metrics,
             live,
-            rate_limit: RateLimitLayer::new(self.rate_limits),
+            rate_limit: RateLimitLayer::shared(self.rate_limits, rules)
+                .unwrap_or_else(|e| panic!("{e}")),
             fixed_backend: self.fixed_backend,
             #[cfg(feature = "store")]
             store: None,

@@ -283,6 +283,7 @@ async fn postgres_replicas_starting_at_once_migrate_an_empty_database_once() {
                         "ops@example.com",
                         vec![],
                     )],
+                    rate_limits: None,
                 };
                 s.seed(&seed, entry("seed", "config")).await.unwrap()
             })

@@ -8,25 +8,38 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::plan::scope_label;
+use arc_swap::ArcSwap;
+
 use super::plan::{
     Decision, Limit, MINUTE, Quota, Quotas, Refusal, count, gcra, remaining_requests,
-    remaining_tokens, token_time,
+    remaining_tokens, scope_label, token_time,
 };
 use super::ticket::{Settle, Ticket};
 use crate::ext::Principal;
-use crate::model::RateLimits;
+use crate::model::{LimitRules, RateLimits};
+use crate::registry::SharedLimitRules;
 
 pub(super) struct MemoryLimiter {
-    limits: RateLimits,
-    /// Each rule's `scope` label in the metrics.
-    labels: Vec<Arc<str>>,
+    /// Backend, policy, prefix, reservation; `rules` is left empty (they come from `rules`).
+    settings: RateLimits,
+    rules: SharedLimitRules,
+    compiled: ArcSwap<Compiled>,
     start: Instant,
     state: Mutex<State>,
 }
 
-/// The counters of one limit of one rule for one bucket.
-type Key = (usize, u8, Arc<str>);
+/// The rules in force, with what the hot path needs of each.
+pub(super) struct Compiled {
+    pub(super) rules: Arc<LimitRules>,
+    /// Each rule's `scope` label in the metrics (and its name in Redis).
+    pub(super) labels: Vec<Arc<str>>,
+    /// Each rule's counter id: the same for the same scope and endpoint whatever the rule's
+    /// place or values, so a change of the rules keeps the counts.
+    ids: Vec<u32>,
+}
+
+/// The counters of one limit of one rule (by id) for one bucket.
+type Key = (u32, u8, Arc<str>);
 
 #[derive(Default)]
 struct State {
@@ -38,11 +51,15 @@ struct State {
     /// The streams in flight of each stream bucket.
     streams: HashMap<Key, Arc<AtomicU32>>,
     checks: u64,
+    /// The id of every scope label seen.
+    ids: HashMap<Arc<str>, u32>,
 }
 
 /// One token charge to settle when the response ends.
 struct TokenCharge {
     key: Key,
+    /// A tokens-per-minute limit's value (`None` for a budget).
+    per_minute: Option<u64>,
     /// The budget's window when it was charged (a settlement after it ended is dropped).
     window: Option<u64>,
 }
@@ -50,7 +67,7 @@ struct TokenCharge {
 impl fmt::Debug for MemoryLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryLimiter")
-            .field("rules", &self.limits.rules.len())
+            .field("rules", &self.rules.load_guard().rules.len())
             .finish_non_exhaustive()
     }
 }
@@ -66,23 +83,36 @@ fn kind(limit: Limit) -> u8 {
 }
 
 impl MemoryLimiter {
-    pub(super) fn new(limits: RateLimits) -> Self {
+    pub(super) fn new(mut settings: RateLimits, rules: SharedLimitRules) -> Self {
+        settings.rules = Vec::new();
+        let mut state = State::default();
+        let compiled = compile(&mut state, rules.load());
         Self {
-            labels: limits.rules.iter().map(scope_label).collect(),
-            limits,
+            settings,
+            rules,
+            compiled: ArcSwap::from_pointee(compiled),
             start: Instant::now(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
         }
     }
 
-    pub(super) fn limits(&self) -> &RateLimits {
-        &self.limits
+    /// Backend, policy, prefix and reservation (without the rules).
+    pub(super) fn settings(&self) -> &RateLimits {
+        &self.settings
     }
 
-    /// Rule `i`'s `scope` label in the metrics.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(super) fn label(&self, i: usize) -> &Arc<str> {
-        &self.labels[i]
+    /// The rules in force, compiled once per change.
+    pub(super) fn compiled(&self) -> arc_swap::Guard<Arc<Compiled>> {
+        let current = self.compiled.load();
+        let rules = self.rules.load_guard();
+        if Arc::ptr_eq(&current.rules, &rules) {
+            return current;
+        }
+        drop(current);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = compile(&mut state, Arc::clone(&rules));
+        self.compiled.store(Arc::new(next));
+        self.compiled.load()
     }
 
     /// Checks every limit that covers `principal` calling `route` (account, endpoint); charges
@@ -90,19 +120,21 @@ impl MemoryLimiter {
     /// taken.
     pub(super) fn check(self: &Arc<Self>, principal: &Principal, route: (&str, &str)) -> Decision {
         let (account, endpoint) = route;
+        let compiled = self.compiled();
+        let rules = &compiled.rules.rules;
         let now = self.start.elapsed();
         let mut wall: Option<SystemTime> = None;
-        let reserve = self.limits.reserve_tokens;
+        let reserve = self.settings.reserve_tokens;
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         // First every covering limit is checked; only if none refuses are they charged.
         let mut covered = false;
-        for (i, rule) in self.limits.rules.iter().enumerate() {
+        for (i, rule) in rules.iter().enumerate() {
             let Some(bucket) = rule.covers(principal, account, endpoint) else {
                 continue;
             };
             covered = true;
             for limit in Limit::of(rule) {
-                let key = (i, kind(limit), bucket.clone());
+                let key = (compiled.ids[i], kind(limit), bucket.clone());
                 let retry_after = match limit {
                     Limit::Requests(rpm) => {
                         let (_, tau) = gcra(rpm);
@@ -131,10 +163,9 @@ impl MemoryLimiter {
                         .then_some(Duration::from_secs(1)),
                 };
                 if let Some(retry_after) = retry_after {
-                    count(&self.labels[i], "refused", limit.name());
+                    count(&compiled.labels[i], "refused", limit.name());
                     return Decision::Refused(Refusal::new(
-                        &self.limits,
-                        i,
+                        rule,
                         limit,
                         principal,
                         route,
@@ -149,13 +180,13 @@ impl MemoryLimiter {
         let mut ticket = Ticket::default();
         let mut quotas = Quotas::default();
         let mut charges: Vec<TokenCharge> = Vec::new();
-        for (i, rule) in self.limits.rules.iter().enumerate() {
+        for (i, rule) in rules.iter().enumerate() {
             let Some(bucket) = rule.covers(principal, account, endpoint) else {
                 continue;
             };
-            count(&self.labels[i], "allowed", "");
+            count(&compiled.labels[i], "allowed", "");
             for limit in Limit::of(rule) {
-                let key = (i, kind(limit), bucket.clone());
+                let key = (compiled.ids[i], kind(limit), bucket.clone());
                 match limit {
                     Limit::Requests(rpm) => {
                         let (t, _) = gcra(rpm);
@@ -177,7 +208,11 @@ impl MemoryLimiter {
                             reset: *tat - now,
                         };
                         quotas.add(limit, quota);
-                        charges.push(TokenCharge { key, window: None });
+                        charges.push(TokenCharge {
+                            key,
+                            per_minute: Some(per_minute),
+                            window: None,
+                        });
                     }
                     Limit::TokensPerDay(max) | Limit::TokensPerMonth(max) => {
                         let window = limit
@@ -198,6 +233,7 @@ impl MemoryLimiter {
                         );
                         charges.push(TokenCharge {
                             key,
+                            per_minute: None,
                             window: Some(window.id),
                         });
                     }
@@ -248,13 +284,12 @@ impl MemoryLimiter {
         let now = self.start.elapsed();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         for charge in charges {
-            let (i, _, _) = &charge.key;
             match charge.window {
                 None => {
                     let Some(tat) = state.tat.get_mut(&charge.key) else {
                         continue;
                     };
-                    let per_minute = self.limits.rules[*i].tokens_per_minute.unwrap_or(1);
+                    let per_minute = charge.per_minute.unwrap_or(1);
                     let time = token_time(delta.unsigned_abs(), per_minute);
                     *tat = if delta > 0 {
                         (*tat).max(now) + time
@@ -275,15 +310,17 @@ impl MemoryLimiter {
 
     /// The current counts of every limit of rule `rule` for bucket `bucket`, without charging.
     pub(super) fn peek(&self, rule: usize, bucket: &Arc<str>) -> Vec<(Limit, Quota)> {
-        let Some(r) = self.limits.rules.get(rule) else {
+        let compiled = self.compiled();
+        let Some(r) = compiled.rules.rules.get(rule) else {
             return Vec::new();
         };
+        let id = compiled.ids[rule];
         let now = self.start.elapsed();
         let wall = SystemTime::now();
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         Limit::of(r)
             .map(|limit| {
-                let key = (rule, kind(limit), bucket.clone());
+                let key = (id, kind(limit), bucket.clone());
                 let tat = || state.tat.get(&key).copied().unwrap_or(now).max(now);
                 let quota = match limit {
                     Limit::Requests(rpm) => Quota {
@@ -326,17 +363,33 @@ impl MemoryLimiter {
     }
 }
 
+/// What the hot path needs of `rules`: each rule's label, and its counter id (the same for
+/// the same label, from the interner in `state`).
+fn compile(state: &mut State, rules: Arc<LimitRules>) -> Compiled {
+    let labels: Vec<Arc<str>> = rules.rules.iter().map(scope_label).collect();
+    let ids = labels
+        .iter()
+        .map(|label| {
+            let next = u32::try_from(state.ids.len()).unwrap_or(u32::MAX);
+            *state.ids.entry(label.clone()).or_insert(next)
+        })
+        .collect();
+    Compiled { rules, labels, ids }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{LimitScope, RateLimitRule};
 
     fn limiter(rules: Vec<RateLimitRule>) -> Arc<MemoryLimiter> {
-        Arc::new(MemoryLimiter::new(RateLimits {
-            rules,
-            reserve_tokens: 100,
-            ..RateLimits::default()
-        }))
+        Arc::new(MemoryLimiter::new(
+            RateLimits {
+                reserve_tokens: 100,
+                ..RateLimits::default()
+            },
+            SharedLimitRules::new(LimitRules::new(rules)),
+        ))
     }
 
     const NO_ROUTE: (&str, &str) = ("", "");

@@ -85,7 +85,8 @@ use self::plan::{Decision, Quota, Quotas, Refusal};
 use self::ticket::Ticket;
 use crate::error::GatewayError;
 use crate::ext::{Principal, RouteMatch};
-use crate::model::{FieldError, LimitBackend, RateLimits};
+use crate::model::{FieldError, LimitBackend, LimitRules, RateLimits};
+use crate::registry::SharedLimitRules;
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
@@ -104,11 +105,11 @@ enum Backend {
 }
 
 impl Backend {
-    fn limits(&self) -> &RateLimits {
+    fn settings(&self) -> &RateLimits {
         match self {
-            Self::Memory(m) => m.limits(),
+            Self::Memory(m) => m.settings(),
             #[cfg(feature = "redis")]
-            Self::Redis(r) => r.limits(),
+            Self::Redis(r) => r.settings(),
         }
     }
 }
@@ -117,6 +118,7 @@ impl Backend {
 #[derive(Clone, Debug)]
 pub struct RateLimitLayer {
     backend: Backend,
+    rules: SharedLimitRules,
 }
 
 impl RateLimitLayer {
@@ -135,30 +137,53 @@ impl RateLimitLayer {
     /// a Redis limiter must be used inside a Tokio runtime). An error names
     /// `rate_limits.backend` and never shows the URL.
     pub fn try_new(limits: RateLimits) -> Result<Self, FieldError> {
+        let rules = SharedLimitRules::new(LimitRules::new(limits.rules.clone()));
+        Self::shared(limits, rules)
+    }
+
+    /// Like [`try_new`](Self::try_new), with the rules read from `rules` at every request
+    /// instead of `limits.rules`: whoever holds `rules` (the gateway's [`Live`] state, fed by
+    /// the management API and the store) changes them while traffic flows, and the counts of
+    /// a rule whose scope and endpoint stay the same carry over.
+    ///
+    /// [`Live`]: crate::registry::Live
+    pub fn shared(limits: RateLimits, rules: SharedLimitRules) -> Result<Self, FieldError> {
         limits.validate()?;
         let backend = match &limits.backend {
-            LimitBackend::Memory => Backend::Memory(Arc::new(MemoryLimiter::new(limits))),
+            LimitBackend::Memory => {
+                Backend::Memory(Arc::new(MemoryLimiter::new(limits, rules.clone())))
+            }
             #[cfg(feature = "redis")]
             LimitBackend::Redis(url) => {
                 let url = url.clone();
-                let limiter = redis::RedisLimiter::new(limits, &url).map_err(|_| {
-                    FieldError::new(
-                        "rate_limits.backend",
-                        "is not a Redis URL the client accepts",
-                    )
-                })?;
+                let limiter =
+                    redis::RedisLimiter::new(limits, rules.clone(), &url).map_err(|_| {
+                        FieldError::new(
+                            "rate_limits.backend",
+                            "is not a Redis URL the client accepts",
+                        )
+                    })?;
                 Backend::Redis(Arc::new(limiter))
             }
             // `validate` refused it.
             #[cfg(not(feature = "redis"))]
             LimitBackend::Redis(_) => unreachable!("a Redis backend without the redis feature"),
         };
-        Ok(Self { backend })
+        Ok(Self { backend, rules })
     }
 
-    /// The limits this layer enforces.
-    pub fn limits(&self) -> &RateLimits {
-        self.backend.limits()
+    /// The limits this layer enforces now: its settings and the rules in force.
+    pub fn limits(&self) -> RateLimits {
+        RateLimits {
+            rules: self.rules.load().rules.clone(),
+            ..self.backend.settings().clone()
+        }
+    }
+
+    /// Where and how the limits are counted (backend, policy, prefix, reservation), without
+    /// the rules, which may change while the gateway runs.
+    pub fn settings(&self) -> &RateLimits {
+        self.backend.settings()
     }
 
     /// The current usage of every limit of `scope` (as a rule writes it: `team:research`,
@@ -167,7 +192,8 @@ impl RateLimitLayer {
     pub async fn usage(&self, scope: &str) -> Result<Vec<LimitUsage>, String> {
         let scope: crate::model::LimitScope = scope.parse()?;
         let mut out = Vec::new();
-        for (i, rule) in self.limits().rules.iter().enumerate() {
+        let rules = self.rules.load();
+        for (i, rule) in rules.rules.iter().enumerate() {
             let bucket: Arc<str> = match (&rule.scope, &scope) {
                 (a, b) if a == b => match b {
                     crate::model::LimitScope::Team(n)
@@ -227,6 +253,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             backend: self.backend.clone(),
+            rules: self.rules.clone(),
         }
     }
 }
@@ -236,6 +263,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     backend: Backend,
+    rules: SharedLimitRules,
 }
 
 impl<S> RateLimit<S> {
@@ -321,7 +349,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if self.backend.limits().rules.is_empty() {
+        if self.rules.load_guard().rules.is_empty() {
             // No rule: not even the extensions are looked at.
             return ResponseFuture::inner(
                 self.inner.call(req),

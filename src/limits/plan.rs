@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::ticket::Ticket;
 use crate::ext::Principal;
-use crate::model::{RateLimitRule, RateLimits};
+use crate::model::RateLimitRule;
 
 /// What a request gets.
 pub(super) enum Decision {
@@ -256,8 +256,7 @@ pub(crate) struct Refusal {
 
 impl Refusal {
     pub(super) fn new(
-        rules: &RateLimits,
-        rule: usize,
+        rule: &RateLimitRule,
         limit: Limit,
         principal: &Principal,
         route: (&str, &str),
@@ -265,9 +264,7 @@ impl Refusal {
     ) -> Self {
         Self {
             limit,
-            bucket: rules.rules[rule]
-                .bucket(principal, route.0, route.1)
-                .unwrap_or_default(),
+            bucket: rule.bucket(principal, route.0, route.1).unwrap_or_default(),
             retry_after,
         }
     }
@@ -297,12 +294,12 @@ impl Refusal {
 /// some rule covers it.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(super) fn covering(
-    limits: &RateLimits,
+    rules: &[RateLimitRule],
     principal: &Principal,
     (account, endpoint): (&str, &str),
 ) -> Vec<(usize, Arc<str>, Limit)> {
     let mut out = Vec::new();
-    for (i, rule) in limits.rules.iter().enumerate() {
+    for (i, rule) in rules.iter().enumerate() {
         if let Some(bucket) = rule.covers(principal, account, endpoint) {
             for limit in Limit::of(rule) {
                 out.push((i, bucket.clone(), limit));

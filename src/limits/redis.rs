@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use super::memory::MemoryLimiter;
+use super::memory::{Compiled, MemoryLimiter};
 use super::plan::{
     Decision, Limit, Quota, Quotas, Refusal, count, covering, gcra, remaining_requests,
     remaining_tokens,
@@ -31,6 +31,7 @@ use super::plan::{
 use super::ticket::{Settle, Ticket};
 use crate::ext::Principal;
 use crate::model::{OnBackendError, RateLimits};
+use crate::registry::SharedLimitRules;
 
 /// How long a request waits for Redis before the policy decides.
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -174,7 +175,7 @@ impl fmt::Debug for RedisLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The client's URL may hold a password.
         f.debug_struct("RedisLimiter")
-            .field("rules", &self.local.limits().rules.len())
+            .field("rules", &self.local.compiled().rules.rules.len())
             .finish_non_exhaustive()
     }
 }
@@ -210,10 +211,14 @@ impl Counter {
 
 impl RedisLimiter {
     /// A limiter on the Redis server at `url`. Nothing connects until the first request.
-    pub(super) fn new(limits: RateLimits, url: &str) -> Result<Self, redis::RedisError> {
+    pub(super) fn new(
+        limits: RateLimits,
+        rules: SharedLimitRules,
+        url: &str,
+    ) -> Result<Self, redis::RedisError> {
         let client = Client::open(url)?;
         Ok(Self {
-            local: Arc::new(MemoryLimiter::new(limits)),
+            local: Arc::new(MemoryLimiter::new(limits, rules)),
             client,
             conn: OnceLock::new(),
             check: Script::new(CHECK),
@@ -227,8 +232,9 @@ impl RedisLimiter {
         })
     }
 
-    pub(super) fn limits(&self) -> &RateLimits {
-        self.local.limits()
+    /// Backend, policy, prefix and reservation (without the rules).
+    pub(super) fn settings(&self) -> &RateLimits {
+        self.local.settings()
     }
 
     fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
@@ -247,13 +253,20 @@ impl RedisLimiter {
     /// The counter of `limit` of rule `rule` for `bucket`: named by the rule's scope and
     /// endpoint (not its place in the list, so reordering or retuning the rules keeps the
     /// counts), the bucket and, for a budget, its window.
-    fn counter(&self, rule: usize, bucket: &str, limit: Limit, wall: SystemTime) -> Counter {
+    fn counter(
+        &self,
+        compiled: &Compiled,
+        rule: usize,
+        bucket: &str,
+        limit: Limit,
+        wall: SystemTime,
+    ) -> Counter {
         let window = limit.window(wall);
         let mut key = format!(
             "{}{}:{}:{bucket}",
-            self.limits().key_prefix,
+            self.settings().key_prefix,
             limit.tag(),
-            self.local.label(rule)
+            compiled.labels[rule]
         );
         if let Some(w) = window {
             key.push_str(&format!(":{}", w.id));
@@ -266,11 +279,16 @@ impl RedisLimiter {
         }
     }
 
-    fn counters(&self, principal: &Principal, route: (&str, &str)) -> Vec<Counter> {
+    fn counters(
+        &self,
+        compiled: &Compiled,
+        principal: &Principal,
+        route: (&str, &str),
+    ) -> Vec<Counter> {
         let wall = SystemTime::now();
-        covering(self.limits(), principal, route)
+        covering(&compiled.rules.rules, principal, route)
             .into_iter()
-            .map(|(rule, bucket, limit)| self.counter(rule, &bucket, limit, wall))
+            .map(|(rule, bucket, limit)| self.counter(compiled, rule, &bucket, limit, wall))
             .collect()
     }
 
@@ -287,7 +305,7 @@ impl RedisLimiter {
             Ordering::Relaxed,
         );
         if !self.down.swap(true, Ordering::Relaxed) {
-            let policy = match self.limits().on_backend_error {
+            let policy = match self.settings().on_backend_error {
                 OnBackendError::Open => "serving, counting in this replica's memory",
                 OnBackendError::Closed => "refusing limited requests with 503",
             };
@@ -310,7 +328,7 @@ impl RedisLimiter {
 
     /// What the policy says while Redis is away.
     fn fallback(self: &Arc<Self>, principal: &Principal, route: (&str, &str)) -> Decision {
-        let open = self.limits().on_backend_error == OnBackendError::Open;
+        let open = self.settings().on_backend_error == OnBackendError::Open;
         backend_error(open);
         if open {
             self.local.check(principal, route)
@@ -327,7 +345,8 @@ impl RedisLimiter {
         route: (Arc<str>, Arc<str>),
     ) -> Decision {
         let route_ref = (&*route.0, &*route.1);
-        let counters = self.counters(&principal, route_ref);
+        let compiled = arc_swap::Guard::into_inner(self.local.compiled());
+        let counters = self.counters(&compiled, &principal, route_ref);
         if counters.is_empty() {
             return Decision::Unlimited;
         }
@@ -341,8 +360,7 @@ impl RedisLimiter {
                 return self.fallback(&principal, route_ref);
             }
         };
-        let limits = self.limits();
-        let reserve = limits.reserve_tokens;
+        let reserve = self.settings().reserve_tokens;
         let has_streams = counters
             .iter()
             .any(|c| matches!(c.limit, Limit::Streams(_)));
@@ -394,10 +412,9 @@ impl RedisLimiter {
                 Some(w) => w.left,
                 None => Duration::from_micros(answer.get(2).map_or(0, |&v| v.max(0) as u64)),
             };
-            count(self.local.label(c.rule), "refused", c.limit.name());
+            count(&compiled.labels[c.rule], "refused", c.limit.name());
             return Decision::Refused(Refusal::new(
-                limits,
-                c.rule,
+                &compiled.rules.rules[c.rule],
                 c.limit,
                 &principal,
                 route_ref,
@@ -408,7 +425,7 @@ impl RedisLimiter {
         let mut last_rule = None;
         for (c, &v) in counters.iter().zip(&answer[1..]) {
             if last_rule != Some(c.rule) {
-                count(self.local.label(c.rule), "allowed", "");
+                count(&compiled.labels[c.rule], "allowed", "");
                 last_rule = Some(c.rule);
             }
             if let Some(quota) = quota(c, v) {
@@ -473,13 +490,13 @@ impl RedisLimiter {
         rule: usize,
         bucket: Arc<str>,
     ) -> Result<Vec<(Limit, Quota)>, String> {
-        let limits = self.limits();
-        let Some(r) = limits.rules.get(rule) else {
+        let compiled = arc_swap::Guard::into_inner(self.local.compiled());
+        let Some(r) = compiled.rules.rules.get(rule) else {
             return Ok(Vec::new());
         };
         let wall = SystemTime::now();
         let counters: Vec<Counter> = Limit::of(r)
-            .map(|limit| self.counter(rule, &bucket, limit, wall))
+            .map(|limit| self.counter(&compiled, rule, &bucket, limit, wall))
             .collect();
         let mut conn = self.connection().map_err(|e| e.to_string())?;
         let mut call = self.peek.prepare_invoke();

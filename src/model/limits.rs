@@ -146,6 +146,187 @@ impl RateLimitRule {
     }
 }
 
+/// Checks rules; an error names the field under `prefix` (`rate_limits.rules` in the file,
+/// `rules` in the management API), e.g. `rate_limits.rules[2].endpoint`.
+pub fn validate_rules(rules: &[RateLimitRule], prefix: &str) -> Result<(), FieldError> {
+    for (i, rule) in rules.iter().enumerate() {
+        let field = format!("{prefix}[{i}]");
+        if let Some((account, endpoint)) = &rule.endpoint
+            && !(is_valid_name(account) && is_valid_name(endpoint))
+        {
+            return Err(FieldError::new(
+                format!("{field}.endpoint"),
+                "must be ACCOUNT/ENDPOINT, two valid names",
+            ));
+        }
+        if let Some(j) = rules[..i]
+            .iter()
+            .position(|r| r.scope == rule.scope && r.endpoint == rule.endpoint)
+        {
+            return Err(FieldError::new(
+                format!("{field}.scope"),
+                format!(
+                    "repeats the scope and endpoint of {prefix}[{j}]; put both limits in one \
+                     rule"
+                ),
+            ));
+        }
+        let limits = [
+            (
+                "requests_per_minute",
+                rule.requests_per_minute.map(u64::from),
+            ),
+            ("tokens_per_minute", rule.tokens_per_minute),
+            ("tokens_per_day", rule.tokens_per_day),
+            ("tokens_per_month", rule.tokens_per_month),
+            ("concurrent_streams", rule.concurrent_streams.map(u64::from)),
+        ];
+        if limits.iter().all(|(_, v)| v.is_none()) {
+            return Err(FieldError::new(
+                field,
+                "sets no limit: give at least one of requests_per_minute, tokens_per_minute, \
+                 tokens_per_day, tokens_per_month, concurrent_streams",
+            ));
+        }
+        for (name, value) in limits {
+            if value == Some(0) {
+                return Err(FieldError::new(
+                    format!("{field}.{name}"),
+                    "must be greater than zero (leave it out for no limit)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rate-limit rules as shared state (the store, the management API), with their version:
+/// a change through any replica reaches every other one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitRules {
+    /// The rules; every matching one applies.
+    pub rules: Vec<RateLimitRule>,
+    /// Bumped by every change; the `ETag` of `/manage/rate-limits`.
+    pub version: u64,
+}
+
+impl LimitRules {
+    /// Rules at version 0.
+    pub fn new(rules: Vec<RateLimitRule>) -> Self {
+        Self { rules, version: 0 }
+    }
+}
+
+/// Bumps the version of `next` if its rules differ from `current`'s.
+pub fn bump_rules(current: Option<&LimitRules>, next: Option<&mut LimitRules>) {
+    if let Some(next) = next {
+        let before = current.map_or(0, |c| c.version);
+        if current.is_none_or(|c| c.rules != next.rules) {
+            next.version = before + 1;
+        } else {
+            next.version = before;
+        }
+    }
+}
+
+impl RateLimitRule {
+    /// The rule as JSON, in the shape of the file's `[[rate_limits.rules]]` (what the store
+    /// keeps and the management API answers).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        map.insert("scope".into(), self.scope.to_string().into());
+        if let Some((a, e)) = &self.endpoint {
+            map.insert("endpoint".into(), format!("{a}/{e}").into());
+        }
+        let limits = [
+            (
+                "requests_per_minute",
+                self.requests_per_minute.map(u64::from),
+            ),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("tokens_per_day", self.tokens_per_day),
+            ("tokens_per_month", self.tokens_per_month),
+            ("concurrent_streams", self.concurrent_streams.map(u64::from)),
+        ];
+        for (name, value) in limits {
+            if let Some(v) = value {
+                map.insert(name.into(), v.into());
+            }
+        }
+        serde_json::Value::Object(map)
+    }
+
+    /// A rule from its JSON (see [`to_json`](Self::to_json)); an error names the field under
+    /// `field`, e.g. `rules[1].requests_per_minute`. Checked further by [`validate_rules`].
+    pub fn from_json(value: &serde_json::Value, field: &str) -> Result<Self, FieldError> {
+        let map = value
+            .as_object()
+            .ok_or_else(|| FieldError::new(field, "must be an object"))?;
+        const KNOWN: [&str; 7] = [
+            "scope",
+            "endpoint",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "tokens_per_day",
+            "tokens_per_month",
+            "concurrent_streams",
+        ];
+        if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(FieldError::new(
+                format!("{field}.{unknown}"),
+                format!(
+                    "is not a field of a rule; the fields are {}",
+                    KNOWN.join(", ")
+                ),
+            ));
+        }
+        let scope = map
+            .get("scope")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| FieldError::new(format!("{field}.scope"), "is required, a string"))?
+            .parse()
+            .map_err(|e: String| FieldError::new(format!("{field}.scope"), e))?;
+        let endpoint =
+            match map.get("endpoint") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(v.as_str().and_then(RateLimits::parse_endpoint).ok_or_else(
+                    || {
+                        FieldError::new(
+                            format!("{field}.endpoint"),
+                            "must be ACCOUNT/ENDPOINT, two valid names",
+                        )
+                    },
+                )?),
+            };
+        let number = |name: &str| -> Result<Option<u64>, FieldError> {
+            match map.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                    FieldError::new(format!("{field}.{name}"), "must be a whole number")
+                }),
+            }
+        };
+        let small = |name: &str| -> Result<Option<u32>, FieldError> {
+            number(name)?
+                .map(|n| {
+                    u32::try_from(n).map_err(|_| {
+                        FieldError::new(format!("{field}.{name}"), "must be at most 4294967295")
+                    })
+                })
+                .transpose()
+        };
+        Ok(Self {
+            endpoint,
+            requests_per_minute: small("requests_per_minute")?,
+            tokens_per_minute: number("tokens_per_minute")?,
+            tokens_per_day: number("tokens_per_day")?,
+            tokens_per_month: number("tokens_per_month")?,
+            concurrent_streams: small("concurrent_streams")?,
+            ..Self::new(scope)
+        })
+    }
+}
+
 /// Where the counters live.
 #[derive(Clone, PartialEq, Eq)]
 pub enum LimitBackend {
@@ -250,55 +431,7 @@ impl RateLimits {
                 "must be at most 1000000000",
             ));
         }
-        for (i, rule) in self.rules.iter().enumerate() {
-            let field = format!("rate_limits.rules[{i}]");
-            if let Some((account, endpoint)) = &rule.endpoint
-                && !(is_valid_name(account) && is_valid_name(endpoint))
-            {
-                return Err(FieldError::new(
-                    format!("{field}.endpoint"),
-                    "must be ACCOUNT/ENDPOINT, two valid names",
-                ));
-            }
-            if let Some(j) = self.rules[..i]
-                .iter()
-                .position(|r| r.scope == rule.scope && r.endpoint == rule.endpoint)
-            {
-                return Err(FieldError::new(
-                    format!("{field}.scope"),
-                    format!(
-                        "repeats the scope and endpoint of rate_limits.rules[{j}]; put both \
-                         limits in one rule"
-                    ),
-                ));
-            }
-            let limits = [
-                (
-                    "requests_per_minute",
-                    rule.requests_per_minute.map(u64::from),
-                ),
-                ("tokens_per_minute", rule.tokens_per_minute),
-                ("tokens_per_day", rule.tokens_per_day),
-                ("tokens_per_month", rule.tokens_per_month),
-                ("concurrent_streams", rule.concurrent_streams.map(u64::from)),
-            ];
-            if limits.iter().all(|(_, v)| v.is_none()) {
-                return Err(FieldError::new(
-                    field,
-                    "sets no limit: give at least one of requests_per_minute, tokens_per_minute, \
-                     tokens_per_day, tokens_per_month, concurrent_streams",
-                ));
-            }
-            for (name, value) in limits {
-                if value == Some(0) {
-                    return Err(FieldError::new(
-                        format!("{field}.{name}"),
-                        "must be greater than zero (leave it out for no limit)",
-                    ));
-                }
-            }
-        }
-        Ok(())
+        validate_rules(&self.rules, "rate_limits.rules")
     }
 
     /// Whether any rule limits tokens (and so needs the usage tap's counts).

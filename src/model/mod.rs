@@ -50,7 +50,10 @@ pub use self::keys::{
     DuplicateKey, HashedKeyStore, InvalidDigest, KeyDigest, KeyRecord, KeySource, day_of,
     validate_keys,
 };
-pub use self::limits::{LimitBackend, LimitScope, OnBackendError, RateLimitRule, RateLimits};
+pub use self::limits::{
+    LimitBackend, LimitRules, LimitScope, OnBackendError, RateLimitRule, RateLimits, bump_rules,
+    validate_rules,
+};
 pub use self::principal::Principal;
 #[cfg(feature = "auth")]
 pub use self::snapshot::{AuditEntry, AuditFuture, Edit, Snapshot, WriteFuture, Writer};

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-use super::{AccountSpec, KeyRecord};
+use super::{AccountSpec, KeyRecord, LimitRules};
 use crate::error::GatewayError;
 
 /// Everything a source of the model keeps: the accounts (with their endpoints and grants) and
@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub accounts: Vec<AccountSpec>,
     /// The gateway keys, revoked ones included.
     pub keys: Vec<KeyRecord>,
+    /// The rate-limit rules, or `None` where the source never held any (a store seeded before
+    /// it kept them): then the configuration file's rules apply.
+    pub rate_limits: Option<LimitRules>,
 }
 
 /// One entry of the audit log: who changed what. It never holds a secret value: a change of

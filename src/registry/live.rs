@@ -11,9 +11,36 @@ use arc_swap::ArcSwap;
 use super::{Registry, SharedKeyStore, SharedRegistry};
 use crate::error::GatewayError;
 use crate::model::{
-    AuditEntry, AuditFuture, Edit, FieldError, HashedKeyStore, KeyRecord, Snapshot, WriteFuture,
-    Writer, bump_versions, validate, validate_keys,
+    AuditEntry, AuditFuture, Edit, FieldError, HashedKeyStore, KeyRecord, LimitRules, Snapshot,
+    WriteFuture, Writer, bump_rules, bump_versions, validate, validate_keys, validate_rules,
 };
+
+/// The rate-limit rules in force, swapped whole while traffic flows: the rate limiter reads
+/// them per request, [`Live`] stores a new set when a change arrives.
+#[derive(Clone, Debug, Default)]
+pub struct SharedLimitRules(Arc<ArcSwap<LimitRules>>);
+
+impl SharedLimitRules {
+    /// Shares `rules`.
+    pub fn new(rules: LimitRules) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(rules)))
+    }
+
+    /// The rules in force now.
+    pub fn load(&self) -> Arc<LimitRules> {
+        self.0.load_full()
+    }
+
+    /// The rules in force now, without touching the reference count (for the hot path).
+    pub fn load_guard(&self) -> arc_swap::Guard<Arc<LimitRules>> {
+        self.0.load()
+    }
+
+    /// Puts `rules` in force for the next request.
+    pub fn store(&self, rules: LimitRules) {
+        self.0.store(Arc::new(rules));
+    }
+}
 
 /// The live state: the registry and keys the layers read, and the key records they were
 /// compiled from. Cheap to clone; clones share everything.
@@ -22,6 +49,7 @@ pub struct Live {
     registry: SharedRegistry,
     keys: SharedKeyStore,
     records: Arc<ArcSwap<Vec<KeyRecord>>>,
+    rules: SharedLimitRules,
     /// The revision of a source applied last, so an older load never replaces a newer one.
     revision: Arc<Mutex<u64>>,
 }
@@ -34,8 +62,20 @@ impl Live {
             registry,
             keys,
             records: Arc::new(ArcSwap::from_pointee(records)),
+            rules: SharedLimitRules::default(),
             revision: Arc::new(Mutex::new(0)),
         }
+    }
+
+    /// Serves `rules` as the rate-limit rules, shared with the rate limiter.
+    pub fn with_rules(mut self, rules: SharedLimitRules) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// The rate-limit rules in force.
+    pub fn rules(&self) -> &SharedLimitRules {
+        &self.rules
     }
 
     /// The registry the route layer reads.
@@ -58,6 +98,7 @@ impl Live {
         Snapshot {
             accounts: self.registry.load().specs().to_vec(),
             keys: self.records.load().to_vec(),
+            rate_limits: Some((*self.rules.load()).clone()),
         }
     }
 
@@ -88,6 +129,9 @@ impl Live {
 
     fn swap(&self, snapshot: Snapshot) -> Result<(), FieldError> {
         validate_keys(&snapshot.keys)?;
+        if let Some(rules) = &snapshot.rate_limits {
+            validate_rules(&rules.rules, "rate_limits.rules")?;
+        }
         let keys = HashedKeyStore::from_records(&snapshot.keys)
             .map_err(|e| FieldError::new("keys", e.to_string()))?;
         let registry = Registry::from_accounts(snapshot.accounts)?;
@@ -95,6 +139,12 @@ impl Live {
         self.registry.store(registry);
         self.keys.store(keys);
         self.records.store(Arc::new(snapshot.keys));
+        // A source that never held rules leaves the file's in force.
+        if let Some(rules) = snapshot.rate_limits
+            && *self.rules.load() != rules
+        {
+            self.rules.store(rules);
+        }
         Ok(())
     }
 }
@@ -144,7 +194,11 @@ impl MemoryWriter {
         let entries = edit(&mut next)?;
         validate(&next.accounts)?;
         validate_keys(&next.keys)?;
+        if let Some(rules) = &next.rate_limits {
+            validate_rules(&rules.rules, "rules")?;
+        }
         bump_versions(&current.accounts, &mut next.accounts);
+        bump_rules(current.rate_limits.as_ref(), next.rate_limits.as_mut());
         self.live.apply(next)?;
         let now = SystemTime::now();
         for entry in entries {

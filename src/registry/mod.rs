@@ -47,7 +47,7 @@ mod names;
 #[cfg(feature = "auth")]
 pub use self::keys::SharedKeyStore;
 #[cfg(feature = "auth")]
-pub use self::live::{Live, MemoryWriter};
+pub use self::live::{Live, MemoryWriter, SharedLimitRules};
 use self::names::NameMap;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;

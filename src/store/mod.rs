@@ -70,8 +70,8 @@ pub use self::live::StoreWriter;
 use self::rows::{KeyRow, TlsCache};
 use self::schema::{Engine, Migrations};
 use crate::model::{
-    AccountSpec, AuditEntry, FieldError, KeyRecord, Snapshot, bump_versions, validate,
-    validate_keys,
+    AccountSpec, AuditEntry, FieldError, KeyRecord, Snapshot, bump_rules, bump_versions, validate,
+    validate_keys, validate_rules,
 };
 
 /// The PostgreSQL channel every change is announced on, with the new revision as payload.
@@ -372,6 +372,9 @@ impl Store {
             .and_then(|done| {
                 validate(&next.accounts).map_err(WriteError::Invalid)?;
                 validate_keys(&next.keys).map_err(WriteError::Invalid)?;
+                if let Some(rules) = &next.rate_limits {
+                    validate_rules(&rules.rules, "rules").map_err(WriteError::Invalid)?;
+                }
                 Ok(done)
             });
         let (out, entries) = match checked {
@@ -385,6 +388,7 @@ impl Store {
             }
         };
         bump_versions(&current.accounts, &mut next.accounts);
+        bump_rules(current.rate_limits.as_ref(), next.rate_limits.as_mut());
         write_diff(&mut tx, &current, &next).await?;
         audit(&mut tx, &entries).await?;
         self.inner.announce(&mut tx, revision).await?;
@@ -410,6 +414,13 @@ impl Store {
         let import = |next: &mut Snapshot| {
             next.accounts.extend(state.accounts.iter().cloned());
             next.keys.extend(state.keys.iter().cloned());
+            if state
+                .rate_limits
+                .as_ref()
+                .is_some_and(|r| !r.rules.is_empty())
+            {
+                next.rate_limits.clone_from(&state.rate_limits);
+            }
             Ok::<_, std::convert::Infallible>(((), vec![entry]))
         };
         match self.apply_in(tx, import).await {
@@ -611,8 +622,22 @@ async fn load_in(conn: &mut AnyConnection, tls: &TlsCache) -> Result<Loaded, Sto
             },
         )?);
     }
+    let row = sqlx::query("SELECT version, rules FROM gw_rate_limits WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    let rate_limits = match row {
+        None => None,
+        Some(row) => {
+            let rules: String = row.try_get(1)?;
+            Some(rows::rules_of(row.try_get(0)?, &rules)?)
+        }
+    };
     Ok(Loaded {
-        state: Snapshot { accounts, keys },
+        state: Snapshot {
+            accounts,
+            keys,
+            rate_limits,
+        },
         revision: u64::try_from(revision).unwrap_or(0),
     })
 }
@@ -718,6 +743,18 @@ async fn write_diff(
             continue;
         }
         write_key(conn, position(i), key).await?;
+    }
+    if let Some(rules) = &next.rate_limits
+        && current.rate_limits.as_ref() != Some(rules)
+    {
+        sqlx::query(
+            "INSERT INTO gw_rate_limits (id, version, rules) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version, rules = excluded.rules",
+        )
+        .bind(version(rules.version))
+        .bind(rows::rules_row(rules))
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use crate::model::{
-    AccountSpec, EndpointSpec, Grants, KeyDigest, KeyRecord, KeySource, Subject, Timeouts,
+    AccountSpec, EndpointSpec, Grants, KeyDigest, KeyRecord, KeySource, LimitRules, RateLimitRule,
+    Subject, Timeouts,
 };
 use crate::tls::{TlsFiles, TlsSettings};
 
@@ -280,5 +281,27 @@ pub(super) fn key_of(id: String, row: KeyRow) -> Result<KeyRecord, StoreError> {
         source,
         last_used_day: row.last_used_day.and_then(|d| u32::try_from(d).ok()),
         ..KeyRecord::new(id, digest, row.subject, teams)
+    })
+}
+
+/// The rate-limit rules as the store keeps them: a JSON array of rules in the file's shape.
+pub(super) fn rules_row(rules: &LimitRules) -> String {
+    serde_json::Value::Array(rules.rules.iter().map(RateLimitRule::to_json).collect()).to_string()
+}
+
+/// The rate-limit rules of their row.
+pub(super) fn rules_of(version: i64, text: &str) -> Result<LimitRules, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::corrupt(format!("rate limits: {e}"));
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(&e))?;
+    let items = value.as_array().ok_or_else(|| corrupt(&"not an array"))?;
+    let rules = items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| RateLimitRule::from_json(v, &format!("rules[{i}]")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| corrupt(&e))?;
+    Ok(LimitRules {
+        rules,
+        version: u64::try_from(version).unwrap_or(0),
     })
 }

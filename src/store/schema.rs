@@ -107,6 +107,11 @@ CREATE TABLE gw_audit (
 /// hot path.
 const V2: &str = "ALTER TABLE gw_keys ADD COLUMN last_used_day BIGINT;";
 
+/// Version 3: the rate-limit rules, one row (`id = 1`) holding them as JSON with their
+/// version; no row means the store never held rules (the file's apply).
+const V3: &str = "CREATE TABLE gw_rate_limits (id INTEGER PRIMARY KEY, version BIGINT NOT NULL, \
+                  rules TEXT NOT NULL);";
+
 /// The migrations of `engine`, in order.
 #[derive(Debug)]
 pub(super) struct Migrations(pub(super) Engine);
@@ -130,6 +135,13 @@ impl MigrationSource<'static> for Migrations {
                 Cow::Borrowed("key usage"),
                 MigrationType::Simple,
                 Cow::Borrowed(V2),
+                false,
+            ),
+            Migration::new(
+                3,
+                Cow::Borrowed("rate limits"),
+                MigrationType::Simple,
+                Cow::Borrowed(V3),
                 false,
             ),
         ];
