@@ -780,9 +780,12 @@ impl<K> GatewayBuilder<K> {
         let live = Live::new(self.registry.clone(), self.live_keys, self.key_records)
             .with_rules(rules.clone());
         let writer = writer(&live);
+        let rate_limit =
+            RateLimitLayer::shared(self.rate_limits, rules).unwrap_or_else(|e| panic!("{e}"));
         #[cfg(feature = "manage")]
         let management = {
             let m = Management::with_state(live.clone(), writer)
+                .limit_usage(Arc::new(rate_limit.clone()))
                 .admins(self.admins)
                 .prefix(&self.management_prefix)
                 .proxy_prefix(&self.path_prefix);
@@ -817,8 +820,7 @@ impl<K> GatewayBuilder<K> {
             },
             metrics: self.metrics,
             live,
-            rate_limit: RateLimitLayer::shared(self.rate_limits, rules)
-                .unwrap_or_else(|e| panic!("{e}")),
+            rate_limit,
             fixed_backend: self.fixed_backend,
             #[cfg(feature = "store")]
             store: None,

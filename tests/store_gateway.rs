@@ -1019,3 +1019,132 @@ async fn keys_and_the_audit_log_refuse_bad_input() {
     .await;
     assert_eq!(ans.status, 404, "{}", ans.body);
 }
+
+/// `PUT` of the rate-limit rules by `key`, with `If-Match: tag` if given.
+async fn put_rules(gw: &TestGateway, key: &str, tag: Option<&str>, body: &str) -> Answer {
+    let mut req = http::Request::put(gw.url("/manage/rate-limits"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json");
+    if let Some(tag) = tag {
+        req = req.header("if-match", tag);
+    }
+    let req = req
+        .body(http_body_util::Full::from(body.to_owned()))
+        .unwrap();
+    let res = client().request(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = body_string(res).await;
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Rate-limit rules changed through the management API of one replica: validated (400 naming
+/// the rule's field), versioned (409 on a stale `If-Match`), admins only, audited, enforced by
+/// the other replica as soon as the store's notification arrives, read back with their usage,
+/// and kept across a restart.
+#[tokio::test]
+async fn rate_limit_rules_changed_on_one_replica_hold_on_another() {
+    let Some(db) = PgDatabase::new().await else {
+        return;
+    };
+    let (up, _feeds) = sse_upstream().await;
+    let a = replica(&up.base_url(), &db.url).await;
+    let b = replica(&up.base_url(), &db.url).await;
+
+    let denied = call(&a, Method::GET, "/manage/rate-limits", RES, None).await;
+    assert_eq!(denied.status, 403, "admins only: {}", denied.body);
+    let none = call(&a, Method::GET, "/manage/rate-limits", MGR, None).await;
+    assert_eq!(none.status, 200, "{}", none.body);
+    assert_eq!(none.json()["rules"], serde_json::json!([]));
+    assert_eq!(etag(&none), "\"0\"");
+
+    let bad = put_rules(
+        &a,
+        MGR,
+        None,
+        r#"{"rules":[{"scope":"team:research","requests_per_minute":2},{"scope":"team:research","endpoint":"coreweave-model/inference","requests_per_minute":0}]}"#,
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(
+        bad.error_message()
+            .starts_with("rules[1].requests_per_minute"),
+        "{}",
+        bad.body
+    );
+    let unknown = put_rules(
+        &a,
+        MGR,
+        None,
+        r#"{"rules":[{"scope":"team:research","rpm":2}]}"#,
+    )
+    .await;
+    assert_eq!(unknown.status, 400);
+    assert!(
+        unknown.error_message().starts_with("rules[0].rpm"),
+        "{}",
+        unknown.body
+    );
+
+    let rules = r#"{"rules":[{"scope":"team:research","requests_per_minute":2}]}"#;
+    let put = put_rules(&a, MGR, Some("\"0\""), rules).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(etag(&put), "\"1\"");
+    assert_eq!(
+        put.json()["rules"],
+        serde_json::json!([{"scope": "team:research", "requests_per_minute": 2}])
+    );
+    let stale = put_rules(&a, MGR, Some("\"0\""), rules).await;
+    assert_eq!(stale.status, 409, "{}", stale.body);
+    assert_eq!(etag(&stale), "\"1\"");
+
+    // The other replica enforces the rule once the notification arrives.
+    let took = until("the rule reaching the other replica", async || {
+        let ans = call(&b, Method::GET, "/manage/rate-limits", MGR, None).await;
+        etag(&ans) == "\"1\""
+    })
+    .await;
+    eprintln!("a rate-limit change reached the other replica in {took:?}");
+    assert_eq!(chat(&b, "inference", RES).await.status, 200);
+    assert_eq!(chat(&b, "inference", RES).await.status, 200);
+    let refused = chat(&b, "inference", RES).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let usage = call(
+        &b,
+        Method::GET,
+        "/manage/rate-limits/usage?scope=team%3Aresearch",
+        MGR,
+        None,
+    )
+    .await;
+    assert_eq!(usage.status, 200, "{}", usage.body);
+    let limits = &usage.json()["limits"];
+    assert_eq!(limits[0]["limit"], "requests_per_minute");
+    assert_eq!(limits[0]["value"], 2);
+    assert_eq!(limits[0]["remaining"], 0);
+    assert_eq!(limits[0]["used"], 2);
+    let bad_scope = call(
+        &b,
+        Method::GET,
+        "/manage/rate-limits/usage?scope=group:x",
+        MGR,
+        None,
+    )
+    .await;
+    assert_eq!(bad_scope.status, 400, "{}", bad_scope.body);
+
+    let audit = call(&a, Method::GET, "/manage/audit", MGR, None).await;
+    assert_eq!(audit.json()["entries"][0]["action"], "rate_limits.put");
+
+    // A replica started later on the same store has the rules, not the file's (none).
+    let c = replica(&up.base_url(), &db.url).await;
+    let kept = call(&c, Method::GET, "/manage/rate-limits", MGR, None).await;
+    assert_eq!(etag(&kept), "\"1\"");
+    assert_eq!(kept.json()["rules"][0]["requests_per_minute"], 2);
+    drop((a, b, c));
+    db.drop_it().await;
+}

@@ -85,7 +85,10 @@ use self::plan::{Decision, Quota, Quotas, Refusal};
 use self::ticket::Ticket;
 use crate::error::GatewayError;
 use crate::ext::{Principal, RouteMatch};
-use crate::model::{FieldError, LimitBackend, LimitRules, RateLimits};
+pub use crate::model::LimitUsage;
+use crate::model::{
+    FieldError, LimitBackend, LimitRules, LimitUsageSource, RateLimits, UsageFuture,
+};
 use crate::registry::SharedLimitRules;
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
@@ -213,37 +216,24 @@ impl RateLimitLayer {
             };
             let label = plan::scope_label(rule);
             for (limit, quota) in counts {
-                out.push(LimitUsage {
-                    rule: i,
-                    scope: label.to_string(),
-                    limit: limit.name(),
-                    value: limit.value(),
-                    remaining: quota.remaining,
-                    reset: quota.reset,
-                });
+                out.push(LimitUsage::new(
+                    i,
+                    label.to_string(),
+                    limit.name(),
+                    limit.value(),
+                    quota.remaining,
+                    quota.reset,
+                ));
             }
         }
         Ok(out)
     }
 }
 
-/// One limit's current usage, from [`RateLimitLayer::usage`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LimitUsage {
-    /// The rule's index in `rate_limits.rules`.
-    pub rule: usize,
-    /// The rule's scope, with `@ACCOUNT/ENDPOINT` if it names one.
-    pub scope: String,
-    /// The limit: `requests_per_minute`, `tokens_per_minute`, `tokens_per_day`,
-    /// `tokens_per_month` or `concurrent_streams`.
-    pub limit: &'static str,
-    /// Its value.
-    pub value: u64,
-    /// What is left of it now.
-    pub remaining: u64,
-    /// Until it is whole again (a budget: until its window ends).
-    pub reset: Duration,
+impl LimitUsageSource for RateLimitLayer {
+    fn usage<'a>(&'a self, scope: &'a str) -> UsageFuture<'a> {
+        Box::pin(RateLimitLayer::usage(self, scope))
+    }
 }
 
 impl<S> Layer<S> for RateLimitLayer {

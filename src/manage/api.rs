@@ -20,8 +20,8 @@ use super::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::error::GatewayError;
 use crate::ext::Principal;
 use crate::model::{
-    AccountSpec, AuditEntry, EndpointSpec, Grants, Permission, Role, Snapshot, Subject, Timeouts,
-    UpstreamBase, Writer, is_valid_name,
+    AccountSpec, AuditEntry, EndpointSpec, Grants, LimitUsageSource, Permission, Role, Snapshot,
+    Subject, Timeouts, UpstreamBase, Writer, is_valid_name,
 };
 use crate::registry::{Account, Endpoint, Live};
 
@@ -35,6 +35,8 @@ pub(super) struct Api {
     pub(super) public_url: Option<Arc<str>>,
     /// Shared by every clone of the service, and replaced by a reload.
     pub(super) admins: Arc<arc_swap::ArcSwap<Vec<Subject>>>,
+    /// The rate limiter's counts, for `/rate-limits/usage`.
+    pub(super) usage: Option<Arc<dyn LimitUsageSource>>,
 }
 
 impl fmt::Debug for Api {
@@ -665,7 +667,7 @@ pub(super) async fn not_found(_caller: Caller) -> GatewayError {
 // Versions: `ETag` on what a GET or a write answers, `If-Match` on writes.
 
 /// `response` with `ETag: "<version>"`.
-fn tagged(mut response: Response, version: u64) -> Response {
+pub(super) fn tagged(mut response: Response, version: u64) -> Response {
     response.headers_mut().insert(
         ETAG,
         HeaderValue::from_str(&format!("\"{version}\"")).expect("digits"),
@@ -674,12 +676,12 @@ fn tagged(mut response: Response, version: u64) -> Response {
 }
 
 /// What a request's `If-Match` asks for: `*` (any current version) or a list of versions.
-enum IfMatch {
+pub(super) enum IfMatch {
     Any,
     Versions(Vec<u64>),
 }
 
-fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, GatewayError> {
+pub(super) fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, GatewayError> {
     let mut values = headers.get_all(IF_MATCH).iter().peekable();
     if values.peek().is_none() {
         return Ok(None);
@@ -713,7 +715,11 @@ pub(super) struct Conflict(Arc<std::sync::Mutex<Option<u64>>>);
 impl Conflict {
     /// Refuses the write with 409 when `expected` does not match `current` (the record's
     /// version, `None` if it does not exist).
-    fn check(&self, expected: Option<&IfMatch>, current: Option<u64>) -> Result<(), GatewayError> {
+    pub(super) fn check(
+        &self,
+        expected: Option<&IfMatch>,
+        current: Option<u64>,
+    ) -> Result<(), GatewayError> {
         let matches = match (expected, current) {
             (None, _) => true,
             (Some(IfMatch::Any), current) => current.is_some(),

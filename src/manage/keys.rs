@@ -115,13 +115,13 @@ fn time(t: Option<SystemTime>) -> Option<String> {
 
 impl Api {
     /// Admins only: 403 for anyone else.
-    fn admin(&self, principal: &Principal) -> Result<(), GatewayError> {
+    pub(super) fn admin(&self, principal: &Principal) -> Result<(), GatewayError> {
         if self.admins.load().iter().any(|s| s.matches(principal)) {
             Ok(())
         } else {
             Err(GatewayError::forbidden(format!(
-                "The key \"{}\" is not a gateway admin; keys and the audit log are for the \
-                 subjects in `admins`.",
+                "The key \"{}\" is not a gateway admin; keys, rate limits and the audit log \
+                 are for the subjects in `admins`.",
                 principal.key_id
             )))
         }

@@ -17,6 +17,11 @@
 //! | `PUT /accounts/{account}/endpoints/{endpoint}` | Manage (account to create, endpoint to update) | creates or replaces an endpoint |
 //! | `DELETE /accounts/{account}/endpoints/{endpoint}` | Manage (endpoint) | deletes an endpoint |
 //! | `GET /accounts/{account}/endpoints/{endpoint}/snippet` | View (endpoint) | base URL and curl, Python and Rust snippets |
+//! | `GET /keys`, `POST /keys`, `DELETE /keys/{id}`, `POST /keys/{id}/rotate` | admin | gateway keys |
+//! | `GET /audit?limit=N&before=CURSOR` | admin | the audit log, newest first |
+//! | `GET /rate-limits` | admin | the rate-limit rules in force (`ETag`: their version) |
+//! | `PUT /rate-limits` | admin | replaces the rules (`{"rules": [...]}`, each as in the file; `If-Match`) |
+//! | `GET /rate-limits/usage?scope=team:NAME` | admin | each limit of a scope: used, remaining, reset |
 //!
 //! A path may end with `/`; a path segment is taken as sent (`%20` is not decoded into a
 //! space), so a name that is not valid stays invalid whatever its encoding.
@@ -48,6 +53,7 @@
 
 mod api;
 mod keys;
+mod limits;
 mod snippet;
 
 use std::convert::Infallible;
@@ -70,7 +76,7 @@ pub use self::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::BoxError;
 use crate::error::{GatewayError, ResponseFuture};
 use crate::model::DEFAULT_PATH_PREFIX;
-use crate::model::{Subject, Writer};
+use crate::model::{LimitUsageSource, Subject, Writer};
 use crate::registry::{Live, MemoryWriter, SharedKeyStore, SharedRegistry};
 
 /// The default prefix of the management API, `/manage`.
@@ -120,6 +126,7 @@ impl Management {
                 proxy_prefix: DEFAULT_PATH_PREFIX.into(),
                 public_url: None,
                 admins: Arc::default(),
+                usage: None,
             },
             DEFAULT_MANAGEMENT_PREFIX.into(),
         )
@@ -170,6 +177,13 @@ impl Management {
     pub fn admins(self, admins: Vec<Subject>) -> Self {
         self.set_admins(admins);
         self
+    }
+
+    /// Where `GET /rate-limits/usage` reads the counts: the gateway's
+    /// [`RateLimitLayer`](crate::limits::RateLimitLayer). Without one it answers no limits.
+    #[must_use]
+    pub fn limit_usage(self, source: Arc<dyn LimitUsageSource>) -> Self {
+        self.change(|api| api.usage = Some(source))
     }
 
     /// Replaces the gateway admins while the API serves (what a configuration reload does);
@@ -231,6 +245,9 @@ impl Management {
         keys::revoke,
         keys::rotate,
         keys::audit,
+        limits::get_rules,
+        limits::put_rules,
+        limits::usage,
     ),
     modifiers(&BearerAuth)
 )]
@@ -296,6 +313,11 @@ fn routes(api: Arc<api::Api>, prefix: &str) -> Router {
         .route("/keys/{id}", delete(keys::revoke))
         .route("/keys/{id}/rotate", post(keys::rotate))
         .route("/audit", get(keys::audit))
+        .route(
+            "/rate-limits",
+            get(limits::get_rules).put(limits::put_rules),
+        )
+        .route("/rate-limits/usage", get(limits::usage))
         .method_not_allowed_fallback(api::method_not_allowed)
         .fallback(api::not_found)
         .with_state(api)

@@ -327,6 +327,58 @@ impl RateLimitRule {
     }
 }
 
+/// One limit's current usage, as the rate limiter reads it without charging.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimitUsage {
+    /// The rule's index in the rules.
+    pub rule: usize,
+    /// The rule's scope, with `@ACCOUNT/ENDPOINT` if it names one.
+    pub scope: String,
+    /// The limit: `requests_per_minute`, `tokens_per_minute`, `tokens_per_day`,
+    /// `tokens_per_month` or `concurrent_streams`.
+    pub limit: &'static str,
+    /// Its value.
+    pub value: u64,
+    /// What is left of it now.
+    pub remaining: u64,
+    /// Until it is whole again (a budget: until its window ends).
+    pub reset: std::time::Duration,
+}
+
+impl LimitUsage {
+    /// A usage record.
+    pub fn new(
+        rule: usize,
+        scope: String,
+        limit: &'static str,
+        value: u64,
+        remaining: u64,
+        reset: std::time::Duration,
+    ) -> Self {
+        Self {
+            rule,
+            scope,
+            limit,
+            value,
+            remaining,
+            reset,
+        }
+    }
+}
+
+/// The future of [`LimitUsageSource::usage`].
+pub type UsageFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<LimitUsage>, String>> + Send + 'a>,
+>;
+
+/// Where the management API reads a scope's current usage: the gateway's rate limiter.
+pub trait LimitUsageSource: Send + Sync + 'static {
+    /// The usage of every limit of `scope` (`team:NAME`, `user:SUBJECT`, `key:ID`), or why
+    /// the counters could not be read.
+    fn usage<'a>(&'a self, scope: &'a str) -> UsageFuture<'a>;
+}
+
 /// Where the counters live.
 #[derive(Clone, PartialEq, Eq)]
 pub enum LimitBackend {

@@ -51,8 +51,8 @@ pub use self::keys::{
     validate_keys,
 };
 pub use self::limits::{
-    LimitBackend, LimitRules, LimitScope, OnBackendError, RateLimitRule, RateLimits, bump_rules,
-    validate_rules,
+    LimitBackend, LimitRules, LimitScope, LimitUsage, LimitUsageSource, OnBackendError,
+    RateLimitRule, RateLimits, UsageFuture, bump_rules, validate_rules,
 };
 pub use self::principal::Principal;
 #[cfg(feature = "auth")]
@@ -130,6 +130,8 @@ impl From<FieldError> for crate::error::GatewayError {
     fn from(err: FieldError) -> Self {
         let field = err.field();
         let rest = match field.find(".endpoints[") {
+            // A rule is named by its place in the list the caller sent.
+            _ if field.starts_with("rules[") => field,
             Some(pos) => field[pos..].split_once("].").map_or(field, |(_, r)| r),
             None => field.split_once("].").map_or(field, |(_, r)| r),
         };
