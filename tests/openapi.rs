@@ -176,6 +176,9 @@ async fn the_document_describes_every_route() {
         "DELETE /keys/{id}",
         "POST /keys/{id}/rotate",
         "GET /audit",
+        "GET /rate-limits",
+        "PUT /rate-limits",
+        "GET /rate-limits/usage",
     ]
     .into_iter()
     .map(String::from)
@@ -550,7 +553,7 @@ fn operations_drawn_from_the_document_never_fail_or_leak() {
     let operations: BTreeSet<&str> = seen.iter().map(|(op, _)| op.as_str()).collect();
     assert_eq!(
         operations.len(),
-        12,
+        15,
         "every operation was tried: {operations:?}"
     );
     for (op, status) in [
