@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::plan::{
-    Decision, Limit, MINUTE, Quota, Quotas, Refusal, count, gcra, remaining_requests,
-    remaining_tokens, scope_label, token_time,
+    Allowed, Decision, Limit, MINUTE, Quota, Quotas, Refusal, allowed_counter, count, gcra,
+    remaining_requests, remaining_tokens, scope_label, token_time,
 };
 use super::ticket::{Settle, Ticket};
 use crate::ext::Principal;
@@ -36,6 +36,8 @@ pub(super) struct Compiled {
     /// Each rule's counter id: the same for the same scope and endpoint whatever the rule's
     /// place or values, so a change of the rules keeps the counts.
     ids: Vec<u32>,
+    /// Each rule's counter of allowed requests in the metrics.
+    pub(super) allowed: Vec<Allowed>,
 }
 
 /// The counters of one limit of one rule (by id) for one bucket.
@@ -184,7 +186,7 @@ impl MemoryLimiter {
             let Some(bucket) = rule.covers(principal, account, endpoint) else {
                 continue;
             };
-            count(&compiled.labels[i], "allowed", "");
+            compiled.allowed[i].increment(1);
             for limit in Limit::of(rule) {
                 let key = (compiled.ids[i], kind(limit), bucket.clone());
                 match limit {
@@ -374,7 +376,13 @@ fn compile(state: &mut State, rules: Arc<LimitRules>) -> Compiled {
             *state.ids.entry(label.clone()).or_insert(next)
         })
         .collect();
-    Compiled { rules, labels, ids }
+    let allowed = labels.iter().map(allowed_counter).collect();
+    Compiled {
+        rules,
+        labels,
+        ids,
+        allowed,
+    }
 }
 
 #[cfg(test)]

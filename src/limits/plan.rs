@@ -31,6 +31,38 @@ pub(super) fn scope_label(rule: &RateLimitRule) -> Arc<str> {
     }
 }
 
+/// The counter of the requests a rule allowed, registered once per rule when the rules are
+/// compiled (a recorder installed later than that sees none of them until the next change).
+#[cfg(feature = "trace")]
+pub(super) type Allowed = metrics::Counter;
+
+/// Without the `trace` feature there is no counter.
+#[cfg(not(feature = "trace"))]
+#[derive(Clone, Copy)]
+pub(super) struct Allowed;
+
+#[cfg(not(feature = "trace"))]
+impl Allowed {
+    pub(super) fn increment(&self, _n: u64) {}
+}
+
+/// The counter of the requests the rule labelled `scope` allowed.
+#[cfg(feature = "trace")]
+pub(super) fn allowed_counter(scope: &Arc<str>) -> Allowed {
+    metrics::counter!(
+        crate::metric::RATE_LIMIT_DECISIONS,
+        "scope" => metrics::SharedString::from(scope.clone()),
+        "outcome" => "allowed",
+        "limit" => "",
+    )
+}
+
+/// No counter without the `trace` feature.
+#[cfg(not(feature = "trace"))]
+pub(super) fn allowed_counter(_scope: &Arc<str>) -> Allowed {
+    Allowed
+}
+
 /// Counts a decision of one rule in the metrics.
 #[cfg(feature = "trace")]
 pub(super) fn count(scope: &Arc<str>, outcome: &'static str, limit: &'static str) {

@@ -425,7 +425,7 @@ impl RedisLimiter {
         let mut last_rule = None;
         for (c, &v) in counters.iter().zip(&answer[1..]) {
             if last_rule != Some(c.rule) {
-                count(&compiled.labels[c.rule], "allowed", "");
+                compiled.allowed[c.rule].increment(1);
                 last_rule = Some(c.rule);
             }
             if let Some(quota) = quota(c, v) {
