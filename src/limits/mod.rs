@@ -273,14 +273,39 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// Seconds as OpenAI writes them in `x-ratelimit-reset-*`, e.g. `1.5s` or `120ms`.
+/// Seconds as OpenAI writes them in `x-ratelimit-reset-*`, e.g. `1.5s` or `120ms`, without
+/// the formatting machinery (this runs on every limited response).
 fn reset(d: Duration) -> HeaderValue {
-    let text = if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
+    let mut buf = [0u8; 32];
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        buf[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
     };
-    HeaderValue::from_str(&text).expect("digits and letters")
+    let millis = d.as_millis().min(u128::from(u64::MAX / 2)) as u64;
+    if millis < 1000 {
+        push(digits(millis, &mut [0u8; 20]));
+        push(b"ms");
+    } else {
+        // Tenths of a second, rounded.
+        let tenths = (millis + 50) / 100;
+        push(digits(tenths / 10, &mut [0u8; 20]));
+        push(&[b'.', b'0' + (tenths % 10) as u8, b's']);
+    }
+    HeaderValue::from_bytes(&buf[..len]).expect("digits and letters")
+}
+
+/// The decimal digits of `n`, written at the end of `buf`.
+fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
 }
 
 /// The answer to a refused request: 429 (`rate_limit_exceeded` or `insufficient_quota`).
@@ -339,8 +364,9 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if self.rules.load_guard().rules.is_empty() {
-            // No rule: not even the extensions are looked at.
+        // No rule: not even the extensions are looked at (the in-memory limiter looks at its
+        // rules itself, once).
+        if !matches!(self.backend, Backend::Memory(_)) && self.rules.load_guard().rules.is_empty() {
             return ResponseFuture::inner(
                 self.inner.call(req),
                 Ticket::default(),
@@ -457,10 +483,23 @@ impl<S: Service<Request<ReqBody>>, ReqBody, ResBody> ResponseFuture<S, ReqBody, 
 }
 
 fn quota_headers(headers: &mut http::HeaderMap, q: Quota, names: [HeaderName; 3]) {
+    headers.reserve(3);
     let [limit, remaining, reset_name] = names;
-    headers.insert(limit, HeaderValue::from(q.limit));
-    headers.insert(remaining, HeaderValue::from(q.remaining));
+    headers.insert(limit, number(q.limit));
+    headers.insert(remaining, number(q.remaining));
     headers.insert(reset_name, reset(q.reset));
+}
+
+/// `n` as a header value: the numbers up to 1023 are made once and shared (a limit and most
+/// remaining counts are small), larger ones each time.
+fn number(n: u64) -> HeaderValue {
+    static SMALL: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    match usize::try_from(n) {
+        Ok(i) if i < 1024 => {
+            SMALL.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect())[i].clone()
+        }
+        _ => HeaderValue::from(n),
+    }
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
@@ -571,6 +610,26 @@ impl<B: Body> Body for ResponseBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_are_written_as_openai_writes_them() {
+        for (d, text) in [
+            (Duration::ZERO, "0ms"),
+            (Duration::from_millis(120), "120ms"),
+            (Duration::from_millis(999), "999ms"),
+            (Duration::from_millis(1000), "1.0s"),
+            (Duration::from_millis(1549), "1.5s"),
+            (Duration::from_millis(1950), "2.0s"),
+            (Duration::from_secs(86_399), "86399.0s"),
+        ] {
+            assert_eq!(reset(d), text, "{d:?}");
+        }
     }
 }
 
