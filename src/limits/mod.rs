@@ -613,6 +613,14 @@ impl<B: Body> Body for ResponseBody<B> {
     }
 }
 
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,13 +638,5 @@ mod tests {
         ] {
             assert_eq!(reset(d), text, "{d:?}");
         }
-    }
-}
-
-impl<B> fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody")
-            .field("ticket", &self.ticket)
-            .finish_non_exhaustive()
     }
 }
