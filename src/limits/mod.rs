@@ -1,25 +1,58 @@
-//! Rate limits: requests per minute and concurrent streams, per key, team, subject or
-//! endpoint, counted in this process's memory.
+//! Rate limits and token budgets: requests per minute, tokens per minute, day or month, and
+//! concurrent streams, per key, team, subject or endpoint, counted in this process's memory
+//! or in a Redis server that every replica shares.
 //!
 //! [`RateLimitLayer`] sits after authentication, routing and access control (it reads the
-//! [`Principal`] and the [`RouteMatch`]) and
-//! before the upstream. Every [rule](crate::model::RateLimitRule) that covers the caller and
-//! the endpoint applies, each in its own bucket (`team:research` is one bucket for the team,
-//! `everyone` one per key); the strictest refuses:
+//! [`Principal`] and the [`RouteMatch`]) and before the upstream. Every
+//! [rule](crate::model::RateLimitRule) that covers the caller and the endpoint applies, each
+//! in its own bucket (`team:research` is one bucket for the team, `everyone` one per key); all
+//! are checked first and charged only if none refuses, so a refused request costs no other
+//! limit anything:
 //!
 //! - `requests_per_minute` is a GCRA (generic cell rate algorithm): at most N requests in any
 //!   minute, a full minute's worth at once after a quiet minute, then one every `60/N`
 //!   seconds. Unlike a fixed window it never lets 2N through around a window's edge.
+//! - `tokens_per_minute` is a GCRA whose cost is tokens; `tokens_per_day` and
+//!   `tokens_per_month` are budgets over the UTC day and month. A request under any of them
+//!   *reserves* [`reserve_tokens`](crate::model::RateLimits::reserve_tokens) when it starts;
+//!   when its response ends, streamed or not, the reservation is settled to the prompt and
+//!   completion tokens the [usage tap](crate::usage) read from it (through the
+//!   [`UsageReport`](crate::ext::UsageReport) response extension). A response whose count
+//!   never comes (a client gone mid-stream, an answer without `usage`) stays charged its
+//!   reservation. A request is refused once the budget is spent; a stream in flight is never
+//!   cut, so concurrent streams overshoot a budget by at most what they produce beyond their
+//!   reservations.
 //! - `concurrent_streams` counts responses in flight, until their body ends or is dropped.
 //!
-//! A refused request never reaches the upstream: it gets 429 in the OpenAI error shape
-//! (`rate_limit_exceeded`) with `Retry-After` and `retry-after-ms` (the OpenAI SDKs wait that
-//! long and retry by themselves). Every response of a request under a `requests_per_minute`
-//! limit carries `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests` and
-//! `x-ratelimit-reset-requests` for its strictest bucket.
+//! A refused request never reaches the upstream: it gets 429 in the OpenAI error shape,
+//! `rate_limit_exceeded` (or `insufficient_quota` for a spent day or month budget) with
+//! `Retry-After` and `retry-after-ms` (the OpenAI SDKs wait that long and retry by
+//! themselves), and its request span records `gateway.rate_limit` (the limit and the bucket).
+//! Every answer of a limited request carries `x-ratelimit-{limit,remaining,reset}-requests`
+//! and `x-ratelimit-{limit,remaining,reset}-tokens` for its strictest bucket of each kind.
 //!
-//! Token budgets and a Redis backend shared by replicas come next; the configuration refuses
-//! them until then.
+//! # Backends
+//!
+//! In memory (the default) the counters are this process's: behind a lock taken once per
+//! request. With `backend = "redis://…"` (cargo feature `redis`, on by default) they live in
+//! Redis and hold across every replica: one Lua script per request checks and charges all of
+//! a request's counters atomically on the server's clock, and each counter expires by itself
+//! once it no longer matters; a response under a token or stream limit settles with one more
+//! script when it ends, off the request's path. While Redis cannot be reached,
+//! [`on_backend_error`](crate::model::RateLimits::on_backend_error) decides: `open` (the
+//! default) serves and counts in this replica's memory, `closed` answers 503
+//! `rate_limit_backend_unavailable`; either way a warning is logged once per outage and
+//! [`metric::RATE_LIMIT_BACKEND_ERRORS`](crate::metric::RATE_LIMIT_BACKEND_ERRORS) counts
+//! every such request. After a failure Redis is tried again a second later.
+//!
+//! # Changing the rules while running
+//!
+//! [`RateLimitLayer::shared`] reads its rules from a
+//! [`SharedLimitRules`] at every request: the gateway's
+//! live state, which a reload of the file, `PUT /manage/rate-limits` and the store change. A
+//! rule's counts are named by its scope and endpoint, so they carry over a change of its
+//! values or its place in the list. [`RateLimitLayer::usage`] reads a scope's counts without
+//! charging anything (`GET /manage/rate-limits/usage?scope=…`).
 //!
 //! # Example
 //!
