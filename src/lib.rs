@@ -23,7 +23,7 @@
 //! | [`CustomEndpointRouteLayer`](route::CustomEndpointRouteLayer) | [`route`] | 400, 404, 405, 414 |
 //! | [`UsageTapLayer`](usage::UsageTapLayer) | [`usage`] | never |
 //! | [`AccessControlLayer`](access::AccessControlLayer) | [`access`] | 403 |
-//! | [`RateLimitLayer`](limits::RateLimitLayer) | [`limits`] | 429 (requests per minute, concurrent streams) |
+//! | [`RateLimitLayer`](limits::RateLimitLayer) | [`limits`] | 429 (requests and tokens per minute, token budgets, concurrent streams; in memory or on Redis) |
 //! | [`InjectHeadersLayer`](inject::InjectHeadersLayer) | [`inject`] | 403 (a header template without a value) |
 //! | [`IdentityEncodingLayer`](encoding::IdentityEncodingLayer) | [`encoding`] | never |
 //! | [`Forward`](forward::Forward) | [`forward`] | `Err` (mapped by `RescueLayer` to 413, 502, 504) |
@@ -86,7 +86,7 @@
 //! | [`error`] | the gateway's own errors, every transport error, the reject future, and `RescueLayer` with the one `classify` | nothing |
 //! | `hop`, [`request_id`], [`metric`], [`tls`] | leaves: hop-by-hop headers, request-id names and rule, metric names, TLS settings | leaves |
 //! | [`auth`], [`route`], [`access`], [`inject`], [`encoding`] | the five layers | the model, the registry, the extensions, leaves; never another layer |
-//! | [`limits`] | the rate-limit layer and its in-memory counters | the same |
+//! | [`limits`] | the rate-limit layer and its counters (memory, Redis) | the same |
 //! | [`trace`], [`usage`] | telemetry layers: request ids and spans, the usage tap | the same |
 //! | [`forward`] | transport: the forwarder, the inline HTTP/1.1 connection, the pools (owned here, keyed by how they connect), timeouts | the same |
 //! | [`config`] | a source of the model: the TOML file, secrets, redaction | the model, the registry, the extensions, leaves |
