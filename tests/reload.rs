@@ -443,6 +443,53 @@ async fn a_path_prefix_change_is_refused() {
     assert_eq!(mock.requests(), 2);
 }
 
+/// A reload applies the file's rate-limit rules (a tighter one holds at once, and a rule kept
+/// keeps its counts); where and how limits are counted cannot change without a restart.
+#[tokio::test]
+async fn a_reload_applies_rate_limit_rules_and_refuses_a_new_backend() {
+    let dir = TempDir::new("rate-limits");
+    let (_mock, up) = mock().await;
+    let with_rules =
+        |head: &str, rules: &str| format!("{}\n[rate_limits]\n{head}\n{rules}", v1(&up));
+    let rule = |rpm: u32| {
+        format!("[[rate_limits.rules]]\nscope = \"key:alice\"\nrequests_per_minute = {rpm}\n")
+    };
+    dir.write("upstream.key", &format!("{UPSTREAM_KEY}\n"));
+    let path = dir.write("gateway.toml", &with_rules("", &rule(3)));
+    let gw = serve_app(Gateway::load(&path).unwrap()).await;
+    assert_eq!(chat(&gw, "one", ALICE).await.status, 200);
+    assert_eq!(chat(&gw, "one", ALICE).await.status, 200);
+
+    // Down to 2 a minute: the two already made count, the next is refused.
+    dir.write("gateway.toml", &with_rules("", &rule(2)));
+    gw.gateway
+        .reload()
+        .unwrap_or_else(|e| panic!("new rules: {e}"));
+    let refused = chat(&gw, "one", ALICE).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.headers["x-gateway-error"], "rate_limit_exceeded");
+    assert_eq!(chat(&gw, "one", BOB).await.status, 200, "another key");
+
+    // No rule: nothing is limited.
+    dir.write("gateway.toml", &with_rules("", ""));
+    gw.gateway.reload().unwrap();
+    assert_eq!(chat(&gw, "one", ALICE).await.status, 200);
+
+    // A new backend needs a restart; the file is refused whole.
+    dir.write(
+        "gateway.toml",
+        &with_rules("backend = \"redis://127.0.0.1:6379\"", &rule(1)),
+    );
+    let err = gw.gateway.reload().expect_err("a new backend was accepted");
+    assert_eq!(err.field(), "rate_limits", "{err}");
+    assert!(err.message().contains("restart"), "{err}");
+    assert_eq!(
+        chat(&gw, "one", ALICE).await.status,
+        200,
+        "the old rules stay"
+    );
+}
+
 /// A gateway built in code has no file to reload: the error says so.
 #[tokio::test]
 async fn a_gateway_without_a_file_cannot_reload() {

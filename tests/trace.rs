@@ -1372,3 +1372,63 @@ async fn no_key_reaches_a_span_or_an_event() {
     assert!(!capture.usage_events().is_empty());
     assert_no_secret(&capture, Some(&watching.metrics()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rate limits.
+
+/// A request refused by a rate limit is one span that says which limit and bucket refused it,
+/// with the 429's error type; every rule's decisions are counted.
+#[tokio::test(flavor = "current_thread")]
+async fn a_rate_limited_request_is_one_span_with_the_reason_and_counted() {
+    use tower_gateway::model::{RateLimitRule, RateLimits};
+    let (capture, watching) = watch();
+    let limits = RateLimits {
+        rules: vec![RateLimitRule {
+            requests_per_minute: Some(1),
+            ..RateLimitRule::new("key:alice-laptop".parse().unwrap())
+        }],
+        ..RateLimits::default()
+    };
+    let gw = serve_gateway(
+        builder(&mock_upstream().await, UsageTapLayer::new())
+            .rate_limits(limits)
+            .build(),
+    )
+    .await;
+    let body = chat_body(MODEL, "hi", false, false);
+    let (first, _) = call(chat(&gw, Some(GW_KEY), &body, &[])).await;
+    assert_eq!(first.status, 200);
+    let (refused, _) = call(chat(&gw, Some(GW_KEY), &body, &[])).await;
+    assert_eq!(refused.status, 429);
+
+    let spans = capture.wait_requests(2).await;
+    let span = spans
+        .iter()
+        .find(|s| s.u64("http.response.status_code") == Some(429))
+        .expect("the refused request's span");
+    assert_eq!(
+        span.str("gateway.rate_limit"),
+        Some("requests_per_minute key:alice-laptop")
+    );
+    assert_eq!(span.str("error.type"), Some("rate_limit_exceeded"));
+    assert_eq!(span.str("gateway.response_source"), Some("gateway"));
+    let allowed = spans
+        .iter()
+        .find(|s| s.u64("http.response.status_code") == Some(200))
+        .unwrap();
+    assert!(!allowed.has("gateway.rate_limit"));
+
+    let metrics = Metrics::take(&watching.snapshotter);
+    let decisions = |outcome: &str, limit: &str| {
+        metrics.counter(
+            metric::RATE_LIMIT_DECISIONS,
+            &[
+                ("scope", "key:alice-laptop"),
+                ("outcome", outcome),
+                ("limit", limit),
+            ],
+        )
+    };
+    assert_eq!(decisions("allowed", ""), 1);
+    assert_eq!(decisions("refused", "requests_per_minute"), 1);
+}
