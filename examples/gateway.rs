@@ -222,6 +222,11 @@ async fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        (None, None) if args.redis.is_some() => {
+            eprintln!("error: --redis needs --config or --store: the demo has no rate limits\n");
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
         (None, None) => match demo_gateway().await {
             Ok(gateway) => (gateway, true),
             Err(err) => {

@@ -754,6 +754,11 @@ fn bad_flags_are_refused_with_the_flag_named() {
             &["--include-usage", "--bogus"][..],
             "unknown argument \"--bogus\"",
         ),
+        (&["--redis"][..], "--redis needs a URL"),
+        (
+            &["--redis", "redis://127.0.0.1:6379"][..],
+            "--redis needs --config or --store",
+        ),
     ] {
         let out = Command::new(example_binary()).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -762,4 +767,33 @@ fn bad_flags_are_refused_with_the_flag_named() {
         assert!(stderr.contains("usage: gateway"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
     }
+}
+
+/// A `--redis` URL the client cannot parse stops the example before it listens, naming the
+/// flag and the field, and never printing the URL (it may hold a password).
+#[test]
+fn a_bad_redis_url_is_refused_without_showing_it() {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-gateway-example-redis-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[[rate_limits.rules]]\nscope = \"everyone\"\nrequests_per_minute = 60\n",
+    )
+    .unwrap();
+    let out = Command::new(example_binary())
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--redis", "redis://:hunter2@127.0.0.1:not-a-port"])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--redis: rate_limits.backend"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it listened: {:?}", out.stdout);
 }

@@ -500,6 +500,27 @@ mod tests {
     }
 
     #[test]
+    fn all_is_one_bucket_for_every_caller_of_an_endpoint() {
+        let l = limiter(vec![RateLimitRule {
+            endpoint: Some(("acct".into(), "inference".into())),
+            requests_per_minute: Some(2),
+            ..RateLimitRule::new(LimitScope::All)
+        }]);
+        let a = Principal::new("a", "a@x", [] as [&str; 0]);
+        let b = Principal::new("b", "b@x", ["t"]);
+        assert!(!refused(&l.check(&a, ("acct", "inference"))));
+        assert!(!refused(&l.check(&b, ("acct", "inference"))));
+        match l.check(&a, ("acct", "inference")) {
+            Decision::Refused(r) => assert_eq!(r.bucket, "all callers@acct/inference"),
+            _ => panic!("a third request to the endpoint was admitted"),
+        }
+        assert!(matches!(
+            l.check(&a, ("acct", "other")),
+            Decision::Unlimited
+        ));
+    }
+
+    #[test]
     fn a_refusal_by_one_rule_charges_no_other() {
         let l = limiter(vec![
             RateLimitRule {

@@ -5,9 +5,9 @@
 //! [`RateLimitLayer`] sits after authentication, routing and access control (it reads the
 //! [`Principal`] and the [`RouteMatch`]) and before the upstream. Every
 //! [rule](crate::model::RateLimitRule) that covers the caller and the endpoint applies, each
-//! in its own bucket (`team:research` is one bucket for the team, `everyone` one per key); all
-//! are checked first and charged only if none refuses, so a refused request costs no other
-//! limit anything:
+//! in its own bucket (`team:research` is one bucket for the team, `everyone` one per key,
+//! `all` one for every caller together); all are checked first and charged only if none
+//! refuses, so a refused request costs no other limit anything:
 //!
 //! - `requests_per_minute` is a GCRA (generic cell rate algorithm): at most N requests in any
 //!   minute, a full minute's worth at once after a quiet minute, then one every `60/N`
@@ -223,8 +223,8 @@ impl RateLimitLayer {
     }
 
     /// The current usage of every limit of `scope` (as a rule writes it: `team:research`,
-    /// `user:SUBJECT`, `key:ID`; a `key:ID` also reads the `everyone` rules' bucket of that
-    /// key), without charging anything. An error says why the shared backend did not answer.
+    /// `user:SUBJECT`, `key:ID`, `all`; a `key:ID` also reads the `everyone` rules' bucket of
+    /// that key), without charging anything. An error says why the shared backend did not answer.
     pub async fn usage(&self, scope: &str) -> Result<Vec<LimitUsage>, String> {
         let scope: crate::model::LimitScope = scope.parse()?;
         let mut out = Vec::new();
@@ -235,6 +235,7 @@ impl RateLimitLayer {
                     crate::model::LimitScope::Team(n)
                     | crate::model::LimitScope::User(n)
                     | crate::model::LimitScope::Key(n) => n.clone(),
+                    crate::model::LimitScope::All => Arc::from("*"),
                     crate::model::LimitScope::Everyone => continue,
                 },
                 (crate::model::LimitScope::Everyone, crate::model::LimitScope::Key(id)) => {

@@ -9,11 +9,14 @@ use super::{FieldError, Principal, is_valid_name};
 
 /// Who a limit applies to. Each matching caller is counted in the scope's bucket:
 /// `team:NAME` is one bucket for the whole team, `user:SUBJECT` one for that subject,
-/// `key:ID` one for that key, and `everyone` one bucket *per key*.
+/// `key:ID` one for that key, `everyone` one bucket *per key*, and `all` one bucket shared by
+/// every caller (with an endpoint: that endpoint's total).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LimitScope {
     /// Every caller, each key counted on its own.
     Everyone,
+    /// Every caller, counted together.
+    All,
     /// Every key of the team, counted together.
     Team(Arc<str>),
     /// Every key of the subject, counted together.
@@ -35,6 +38,8 @@ impl FromStr for LimitScope {
         };
         if s == "everyone" {
             Ok(Self::Everyone)
+        } else if s == "all" {
+            Ok(Self::All)
         } else if let Some(rest) = s.strip_prefix("team:") {
             named(rest).map(Self::Team)
         } else if let Some(rest) = s.strip_prefix("user:") {
@@ -42,7 +47,11 @@ impl FromStr for LimitScope {
         } else if let Some(rest) = s.strip_prefix("key:") {
             named(rest).map(Self::Key)
         } else {
-            Err("a scope is \"everyone\", \"team:NAME\", \"user:SUBJECT\" or \"key:ID\"".to_owned())
+            Err(
+                "a scope is \"everyone\" (each key), \"all\" (every caller together), \
+                 \"team:NAME\", \"user:SUBJECT\" or \"key:ID\""
+                    .to_owned(),
+            )
         }
     }
 }
@@ -51,6 +60,7 @@ impl fmt::Display for LimitScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Everyone => f.write_str("everyone"),
+            Self::All => f.write_str("all"),
             Self::Team(t) => write!(f, "team:{t}"),
             Self::User(u) => write!(f, "user:{u}"),
             Self::Key(k) => write!(f, "key:{k}"),
@@ -65,6 +75,11 @@ impl LimitScope {
     pub fn bucket_id(&self, principal: &Principal) -> Option<Arc<str>> {
         match self {
             Self::Everyone => Some(principal.key_id.clone()),
+            Self::All => {
+                // Shared, so that the hot path does not allocate it per request.
+                static ALL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+                Some(ALL.get_or_init(|| Arc::from("*")).clone())
+            }
             Self::Team(team) => principal.in_team(team).then(|| team.clone()),
             Self::User(subject) => (*principal.subject == **subject).then(|| subject.clone()),
             Self::Key(id) => (*principal.key_id == **id).then(|| id.clone()),
@@ -76,6 +91,7 @@ impl LimitScope {
     pub fn bucket(&self, principal: &Principal) -> Option<String> {
         match self {
             Self::Everyone => Some(format!("key:{}", principal.key_id)),
+            Self::All => Some("all callers".to_owned()),
             Self::Team(team) => principal.in_team(team).then(|| format!("team:{team}")),
             Self::User(subject) => {
                 (*principal.subject == **subject).then(|| format!("user:{subject}"))
@@ -504,7 +520,7 @@ mod tests {
 
     #[test]
     fn scopes_parse_print_and_bucket() {
-        for ok in ["everyone", "team:research", "user:a@x", "key:ci"] {
+        for ok in ["everyone", "all", "team:research", "user:a@x", "key:ci"] {
             assert_eq!(ok.parse::<LimitScope>().unwrap().to_string(), ok);
         }
         for bad in ["", "team:", "group:x", "key:a b", "Everyone"] {
@@ -513,6 +529,7 @@ mod tests {
         let p = Principal::new("k1", "a@x", ["research"]);
         let bucket = |s: &str| s.parse::<LimitScope>().unwrap().bucket(&p);
         assert_eq!(bucket("everyone").as_deref(), Some("key:k1"));
+        assert_eq!(bucket("all").as_deref(), Some("all callers"));
         assert_eq!(bucket("team:research").as_deref(), Some("team:research"));
         assert_eq!(bucket("team:sales"), None);
         assert_eq!(bucket("user:a@x").as_deref(), Some("user:a@x"));

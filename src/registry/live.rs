@@ -8,39 +8,13 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use super::SharedLimitRules;
 use super::{Registry, SharedKeyStore, SharedRegistry};
 use crate::error::GatewayError;
 use crate::model::{
-    AuditEntry, AuditFuture, Edit, FieldError, HashedKeyStore, KeyRecord, LimitRules, Snapshot,
-    WriteFuture, Writer, bump_rules, bump_versions, validate, validate_keys, validate_rules,
+    AuditEntry, AuditFuture, Edit, FieldError, HashedKeyStore, KeyRecord, Snapshot, WriteFuture,
+    Writer, bump_rules, bump_versions, validate, validate_keys, validate_rules,
 };
-
-/// The rate-limit rules in force, swapped whole while traffic flows: the rate limiter reads
-/// them per request, [`Live`] stores a new set when a change arrives.
-#[derive(Clone, Debug, Default)]
-pub struct SharedLimitRules(Arc<ArcSwap<LimitRules>>);
-
-impl SharedLimitRules {
-    /// Shares `rules`.
-    pub fn new(rules: LimitRules) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(rules)))
-    }
-
-    /// The rules in force now.
-    pub fn load(&self) -> Arc<LimitRules> {
-        self.0.load_full()
-    }
-
-    /// The rules in force now, without touching the reference count (for the hot path).
-    pub fn load_guard(&self) -> arc_swap::Guard<Arc<LimitRules>> {
-        self.0.load()
-    }
-
-    /// Puts `rules` in force for the next request.
-    pub fn store(&self, rules: LimitRules) {
-        self.0.store(Arc::new(rules));
-    }
-}
 
 /// The live state: the registry and keys the layers read, and the key records they were
 /// compiled from. Cheap to clone; clones share everything.

@@ -43,12 +43,14 @@ mod keys;
 #[cfg(feature = "auth")]
 mod live;
 mod names;
+mod rules;
 
 #[cfg(feature = "auth")]
 pub use self::keys::SharedKeyStore;
 #[cfg(feature = "auth")]
-pub use self::live::{Live, MemoryWriter, SharedLimitRules};
+pub use self::live::{Live, MemoryWriter};
 use self::names::NameMap;
+pub use self::rules::SharedLimitRules;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;
 
