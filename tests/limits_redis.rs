@@ -561,3 +561,50 @@ async fn the_openai_client_recovers_from_a_shared_429_by_itself() {
     assert!(response.choices[0].message.content.is_some());
     drop(prefix);
 }
+
+/// A stream longer than its tokens-per-minute counter lives (the counter expires once the
+/// reservation has aged out) is still charged what it used when it ends.
+#[tokio::test]
+async fn a_long_stream_is_charged_after_its_counter_expired() {
+    let Some(prefix) = Prefix::new() else { return };
+    let (up, mut feeds) = sse_upstream().await;
+    let limits = format!(
+        "[rate_limits]\nbackend = \"{}\"\nkey_prefix = \"{}\"\nreserve_tokens = 10\n[[rate_limits.rules]]\nscope = \"key:res\"\ntokens_per_minute = 600000",
+        redis_url(),
+        prefix.0
+    );
+    let gw = serve_gateway(gateway(&up.base_url(), &limits)).await;
+    let chat = gw.url(&format!("/proxy-api/{ACCOUNT}/{ENDPOINT}/chat/completions"));
+    let mut body = open_stream(chat, RES).await;
+    let (_, events) = within("the stream", feeds.recv()).await.unwrap();
+    events.send(Ok(sse_event(0).into())).await.unwrap();
+    // 10 tokens at 600,000 a minute: the counter lives about a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        prefix.keys().is_empty(),
+        "the counter expired: {:?}",
+        prefix.keys()
+    );
+    events
+        .send(Ok(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":300000,\"completion_tokens\":310000}}\n\n".into(),
+        ))
+        .await
+        .unwrap();
+    events.send(Ok(SSE_DONE.into())).await.unwrap();
+    drop(events);
+    read_to_end(&mut body).await.unwrap();
+    drop(body);
+    let mut refused = None;
+    for _ in 0..100 {
+        let ans = models(&gw, RES).await;
+        if ans.status == 429 {
+            refused = Some(ans);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("610,000 tokens in a minute of 600,000 were charged");
+    assert_eq!(refused.json()["error"]["type"], "rate_limit_exceeded");
+    drop(prefix);
+}

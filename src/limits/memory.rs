@@ -61,6 +61,9 @@ struct State {
 /// One token charge to settle when the response ends.
 struct TokenCharge {
     key: Key,
+    /// When it was charged (since `start`): a refund comes only while the reservation is still
+    /// in the minute it was charged to.
+    at: Duration,
     /// A tokens-per-minute limit's value (`None` for a budget).
     per_minute: Option<u64>,
     /// The budget's window when it was charged (a settlement after it ended is dropped).
@@ -216,6 +219,7 @@ impl MemoryLimiter {
                         quotas.add(limit, quota);
                         charges.push(TokenCharge {
                             key,
+                            at: now,
                             per_minute: Some(per_minute),
                             window: None,
                         });
@@ -239,6 +243,7 @@ impl MemoryLimiter {
                         );
                         charges.push(TokenCharge {
                             key,
+                            at: now,
                             per_minute: None,
                             window: Some(window.id),
                         });
@@ -292,16 +297,19 @@ impl MemoryLimiter {
         for charge in charges {
             match charge.window {
                 None => {
-                    let Some(tat) = state.tat.get_mut(&charge.key) else {
-                        continue;
-                    };
                     let per_minute = charge.per_minute.unwrap_or(1);
                     let time = token_time(delta.unsigned_abs(), per_minute);
-                    *tat = if delta > 0 {
-                        (*tat).max(now) + time
-                    } else {
-                        tat.saturating_sub(time)
-                    };
+                    if delta > 0 {
+                        // A bucket gone idle (and collected) meanwhile starts again from now.
+                        let tat = state.tat.entry(charge.key.clone()).or_insert(now);
+                        *tat = (*tat).max(now) + time;
+                    } else if now.saturating_sub(charge.at) < MINUTE
+                        && let Some(tat) = state.tat.get_mut(&charge.key)
+                    {
+                        // A refund of a reservation that has aged out of the minute would make
+                        // room that other traffic filled; and a bucket never goes below empty.
+                        *tat = tat.saturating_sub(time).max(now);
+                    }
                 }
                 Some(window) => {
                     if let Some((id, used)) = state.budget.get_mut(&charge.key)
@@ -593,6 +601,40 @@ mod tests {
         }
         let peek = l.peek(0, &Arc::from("research"));
         assert_eq!(peek[0].1.remaining, 0, "1050 of 1000 used");
+    }
+
+    #[test]
+    fn a_settlement_charges_a_bucket_collected_meanwhile_and_refunds_only_within_the_minute() {
+        let l = limiter(vec![RateLimitRule {
+            tokens_per_minute: Some(6000),
+            ..RateLimitRule::new(LimitScope::Everyone)
+        }]);
+        let p = Principal::new("a", "a@x", [] as [&str; 0]);
+        let (ticket, _) = allowed(l.check(&p, NO_ROUTE));
+        // The bucket is collected (idle) while the long response runs.
+        l.state.lock().unwrap().tat.clear();
+        let report = ticket.usage_report().unwrap();
+        report.report(6200);
+        drop((ticket, report));
+        assert!(
+            refused(&l.check(&p, NO_ROUTE)),
+            "the 6100 tokens over the reservation were charged: a full minute and more"
+        );
+        // A refund never takes a bucket below empty.
+        let l = limiter(vec![RateLimitRule {
+            tokens_per_minute: Some(6000),
+            ..RateLimitRule::new(LimitScope::Everyone)
+        }]);
+        let (ticket, _) = allowed(l.check(&p, NO_ROUTE));
+        let report = ticket.usage_report().unwrap();
+        report.report(0);
+        drop((ticket, report));
+        let (_, quotas) = allowed(l.check(&p, NO_ROUTE));
+        assert_eq!(
+            quotas.tokens.unwrap().remaining,
+            5900,
+            "only this request's 100 are held"
+        );
     }
 
     #[test]

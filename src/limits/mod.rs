@@ -36,14 +36,16 @@
 //! In memory (the default) the counters are this process's: behind a lock taken once per
 //! request. With `backend = "redis://…"` (cargo feature `redis`, on by default) they live in
 //! Redis and hold across every replica: one Lua script per request checks and charges all of
-//! a request's counters atomically on the server's clock, and each counter expires by itself
+//! a request's counters atomically (on the server's clock, but for the name of a budget's
+//! day or month), and each counter expires by itself
 //! once it no longer matters; a response under a token or stream limit settles with one more
 //! script when it ends, off the request's path. While Redis cannot be reached,
 //! [`on_backend_error`](crate::model::RateLimits::on_backend_error) decides: `open` (the
 //! default) serves and counts in this replica's memory, `closed` answers 503
 //! `rate_limit_backend_unavailable`; either way a warning is logged once per outage and
 //! [`metric::RATE_LIMIT_BACKEND_ERRORS`](crate::metric::RATE_LIMIT_BACKEND_ERRORS) counts
-//! every such request. After a failure Redis is tried again a second later.
+//! every such request. After a failure Redis is tried again a second later, by one request at
+//! a time.
 //!
 //! # Changing the rules while running
 //!

@@ -2,16 +2,21 @@
 //! replica shares.
 //!
 //! A request costs one round trip: one Lua script checks every limit that covers it and, only
-//! if none refuses, charges them all, atomically, on the server's clock (`TIME`), so replicas
-//! with skewed clocks still agree. Every counter expires by itself once it no longer matters
+//! if none refuses, charges them all, atomically. Request and tokens-per-minute counters run
+//! on the server's clock (`TIME`), so replicas with skewed clocks still agree; a day or month
+//! budget's counter is named after its window by the replica's clock (keep the replicas'
+//! clocks in sync, as for any log). Every counter expires by itself once it no longer matters
 //! (a GCRA when its arrival time has passed, a budget a minute after its window, a stream set
 //! after its lease). A response under a token or stream limit settles once more when it ends,
 //! off the request's path.
 //!
 //! While Redis cannot be reached (an error, or no answer within the timeout) the policy
 //! decides: *open* counts the request in this replica's memory instead, *closed* answers 503.
-//! After a failure the next second goes straight to the policy, so an outage does not cost
-//! every request a connection attempt; then Redis is tried again.
+//! After a failure the next second goes straight to the policy; then one request at a time
+//! tries Redis again while the others keep to the policy, so a hung Redis costs one request
+//! the timeout, not all of them. A check whose answer never came may still have run: the
+//! stream slot it may have taken is released at once (its other charges stand, erring on the
+//! side of the limit).
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -100,24 +105,25 @@ return out
 ";
 
 /// Settles a response: `ARGV[1]` = tokens used minus reserved, `ARGV[2]` = the stream's
-/// member; per key `ARGV[2i+1..2i+2]` = kind, a (as for the check).
+/// member, `ARGV[3]` = µs since the charge; per key `ARGV[2i+2..2i+3]` = kind, a (as for the
+/// check). A tokens-per-minute counter gone (expired while the response ran) starts again from
+/// now; a refund comes only within the minute of the charge, and never below an empty bucket.
 const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local delta = tonumber(ARGV[1])
+local age = tonumber(ARGV[3])
 for i, key in ipairs(KEYS) do
-  local kind = ARGV[2 * i + 1]
-  local a = tonumber(ARGV[2 * i + 2])
-  if kind == 't' and delta ~= 0 then
+  local kind = ARGV[2 * i + 2]
+  local a = tonumber(ARGV[2 * i + 3])
+  if kind == 't' and (delta > 0 or (delta < 0 and age < 60000000)) then
     local v = tonumber(redis.call('GET', key))
-    if v ~= nil then
-      if v < now then v = now end
-      v = v + delta * a
-      if v > now then
-        redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1000)
-      else
-        redis.call('DEL', key)
-      end
+    if v == nil or v < now then v = now end
+    v = v + delta * a
+    if v > now then
+      redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1000)
+    else
+      redis.call('DEL', key)
     end
   elseif kind == 'q' and delta ~= 0 then
     if redis.call('EXISTS', key) == 1 then
@@ -166,6 +172,9 @@ pub(super) struct RedisLimiter {
     down_until: AtomicU64,
     /// Whether the last attempt failed (logged once per outage).
     down: AtomicBool,
+    /// Whether a request is trying Redis again after a failure (the others wait for its
+    /// answer under the policy, rather than each waiting out the timeout on a hung Redis).
+    probing: AtomicBool,
     /// This replica's random prefix of stream members.
     replica: u64,
     streams: AtomicU64,
@@ -227,6 +236,7 @@ impl RedisLimiter {
             start: Instant::now(),
             down_until: AtomicU64::new(0),
             down: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
             replica: RandomState::new().hash_one(std::process::id()),
             streams: AtomicU64::new(0),
         })
@@ -353,6 +363,11 @@ impl RedisLimiter {
         if self.resting() {
             return self.fallback(&principal, route_ref);
         }
+        // After a failure one request at a time tries Redis again.
+        let _probe = match Probe::start(&self.down, &self.probing) {
+            Some(probe) => probe,
+            None => return self.fallback(&principal, route_ref),
+        };
         let conn = match self.connection() {
             Ok(conn) => conn,
             Err(err) => {
@@ -381,6 +396,10 @@ impl RedisLimiter {
             let ttl = c.window.map_or(0, |w| w.left.as_millis() as u64 + 60_000);
             call.key(&c.key).arg(c.kind()).arg(c.a()).arg(ttl);
         }
+        // The script may run even if its answer never comes (a timeout, or this future
+        // dropped by a client gone): until the answer is read, a stream slot it may have taken
+        // is released when this guard drops.
+        let mut pending = Pending::new(self.clone(), &counters, &member);
         let mut conn_for_call = conn;
         let answer: Result<Vec<i64>, String> =
             match tokio::time::timeout(TIMEOUT, call.invoke_async(&mut conn_for_call)).await {
@@ -399,6 +418,7 @@ impl RedisLimiter {
                 return self.fallback(&principal, route_ref);
             }
         };
+        pending.disarm();
         self.recovered();
         if answer[0] == 0 {
             let i = answer
@@ -442,22 +462,26 @@ impl RedisLimiter {
         if !settled.is_empty() {
             let tokens = counters.iter().any(|c| c.limit.counts_tokens());
             let limiter = self.clone();
+            let charged = Instant::now();
             ticket.settle = Some(Arc::new(Settle::new(
                 tokens.then_some(reserve),
                 move |delta| {
-                    limiter.settle_later(settled, member, delta);
+                    limiter.settle_later(settled, member, delta, charged.elapsed());
                 },
             )));
         }
         Decision::Allowed { ticket, quotas }
     }
 
-    /// Settles a response on a task of its own: its tokens, its stream slot.
+    /// Settles a response on a task of its own: its tokens, its stream slot. Without a Tokio
+    /// runtime (a process shutting down) nothing is sent: a reservation stands, and a stream
+    /// slot waits for its lease.
     fn settle_later(
         self: Arc<Self>,
         counters: Vec<(String, &'static str, f64)>,
         member: String,
         delta: i64,
+        age: Duration,
     ) {
         let only_tokens = counters.iter().all(|(_, kind, _)| *kind != "s");
         if delta == 0 && only_tokens {
@@ -471,7 +495,9 @@ impl RedisLimiter {
                 return;
             };
             let mut call = self.settle.prepare_invoke();
-            call.arg(delta).arg(&member);
+            call.arg(delta)
+                .arg(&member)
+                .arg(u64::try_from(age.as_micros()).unwrap_or(u64::MAX));
             for (key, kind, a) in &counters {
                 call.key(key).arg(*kind).arg(*a);
             }
@@ -522,6 +548,59 @@ impl RedisLimiter {
                 Some((c.limit, quota))
             })
             .collect())
+    }
+}
+
+/// Lets one request at a time try Redis again after a failure; clears the flag when dropped.
+struct Probe<'a>(Option<&'a AtomicBool>);
+
+impl<'a> Probe<'a> {
+    /// `Some` if this request may go to Redis: it is up, or this request is the one probing.
+    fn start(down: &AtomicBool, probing: &'a AtomicBool) -> Option<Self> {
+        if !down.load(Ordering::Relaxed) {
+            return Some(Self(None));
+        }
+        (!probing.swap(true, Ordering::AcqRel)).then_some(Self(Some(probing)))
+    }
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A check whose answer has not been read: dropped armed, it releases the stream slot the
+/// script may have taken (a `ZREM` of a member never added changes nothing).
+struct Pending {
+    release: Option<(Arc<RedisLimiter>, Vec<(String, &'static str, f64)>, String)>,
+}
+
+impl Pending {
+    fn new(limiter: Arc<RedisLimiter>, counters: &[Counter], member: &str) -> Self {
+        let streams: Vec<_> = counters
+            .iter()
+            .filter(|c| matches!(c.limit, Limit::Streams(_)))
+            .map(|c| (c.key.clone(), c.kind(), c.a()))
+            .collect();
+        Self {
+            release: (!streams.is_empty()).then(|| (limiter, streams, member.to_owned())),
+        }
+    }
+
+    /// The answer was read: the ticket (or the refusal) takes it from here.
+    fn disarm(&mut self) {
+        self.release = None;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some((limiter, streams, member)) = self.release.take() {
+            limiter.settle_later(streams, member, 0, Duration::ZERO);
+        }
     }
 }
 
