@@ -453,7 +453,7 @@ impl RedisLimiter {
             }
         }
         // Only the counters settled at the end go with the ticket.
-        let settled: Vec<(String, &'static str, f64)> = counters
+        let settled: Settled = counters
             .iter()
             .filter(|c| c.limit.counts_tokens() || matches!(c.limit, Limit::Streams(_)))
             .map(|c| (c.key.clone(), c.kind(), c.a()))
@@ -476,13 +476,7 @@ impl RedisLimiter {
     /// Settles a response on a task of its own: its tokens, its stream slot. Without a Tokio
     /// runtime (a process shutting down) nothing is sent: a reservation stands, and a stream
     /// slot waits for its lease.
-    fn settle_later(
-        self: Arc<Self>,
-        counters: Vec<(String, &'static str, f64)>,
-        member: String,
-        delta: i64,
-        age: Duration,
-    ) {
+    fn settle_later(self: Arc<Self>, counters: Settled, member: String, delta: i64, age: Duration) {
         let only_tokens = counters.iter().all(|(_, kind, _)| *kind != "s");
         if delta == 0 && only_tokens {
             return;
@@ -572,10 +566,13 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// The counters a response settles: key, kind and the script's `a`.
+type Settled = Vec<(String, &'static str, f64)>;
+
 /// A check whose answer has not been read: dropped armed, it releases the stream slot the
 /// script may have taken (a `ZREM` of a member never added changes nothing).
 struct Pending {
-    release: Option<(Arc<RedisLimiter>, Vec<(String, &'static str, f64)>, String)>,
+    release: Option<(Arc<RedisLimiter>, Settled, String)>,
 }
 
 impl Pending {
