@@ -300,13 +300,20 @@ fn backed(c: &mut Criterion) {
 }
 
 /// The five layers with the in-memory rate limiter between routing and injection, as the
-/// gateway runs it, beside the same stack without it. The rule covers every caller with a
-/// limit no run reaches, so every request is checked and charged and none is refused. The
-/// answer carries an upstream's usual headers (the limiter adds three to them).
+/// gateway runs it, beside the same stack without it. The answer carries an upstream's usual
+/// headers (the limiter adds three to them). Two limits, each with its own arm:
+///
+/// - `u32::MAX` requests a minute for everyone: one key, a limit no run reaches; its large
+///   numbers are written into the headers afresh each time;
+/// - 1,000 requests a minute per key, as a deployment would set it, over 10,000 keys taken in
+///   turn (each sees a few hundred requests a run, none is refused): 10,000 buckets, and
+///   header numbers under 1,024, which are shared.
 fn limiter(c: &mut Criterion) {
-    let limits = RateLimits {
+    use std::sync::atomic::AtomicUsize;
+    const KEYS: usize = 10_000;
+    let rule = |rpm: u32| RateLimits {
         rules: vec![RateLimitRule {
-            requests_per_minute: Some(u32::MAX),
+            requests_per_minute: Some(rpm),
             ..RateLimitRule::new(LimitScope::Everyone)
         }],
         ..RateLimits::default()
@@ -318,13 +325,80 @@ fn limiter(c: &mut Criterion) {
         GatewayAuthLayer::new(keys())
             .layer(CustomEndpointRouteLayer::new(registry()).layer(tail())),
     );
-    let with = RescueLayer::new().layer(GatewayAuthLayer::new(keys()).layer(
-        CustomEndpointRouteLayer::new(registry()).layer(RateLimitLayer::new(limits).layer(tail())),
-    ));
+    let with = RescueLayer::new().layer(
+        GatewayAuthLayer::new(keys()).layer(
+            CustomEndpointRouteLayer::new(registry())
+                .layer(RateLimitLayer::new(rule(u32::MAX)).layer(tail())),
+        ),
+    );
+    let mut many = HashedKeyStore::new();
+    for i in 0..KEYS {
+        many.insert_key(
+            &format!("gw-bench-{i}"),
+            tower_gateway::auth::Principal::new(format!("k{i}"), format!("u{i}@x"), ["t"]),
+        )
+        .unwrap();
+    }
+    let many_without = RescueLayer::new().layer(
+        GatewayAuthLayer::new(many.clone())
+            .layer(CustomEndpointRouteLayer::new(registry()).layer(tail())),
+    );
+    let many_with = RescueLayer::new().layer(
+        GatewayAuthLayer::new(many).layer(
+            CustomEndpointRouteLayer::new(registry())
+                .layer(RateLimitLayer::new(rule(1000)).layer(tail())),
+        ),
+    );
     let mut g = c.benchmark_group("limiter");
     run(&mut g, "five_layers", without);
     bench(&mut g, "five_layers+memory_limiter", with, |res| res);
+    let next = AtomicUsize::new(0);
+    rotating(&mut g, "10k_keys/five_layers", many_without, &next, KEYS);
+    rotating(
+        &mut g,
+        "10k_keys/five_layers+memory_limiter",
+        many_with,
+        &next,
+        KEYS,
+    );
     g.finish();
+}
+
+/// Benches `svc` on [`request`] sent with the keys `gw-bench-{i}`, `i` in turn up to `keys`.
+fn rotating<S, B>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    svc: S,
+    next: &std::sync::atomic::AtomicUsize,
+    keys: usize,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % keys;
+                let mut req = request();
+                req.headers_mut().insert(
+                    "authorization",
+                    HeaderValue::from_str(&format!("Bearer gw-bench-{i}")).unwrap(),
+                );
+                req
+            },
+            |req| {
+                let res = svc
+                    .clone()
+                    .oneshot(req)
+                    .now_or_never()
+                    .expect("ready at once")
+                    .unwrap();
+                assert_eq!(res.status(), 200, "a bench request was refused");
+                res
+            },
+            BatchSize::SmallInput,
+        )
+    });
 }
 
 criterion_group!(benches, layers, telemetry, backed, limiter);

@@ -394,6 +394,27 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A log sink for `tracing_subscriber::fmt`.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The metrics this test binary records (one recorder for the whole binary).
 fn snapshotter() -> &'static Snapshotter {
     static SNAP: OnceLock<Snapshotter> = OnceLock::new();
@@ -432,6 +453,15 @@ fn backend_errors(policy: &str) -> u64 {
 #[tokio::test]
 async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
     let _ = snapshotter();
+    // This test's logs (a current-thread runtime: the gateways' tasks run on this thread).
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish(),
+    );
     let Some(mut redis) = PrivateRedis::start() else {
         return;
     };
@@ -457,6 +487,12 @@ async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
     assert!(
         backend_errors("open") > errors_before,
         "the outage is counted in the metrics"
+    );
+    assert!(
+        logs.text()
+            .contains("the rate-limit backend (Redis) cannot be reached"),
+        "the outage is in the logs: {}",
+        logs.text()
     );
     let ans = within("a request while Redis is down", models(&closed, RES)).await;
     assert_eq!(ans.status, 503, "fail closed refuses: {}", ans.body);
@@ -506,6 +542,11 @@ async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
     }
     // 1 used above, 4 more admitted, then refused: the two gateways count together again.
     assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{statuses:?}");
+    assert!(
+        logs.text().contains("answers again"),
+        "the recovery is in the logs: {}",
+        logs.text()
+    );
 }
 
 /// The OpenAI client library against a limit counted in Redis by two replicas: the burst is

@@ -309,16 +309,39 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// Seconds as OpenAI writes them in `x-ratelimit-reset-*`, e.g. `1.5s` or `120ms`, without
-/// the formatting machinery (this runs on every limited response).
+/// Seconds as OpenAI writes them in `x-ratelimit-reset-*`, e.g. `1.5s` or `120ms`: the values
+/// under a minute (every requests-per-minute and tokens-per-minute reset) are made once and
+/// shared, longer ones written each time without the formatting machinery.
 fn reset(d: Duration) -> HeaderValue {
+    static SHARED: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let millis = d.as_millis().min(u128::from(u64::MAX / 2)) as u64;
+    // 0 to 999 ms, then 1.0 to 60.0 s in tenths.
+    let index = if millis < 1000 {
+        Some(millis as usize)
+    } else {
+        let tenths = (millis + 50) / 100;
+        (tenths <= 600).then(|| 1000 + (tenths - 10) as usize)
+    };
+    match index {
+        Some(i) => SHARED.get_or_init(|| {
+            (0..1000)
+                .map(write_reset)
+                .chain((10..=600).map(|tenths| write_reset(tenths * 100)))
+                .collect()
+        })[i]
+            .clone(),
+        None => write_reset(millis),
+    }
+}
+
+/// `millis` as `120ms` under a second, else as seconds to a tenth, `1.5s`.
+fn write_reset(millis: u64) -> HeaderValue {
     let mut buf = [0u8; 32];
     let mut len = 0;
     let mut push = |bytes: &[u8]| {
         buf[len..len + bytes.len()].copy_from_slice(bytes);
         len += bytes.len();
     };
-    let millis = d.as_millis().min(u128::from(u64::MAX / 2)) as u64;
     if millis < 1000 {
         push(digits(millis, &mut [0u8; 20]));
         push(b"ms");
@@ -670,6 +693,9 @@ mod tests {
             (Duration::from_millis(1000), "1.0s"),
             (Duration::from_millis(1549), "1.5s"),
             (Duration::from_millis(1950), "2.0s"),
+            (Duration::from_millis(59_960), "60.0s"),
+            (Duration::from_millis(60_049), "60.0s"),
+            (Duration::from_millis(60_050), "60.1s"),
             (Duration::from_secs(86_399), "86399.0s"),
         ] {
             assert_eq!(reset(d), text, "{d:?}");
