@@ -669,8 +669,13 @@ impl<K> GatewayBuilder<K> {
         Ok(self)
     }
 
-    /// Request rates and concurrent streams (also `[rate_limits]` in the configuration file),
-    /// counted in this process's memory.
+    /// The rate limits: request rates, token budgets and concurrent streams, and where they are
+    /// counted (also `[rate_limits]` in the configuration file; see [`crate::limits`]).
+    ///
+    /// # Panics
+    ///
+    /// [`build`](Self::build) panics if they are not [valid](RateLimits::validate) (the file's
+    /// are validated when it loads).
     pub fn rate_limits(mut self, limits: RateLimits) -> Self {
         self.rate_limits = limits;
         self
