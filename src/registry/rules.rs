@@ -7,7 +7,7 @@ use arc_swap::ArcSwap;
 use crate::model::LimitRules;
 
 /// The rate-limit rules in force, swapped whole while traffic flows: the rate limiter reads
-/// them per request, [`Live`] stores a new set when a change arrives.
+/// them per request, [`Live`](super::Live) stores a new set when a change arrives.
 #[derive(Clone, Debug, Default)]
 pub struct SharedLimitRules(Arc<ArcSwap<LimitRules>>);
 
