@@ -96,3 +96,60 @@ async fn openai_client_sees_gateway_errors_as_api_errors() {
     let message = err.to_string();
     assert!(message.contains("Invalid gateway API key"), "{message}");
 }
+
+/// A stream the upstream cuts in the middle reaches the OpenAI client library as an error,
+/// never as a short answer: the gateway sends one event in the OpenAI error shape before the
+/// cut.
+#[tokio::test]
+async fn openai_client_sees_a_stream_cut_midway_as_an_error() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (up, mut feeds) = sse_upstream().await;
+    let gw = start_gateway(&up.base_url(), ForwardBuilder::default()).await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(gw.base_url())
+            .with_api_key(GW_KEY),
+    );
+    let chunk = |k: usize| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{k} \"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let feeder = tokio::spawn(async move {
+        let (_, events) = feeds.recv().await.unwrap();
+        for k in 0..3 {
+            events.send(Ok(chunk(k).into())).await.unwrap();
+        }
+        // Let the three reach the client, then fail.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = events
+            .send(Err(std::io::Error::other("upstream fell over")))
+            .await;
+    });
+    let mut stream = within("stream", client.chat().create_stream(request(true)))
+        .await
+        .unwrap();
+    let (mut text, mut error) = (String::new(), None);
+    while let Some(item) = within("an item", stream.next()).await {
+        match item {
+            Ok(chunk) => {
+                if let Some(c) = chunk
+                    .choices
+                    .first()
+                    .and_then(|c| c.delta.content.as_deref())
+                {
+                    text.push_str(c);
+                }
+            }
+            Err(err) => {
+                error = Some(err.to_string());
+                break;
+            }
+        }
+    }
+    feeder.await.unwrap();
+    assert_eq!(text, "tok0 tok1 tok2 ");
+    let error = error.expect("the cut stream ended as an error, not as a short answer");
+    // The gateway's event, not only the broken connection, told it.
+    assert!(error.contains("upstream_stream_error"), "{error}");
+}

@@ -806,10 +806,27 @@ async fn a_stream_cut_midway_is_failed_with_a_cause() {
         .send(Err(io::Error::other("upstream fell over")))
         .await
         .unwrap();
+    // One more event, the OpenAI error shape the SDKs raise, then the cut (not a clean end).
+    let mut tail = Vec::new();
+    let ended = loop {
+        match next_data(&mut body).await {
+            Some(Ok(data)) => tail.extend_from_slice(&data),
+            Some(Err(err)) => break Err(err),
+            None => break Ok(()),
+        }
+    };
     assert!(
-        read_to_end(&mut body).await.is_err(),
+        ended.is_err(),
         "the client sees the stream cut, not a clean end"
     );
+    let tail = String::from_utf8(tail).unwrap();
+    let event = tail
+        .strip_prefix("\n\ndata: ")
+        .and_then(|t| t.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("one error event: {tail:?}"));
+    let error: serde_json::Value = serde_json::from_str(event).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_stream_error");
+    assert_eq!(error["error"]["type"], "api_error");
     drop(body);
     drop(events);
 
@@ -821,8 +838,8 @@ async fn a_stream_cut_midway_is_failed_with_a_cause() {
     assert!(span.has("error.message"), "{span:#?}");
     assert_eq!(
         span.u64("http.response.body.size"),
-        Some(two.len() as u64),
-        "the bytes that got through"
+        Some((two.len() + tail.len()) as u64),
+        "the bytes that got through, the error event with them"
     );
     assert!(!span.has("gen_ai.usage.input_tokens"));
 

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -24,7 +25,10 @@ pin_project! {
     /// one chunk header; larger frames go on as hyper read them, without a copy.
     ///
     /// An upstream that fails or falls silent for longer than the idle timeout ends the body
-    /// with an error, so the client sees a truncated stream, never a clean end.
+    /// with an error, so the client sees a truncated stream, never a clean end. A
+    /// `text/event-stream` gets one more event first, in the OpenAI error shape
+    /// (`data: {"error": {...}}`, after a blank line that ends any event cut in half), which the
+    /// OpenAI SDKs raise as an error: a stream cut short never reads as a short answer.
     pub struct ResponseBody {
         #[pin]
         kind: Kind,
@@ -34,16 +38,28 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind {
-        Upstream { #[pin] body: IdleTimeoutBody<UpstreamBody> },
+        Upstream {
+            #[pin]
+            body: IdleTimeoutBody<UpstreamBody>,
+            // For an event stream: the error that follows the error event, once the server has
+            // had a moment to write the event out.
+            sse: bool,
+            failed: Option<(BoxError, Pin<Box<tokio::time::Sleep>>)>,
+        },
         Full { data: Option<Bytes> },
         Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
 impl ResponseBody {
-    pub(crate) fn upstream(body: IdleTimeoutBody<UpstreamBody>) -> Self {
+    /// The upstream's body; `sse` if it is an event stream (`text/event-stream`).
+    pub(crate) fn upstream(body: IdleTimeoutBody<UpstreamBody>, sse: bool) -> Self {
         Self {
-            kind: Kind::Upstream { body },
+            kind: Kind::Upstream {
+                body,
+                sse,
+                failed: None,
+            },
         }
     }
 }
@@ -89,13 +105,31 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Upstream { body } => match ready!(body.poll_frame(cx)) {
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "upstream response body failed; truncating the stream");
-                    Poll::Ready(Some(Err(err)))
+            KindProj::Upstream { body, sse, failed } => {
+                if let Some((_, pause)) = failed.as_mut() {
+                    // The error makes the server drop the connection (HTTP/1.1) or reset the
+                    // stream (HTTP/2), discarding what it has not written yet: the event
+                    // goes out first.
+                    ready!(pause.as_mut().poll(cx));
+                    let (err, _) = failed.take().expect("checked above");
+                    return Poll::Ready(Some(Err(err)));
                 }
-                other => Poll::Ready(other),
-            },
+                match ready!(body.poll_frame(cx)) {
+                    Some(Err(err)) => {
+                        tracing::warn!(error = %err, "upstream response body failed; truncating the stream");
+                        if *sse {
+                            // The event first; the error on the next poll, so the connection
+                            // still ends without a clean end of the body.
+                            *sse = false;
+                            let event = stream_error_event(&err);
+                            *failed = Some((err, Box::pin(tokio::time::sleep(EVENT_GRACE))));
+                            return Poll::Ready(Some(Ok(Frame::data(event))));
+                        }
+                        Poll::Ready(Some(Err(err)))
+                    }
+                    other => Poll::Ready(other),
+                }
+            }
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Boxed { body } => body.poll_frame(cx),
         }
@@ -103,7 +137,7 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream { body } => body.is_end_stream(),
+            Kind::Upstream { body, failed, .. } => failed.is_none() && body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
             Kind::Boxed { body } => body.is_end_stream(),
         }
@@ -111,7 +145,7 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream { body } => body.size_hint(),
+            Kind::Upstream { body, .. } => body.size_hint(),
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -129,6 +163,36 @@ impl fmt::Debug for ResponseBody {
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
     }
+}
+
+/// How long the error event has to leave before the error that cuts the stream.
+const EVENT_GRACE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// The SSE event that tells a client its stream was cut: the OpenAI error shape, with
+/// `x-gateway-error`'s code for the cause.
+fn stream_error_event(err: &BoxError) -> Bytes {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
+    let mut code = "upstream_stream_error";
+    while let Some(e) = cause {
+        if e.is::<crate::error::BodyIdleTimeout>() {
+            code = "upstream_idle_timeout";
+            break;
+        }
+        cause = e.source();
+    }
+    let message = match code {
+        "upstream_idle_timeout" => {
+            "The upstream fell silent in the middle of the stream; the answer is incomplete."
+        }
+        _ => "The upstream stream broke off in the middle; the answer is incomplete.",
+    };
+    let json =
+        crate::error::GatewayError::new(http::StatusCode::BAD_GATEWAY, code, message).to_json();
+    let mut event = BytesMut::with_capacity(json.len() + 10);
+    event.extend_from_slice(b"\n\ndata: ");
+    event.extend_from_slice(&json);
+    event.extend_from_slice(b"\n\n");
+    event.freeze()
 }
 
 /// A frame of at least this many bytes is passed on as it is, never copied.

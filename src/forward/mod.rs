@@ -580,7 +580,18 @@ impl Future for ResponseFuture {
                 if !*pass_cookies {
                     parts.headers.remove(http::header::SET_COOKIE);
                 }
-                let body = ResponseBody::upstream(IdleTimeoutBody::new(*idle, body));
+                // An event stream in plain text (an encoded one cannot take an added event).
+                let sse = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split(';').next())
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+                    && parts
+                        .headers
+                        .get(http::header::CONTENT_ENCODING)
+                        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                let body = ResponseBody::upstream(IdleTimeoutBody::new(*idle, body), sse);
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
         }
