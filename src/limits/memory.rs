@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::plan::{
-    Allowed, Decision, Limit, MINUTE, Quota, Quotas, Refusal, allowed_counter, count, gcra,
-    remaining_requests, remaining_tokens, scope_label, token_time,
+    Allowed, Decision, Limit, MINUTE, Quota, Quotas, Reading, Refusal, allowed_counter, count,
+    gcra, scope_label, token_time,
 };
 use super::ticket::{Settle, Ticket};
 use crate::ext::Principal;
@@ -201,22 +201,12 @@ impl MemoryLimiter {
                         let (t, _) = gcra(rpm);
                         let tat = state.tat.entry(key).or_insert(now);
                         *tat = (*tat).max(now) + t;
-                        let quota = Quota {
-                            limit: u64::from(rpm),
-                            remaining: u64::from(remaining_requests(rpm, *tat, now)),
-                            reset: *tat - now,
-                        };
-                        quotas.add(limit, quota);
+                        quotas.add(limit, limit.quota(Reading::Ahead(*tat - now)));
                     }
                     Limit::TokensPerMinute(per_minute) => {
                         let tat = state.tat.entry(key.clone()).or_insert(now);
                         *tat = (*tat).max(now) + token_time(reserve, per_minute);
-                        let quota = Quota {
-                            limit: per_minute,
-                            remaining: remaining_tokens(per_minute, *tat, now),
-                            reset: *tat - now,
-                        };
-                        quotas.add(limit, quota);
+                        quotas.add(limit, limit.quota(Reading::Ahead(*tat - now)));
                         charges.push(TokenCharge {
                             key,
                             at: now,
@@ -224,7 +214,7 @@ impl MemoryLimiter {
                             window: None,
                         });
                     }
-                    Limit::TokensPerDay(max) | Limit::TokensPerMonth(max) => {
+                    Limit::TokensPerDay(_) | Limit::TokensPerMonth(_) => {
                         let window = limit
                             .window(*wall.get_or_insert_with(SystemTime::now))
                             .expect("a budget has a window");
@@ -233,14 +223,7 @@ impl MemoryLimiter {
                             *entry = (window.id, 0);
                         }
                         entry.1 = entry.1.saturating_add(reserve);
-                        quotas.add(
-                            limit,
-                            Quota {
-                                limit: max,
-                                remaining: max.saturating_sub(entry.1),
-                                reset: window.left,
-                            },
-                        );
+                        quotas.add(limit, limit.quota(Reading::Used(entry.1, window.left)));
                         charges.push(TokenCharge {
                             key,
                             at: now,
@@ -335,42 +318,29 @@ impl MemoryLimiter {
         Limit::of(r)
             .map(|limit| {
                 let key = (id, kind(limit), bucket.clone());
-                let tat = || state.tat.get(&key).copied().unwrap_or(now).max(now);
-                let quota = match limit {
-                    Limit::Requests(rpm) => Quota {
-                        limit: u64::from(rpm),
-                        remaining: u64::from(remaining_requests(rpm, tat(), now)),
-                        reset: tat() - now,
-                    },
-                    Limit::TokensPerMinute(per_minute) => Quota {
-                        limit: per_minute,
-                        remaining: remaining_tokens(per_minute, tat(), now),
-                        reset: tat() - now,
-                    },
-                    Limit::TokensPerDay(max) | Limit::TokensPerMonth(max) => {
+                let reading = match limit {
+                    Limit::Requests(_) | Limit::TokensPerMinute(_) => Reading::Ahead(
+                        state
+                            .tat
+                            .get(&key)
+                            .map_or(Duration::ZERO, |tat| tat.saturating_sub(now)),
+                    ),
+                    Limit::TokensPerDay(_) | Limit::TokensPerMonth(_) => {
                         let window = limit.window(wall).expect("a budget has a window");
                         let used = match state.budget.get(&key) {
                             Some(&(id, used)) if id == window.id => used,
                             _ => 0,
                         };
-                        Quota {
-                            limit: max,
-                            remaining: max.saturating_sub(used),
-                            reset: window.left,
-                        }
+                        Reading::Used(used, window.left)
                     }
-                    Limit::Streams(max) => {
-                        let busy = state
+                    Limit::Streams(_) => Reading::Busy(
+                        state
                             .streams
                             .get(&key)
-                            .map_or(0, |slot| slot.load(Ordering::Acquire));
-                        Quota {
-                            limit: u64::from(max),
-                            remaining: u64::from(max.saturating_sub(busy)),
-                            reset: Duration::ZERO,
-                        }
-                    }
+                            .map_or(0, |slot| u64::from(slot.load(Ordering::Acquire))),
+                    ),
                 };
+                let quota = limit.quota(reading);
                 (limit, quota)
             })
             .collect()

@@ -122,7 +122,7 @@ use crate::error::GatewayError;
 use crate::ext::{Principal, RouteMatch};
 pub use crate::model::LimitUsage;
 use crate::model::{
-    FieldError, LimitBackend, LimitRules, LimitUsageSource, RateLimits, UsageFuture,
+    FieldError, LimitBackend, LimitRules, LimitScope, LimitUsageSource, RateLimits, UsageFuture,
 };
 use crate::registry::SharedLimitRules;
 
@@ -228,21 +228,17 @@ impl RateLimitLayer {
     /// `user:SUBJECT`, `key:ID`, `all`; a `key:ID` also reads the `everyone` rules' bucket of
     /// that key), without charging anything. An error says why the shared backend did not answer.
     pub async fn usage(&self, scope: &str) -> Result<Vec<LimitUsage>, String> {
-        let scope: crate::model::LimitScope = scope.parse()?;
+        let scope: LimitScope = scope.parse()?;
         let mut out = Vec::new();
         let rules = self.rules.load();
         for (i, rule) in rules.rules.iter().enumerate() {
             let bucket: Arc<str> = match (&rule.scope, &scope) {
-                (a, b) if a == b => match b {
-                    crate::model::LimitScope::Team(n)
-                    | crate::model::LimitScope::User(n)
-                    | crate::model::LimitScope::Key(n) => n.clone(),
-                    crate::model::LimitScope::All => Arc::from("*"),
-                    crate::model::LimitScope::Everyone => continue,
+                (a, b) if a == b => match b.own_bucket() {
+                    Some(bucket) => bucket,
+                    None => continue,
                 },
-                (crate::model::LimitScope::Everyone, crate::model::LimitScope::Key(id)) => {
-                    id.clone()
-                }
+                // An `everyone` rule counts each key in a bucket of its own.
+                (LimitScope::Everyone, LimitScope::Key(id)) => id.clone(),
                 _ => continue,
             };
             let counts = match &self.backend {
@@ -423,9 +419,8 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // No rule: not even the extensions are looked at (the in-memory limiter looks at its
-        // rules itself, once).
-        if !matches!(self.backend, Backend::Memory(_)) && self.rules.load_guard().rules.is_empty() {
+        // No rule (a gateway without limits): not even the extensions are looked at.
+        if self.rules.load_guard().rules.is_empty() {
             return ResponseFuture::inner(
                 self.inner.call(req),
                 Ticket::default(),

@@ -226,23 +226,58 @@ pub(super) fn token_time(tokens: u64, per_minute: u64) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
-/// The remaining requests of a GCRA whose arrival time is `tat`, at `now`.
-pub(super) fn remaining_requests(rpm: u32, tat: Duration, now: Duration) -> u32 {
+/// The remaining requests of a GCRA whose arrival time is `ahead` of now.
+fn remaining_requests(rpm: u32, ahead: Duration) -> u32 {
     let (t, tau) = gcra(rpm);
-    if tat > now + tau {
+    if ahead > tau {
         0
     } else {
         // Nanoseconds fit in 64 bits for 584 years: no 128-bit division on the hot path.
-        let slack = (now + tau - tat).as_nanos() as u64 / (t.as_nanos() as u64).max(1);
+        let slack = (tau - ahead).as_nanos() as u64 / (t.as_nanos() as u64).max(1);
         u32::try_from(slack + 1).unwrap_or(u32::MAX).min(rpm)
     }
 }
 
-/// The remaining tokens of a tokens-per-minute bucket whose arrival time is `tat`, at `now`.
-pub(super) fn remaining_tokens(per_minute: u64, tat: Duration, now: Duration) -> u64 {
-    let room = (now + MINUTE).saturating_sub(tat);
+/// The remaining tokens of a tokens-per-minute bucket whose arrival time is `ahead` of now.
+fn remaining_tokens(per_minute: u64, ahead: Duration) -> u64 {
+    let room = MINUTE.saturating_sub(ahead);
     let tokens = room.as_nanos() * u128::from(per_minute) / MINUTE.as_nanos();
     u64::try_from(tokens).unwrap_or(u64::MAX).min(per_minute)
+}
+
+/// What a backend read of one counter, for [`Limit::quota`].
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Reading {
+    /// A GCRA: how far its arrival time is ahead of now (zero when it has passed).
+    Ahead(Duration),
+    /// A budget: the tokens used in its window, and until the window ends.
+    Used(u64, Duration),
+    /// Streams in flight.
+    Busy(u64),
+}
+
+impl Limit {
+    /// What a client is told of this limit, from its counter: what is left and until it is
+    /// whole again. Both backends answer through this, after a charge or a read.
+    pub(super) fn quota(self, reading: Reading) -> Quota {
+        let limit = self.value();
+        let (remaining, reset) = match (self, reading) {
+            (Self::Requests(rpm), Reading::Ahead(ahead)) => {
+                (u64::from(remaining_requests(rpm, ahead)), ahead)
+            }
+            (Self::TokensPerMinute(n), Reading::Ahead(ahead)) => {
+                (remaining_tokens(n, ahead), ahead)
+            }
+            (_, Reading::Used(used, left)) => (limit.saturating_sub(used), left),
+            (_, Reading::Busy(busy)) => (limit.saturating_sub(busy), Duration::ZERO),
+            (_, Reading::Ahead(ahead)) => (0, ahead),
+        };
+        Quota {
+            limit,
+            remaining,
+            reset,
+        }
+    }
 }
 
 /// What a client is told about one kind of limit: its strictest bucket.
@@ -374,13 +409,15 @@ mod tests {
     #[test]
     fn token_buckets_refill_over_a_minute() {
         assert_eq!(token_time(100, 6000), Duration::from_secs(1));
-        let now = Duration::from_secs(100);
-        assert_eq!(remaining_tokens(6000, now, now), 6000);
+        assert_eq!(remaining_tokens(6000, Duration::ZERO), 6000);
+        assert_eq!(remaining_tokens(6000, Duration::from_secs(30)), 3000);
+        assert_eq!(remaining_tokens(6000, MINUTE), 0);
+        assert_eq!(remaining_requests(6, Duration::from_secs(10)), 5);
+        let q = Limit::TokensPerDay(100).quota(Reading::Used(130, Duration::from_secs(5)));
         assert_eq!(
-            remaining_tokens(6000, now + Duration::from_secs(30), now),
-            3000
+            (q.limit, q.remaining, q.reset),
+            (100, 0, Duration::from_secs(5))
         );
-        assert_eq!(remaining_tokens(6000, now + MINUTE, now), 0);
-        assert_eq!(remaining_requests(6, now + Duration::from_secs(10), now), 5);
+        assert_eq!(Limit::Streams(3).quota(Reading::Busy(1)).remaining, 2);
     }
 }

@@ -29,10 +29,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
 use super::memory::{Compiled, MemoryLimiter};
-use super::plan::{
-    Decision, Limit, Quota, Quotas, Refusal, count, covering, gcra, remaining_requests,
-    remaining_tokens,
-};
+use super::plan::{Decision, Limit, Quota, Quotas, Reading, Refusal, count, covering, gcra};
 use super::ticket::{Settle, Ticket};
 use crate::ext::Principal;
 use crate::model::{OnBackendError, RateLimits};
@@ -448,9 +445,7 @@ impl RedisLimiter {
                 compiled.allowed[c.rule].increment(1);
                 last_rule = Some(c.rule);
             }
-            if let Some(quota) = quota(c, v) {
-                quotas.add(c.limit, quota);
-            }
+            quotas.add(c.limit, quota(c, v));
         }
         // Only the counters settled at the end go with the ticket.
         let settled: Settled = counters
@@ -530,17 +525,7 @@ impl RedisLimiter {
         Ok(counters
             .iter()
             .zip(answer)
-            .filter_map(|(c, v)| {
-                let quota = match c.limit {
-                    Limit::Streams(max) => Quota {
-                        limit: u64::from(max),
-                        remaining: u64::from(max).saturating_sub(v.max(0) as u64),
-                        reset: Duration::ZERO,
-                    },
-                    _ => quota(c, v)?,
-                };
-                Some((c.limit, quota))
-            })
+            .map(|(c, v)| (c.limit, quota(c, v)))
             .collect())
     }
 }
@@ -601,36 +586,18 @@ impl Drop for Pending {
     }
 }
 
-/// What a counter's value after a charge tells the client.
-fn quota(c: &Counter, v: i64) -> Option<Quota> {
+/// What a counter's value as the scripts answer it (µs ahead of now for a GCRA, tokens used
+/// for a budget, streams for a stream set) says to the client.
+fn quota(c: &Counter, v: i64) -> Quota {
     let v = u64::try_from(v).unwrap_or(0);
-    match c.limit {
-        Limit::Requests(rpm) => {
-            let ahead = Duration::from_micros(v);
-            // The arrival time relative to now, as the in-memory limiter keeps it.
-            let now = Duration::from_secs(3600);
-            Some(Quota {
-                limit: u64::from(rpm),
-                remaining: u64::from(remaining_requests(rpm, now + ahead, now)),
-                reset: ahead,
-            })
+    let reading = match c.limit {
+        Limit::Requests(_) | Limit::TokensPerMinute(_) => Reading::Ahead(Duration::from_micros(v)),
+        Limit::TokensPerDay(_) | Limit::TokensPerMonth(_) => {
+            Reading::Used(v, c.window.map_or(Duration::ZERO, |w| w.left))
         }
-        Limit::TokensPerMinute(n) => {
-            let ahead = Duration::from_micros(v);
-            let now = Duration::from_secs(3600);
-            Some(Quota {
-                limit: n,
-                remaining: remaining_tokens(n, now + ahead, now),
-                reset: ahead,
-            })
-        }
-        Limit::TokensPerDay(n) | Limit::TokensPerMonth(n) => Some(Quota {
-            limit: n,
-            remaining: n.saturating_sub(v),
-            reset: c.window.map_or(Duration::ZERO, |w| w.left),
-        }),
-        Limit::Streams(_) => None,
-    }
+        Limit::Streams(_) => Reading::Busy(v),
+    };
+    c.limit.quota(reading)
 }
 
 #[cfg(feature = "trace")]

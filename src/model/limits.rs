@@ -75,14 +75,24 @@ impl LimitScope {
     pub fn bucket_id(&self, principal: &Principal) -> Option<Arc<str>> {
         match self {
             Self::Everyone => Some(principal.key_id.clone()),
+            Self::All => self.own_bucket(),
+            Self::Team(team) => principal.in_team(team).then(|| team.clone()),
+            Self::User(subject) => (*principal.subject == **subject).then(|| subject.clone()),
+            Self::Key(id) => (*principal.key_id == **id).then(|| id.clone()),
+        }
+    }
+
+    /// The one bucket of a scope that has one (every scope but `everyone`, which has one per
+    /// key): the team, subject or key id, or `*` for `all`.
+    pub fn own_bucket(&self) -> Option<Arc<str>> {
+        match self {
+            Self::Everyone => None,
             Self::All => {
                 // Shared, so that the hot path does not allocate it per request.
                 static ALL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
                 Some(ALL.get_or_init(|| Arc::from("*")).clone())
             }
-            Self::Team(team) => principal.in_team(team).then(|| team.clone()),
-            Self::User(subject) => (*principal.subject == **subject).then(|| subject.clone()),
-            Self::Key(id) => (*principal.key_id == **id).then(|| id.clone()),
+            Self::Team(name) | Self::User(name) | Self::Key(name) => Some(name.clone()),
         }
     }
 

@@ -125,20 +125,54 @@ impl fmt::Display for FieldError {
 impl std::error::Error for FieldError {}
 
 /// A validation error as the management API answers it: 400 `invalid_request`, naming the
-/// field relative to the record (`accounts[0].endpoints[1].base_url` → `base_url`).
+/// field relative to the record the request is about (`accounts[0].endpoints[1].base_url` →
+/// `base_url`, `keys[2].subject` → `subject`). Any other field (`rules[1].scope`, a list the
+/// caller sent whole) is named as it is.
 impl From<FieldError> for crate::error::GatewayError {
     fn from(err: FieldError) -> Self {
         let field = err.field();
-        let rest = match field.find(".endpoints[") {
-            // A rule is named by its place in the list the caller sent.
-            _ if field.starts_with("rules[") => field,
-            Some(pos) => field[pos..].split_once("].").map_or(field, |(_, r)| r),
-            None => field.split_once("].").map_or(field, |(_, r)| r),
+        let record = |prefix: &str| {
+            field
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split_once("]."))
+                .map(|(_, rest)| rest)
         };
+        let rest = match field.find(".endpoints[") {
+            Some(pos) if field.starts_with("accounts[") => record(&field[..pos + 11]),
+            _ => record("accounts[").or_else(|| record("keys[")),
+        }
+        .unwrap_or(field);
         crate::error::GatewayError::new(
             http::StatusCode::BAD_REQUEST,
             "invalid_request",
             format!("{rest}: {}", err.message()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FieldError;
+    use crate::error::GatewayError;
+
+    #[test]
+    fn an_api_error_names_the_field_within_its_record() {
+        let message = |field: &str| {
+            GatewayError::from(FieldError::new(field, "bad"))
+                .message()
+                .to_owned()
+        };
+        assert_eq!(
+            message("accounts[0].endpoints[1].base_url"),
+            "base_url: bad"
+        );
+        assert_eq!(message("accounts[3].header_auth"), "header_auth: bad");
+        assert_eq!(message("keys[2].subject"), "subject: bad");
+        assert_eq!(
+            message("rules[1].requests_per_minute"),
+            "rules[1].requests_per_minute: bad"
+        );
+        assert_eq!(message("accounts[0]"), "accounts[0]: bad");
+        assert_eq!(message("admins"), "admins: bad");
     }
 }
