@@ -16,13 +16,16 @@
 //! cargo bench --bench limits
 //! ```
 
+#[path = "support/harness.rs"]
+mod harness;
+
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_gateway::auth::{HashedKeyStore, Principal};
@@ -31,23 +34,15 @@ use tower_gateway::error::RescueLayer;
 use tower_gateway::inject::InjectHeadersLayer;
 use tower_gateway::limits::RateLimitLayer;
 use tower_gateway::model::{LimitBackend, LimitScope, RateLimitRule, RateLimits};
-use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry, SharedRegistry};
+use tower_gateway::registry::SharedRegistry;
 use tower_gateway::route::CustomEndpointRouteLayer;
 
 const CONCURRENCY: usize = 64;
 
+/// The benches' one-account registry (its upstream is never dialled here).
 fn registry() -> SharedRegistry {
-    let mut headers = HeaderMap::new();
-    headers.insert("authorization", HeaderValue::from_static("Bearer up"));
-    Registry::from_accounts(vec![AccountSpec {
-        endpoints: vec![EndpointSpec {
-            headers,
-            ..EndpointSpec::new("inference", "https://api.inference.wandb.ai/v1")
-        }],
-        ..AccountSpec::new("coreweave-model")
-    }])
-    .unwrap()
-    .into()
+    let upstream = "127.0.0.1:9".parse().expect("an address");
+    harness::bench_registry(upstream, HeaderValue::from_static("Bearer up")).into()
 }
 
 fn keys() -> HashedKeyStore {
