@@ -21,38 +21,8 @@ const RES: &str = "gw-research";
 const SALES: &str = "gw-sales";
 
 fn gateway(base_url: &str, rules: &str) -> Gateway {
-    let toml = format!(
-        r#"
-[[keys]]
-id = "res"
-subject = "res@example.com"
-teams = ["research"]
-key = "{RES}"
-
-[[keys]]
-id = "sales"
-subject = "sales@example.com"
-teams = ["sales"]
-key = "{SALES}"
-
-[[accounts]]
-name = "{ACCOUNT}"
-access = {{ users = ["everyone"] }}
-
-[[accounts.endpoints]]
-name = "{ENDPOINT}"
-base_url = "{base_url}"
-headers = {{ Authorization = "Bearer {UP_KEY}" }}
-
-{rules}
-"#
-    );
-    let config = GatewayConfig::from_toml(
-        &toml,
-        &SecretSource::from_vars([] as [(&str, &str); 0], std::env::temp_dir()),
-    )
-    .unwrap_or_else(|e| panic!("config: {e}"));
-    Gateway::builder().config(config).build()
+    let keys = [("res", "research", RES), ("sales", "sales", SALES)];
+    gateway_from_toml(&format!("{}{rules}", one_account_toml(base_url, &keys)))
 }
 
 async fn models(gw: &TestGateway, key: &str) -> Answer {

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use tower_gateway::config::{GatewayConfig, SecretSource};
 use tower_gateway::gateway::Gateway;
 
 use support::*;
@@ -80,38 +79,11 @@ impl Drop for Prefix {
 }
 
 fn gateway(base_url: &str, rate_limits: &str) -> Gateway {
-    let toml = format!(
-        r#"
-[[keys]]
-id = "res"
-subject = "res@example.com"
-teams = ["research"]
-key = "{RES}"
-
-[[keys]]
-id = "res2"
-subject = "res2@example.com"
-teams = ["research"]
-key = "{RES2}"
-
-[[accounts]]
-name = "{ACCOUNT}"
-access = {{ users = ["everyone"] }}
-
-[[accounts.endpoints]]
-name = "{ENDPOINT}"
-base_url = "{base_url}"
-headers = {{ Authorization = "Bearer {UP_KEY}" }}
-
-{rate_limits}
-"#
-    );
-    let config = GatewayConfig::from_toml(
-        &toml,
-        &SecretSource::from_vars([] as [(&str, &str); 0], std::env::temp_dir()),
-    )
-    .unwrap_or_else(|e| panic!("config: {e}"));
-    Gateway::builder().config(config).build()
+    let keys = [("res", "research", RES), ("res2", "research", RES2)];
+    gateway_from_toml(&format!(
+        "{}{rate_limits}",
+        one_account_toml(base_url, &keys)
+    ))
 }
 
 async fn models(gw: &TestGateway, key: &str) -> Answer {
@@ -318,7 +290,10 @@ async fn concurrent_streams_are_counted_across_replicas() {
     drop(prefix);
 }
 
-/// A private `redis-server` on a free port, stopped on drop.
+/// The private server's password.
+const PRIVATE_PASSWORD: &str = "redis-pw-CANARY-5a4b3c2d";
+
+/// A private `redis-server` on a free port, with a password, stopped on drop.
 struct PrivateRedis {
     port: u16,
     child: Option<Child>,
@@ -341,14 +316,16 @@ impl PrivateRedis {
         Some(redis)
     }
 
+    /// Its URL, with its password (which no log may show).
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://:{PRIVATE_PASSWORD}@127.0.0.1:{}", self.port)
     }
 
     /// Starts the server (again) on its port; whether it answers within 5 s.
     fn restart(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--requirepass", PRIVATE_PASSWORD])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -496,6 +473,7 @@ async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
     );
     let ans = within("a request while Redis is down", models(&closed, RES)).await;
     assert_eq!(ans.status, 503, "fail closed refuses: {}", ans.body);
+    assert!(!ans.body.contains(PRIVATE_PASSWORD), "{}", ans.body);
     assert_eq!(
         ans.headers["x-gateway-error"],
         "rate_limit_backend_unavailable"
@@ -546,6 +524,10 @@ async fn a_redis_outage_fails_open_or_closed_as_configured_and_limits_resume() {
         logs.text().contains("answers again"),
         "the recovery is in the logs: {}",
         logs.text()
+    );
+    assert!(
+        !logs.text().contains(PRIVATE_PASSWORD),
+        "the Redis URL's password reached the logs"
     );
 }
 

@@ -1136,6 +1136,27 @@ async fn rate_limit_rules_changed_on_one_replica_hold_on_another() {
     )
     .await;
     assert_eq!(bad_scope.status, 400, "{}", bad_scope.body);
+    for query in ["", "?scope=team%zz", "?scope=team%3", "?other=1"] {
+        let path = format!("/manage/rate-limits/usage{query}");
+        let ans = call(&b, Method::GET, &path, MGR, None).await;
+        assert_eq!(ans.status, 400, "{query}: {}", ans.body);
+        assert!(
+            ans.error_message().starts_with("scope:"),
+            "{query}: {}",
+            ans.body
+        );
+    }
+    let not_a_rule = put_rules(&a, MGR, None, r#"{"rules":[7]}"#).await;
+    assert_eq!(not_a_rule.status, 400);
+    assert!(
+        not_a_rule
+            .error_message()
+            .starts_with("rules[0]: must be an object"),
+        "{}",
+        not_a_rule.body
+    );
+    let not_a_list = put_rules(&a, MGR, None, r#"{"rules":{"scope":"all"}}"#).await;
+    assert_eq!(not_a_list.status, 400, "{}", not_a_list.body);
 
     let audit = call(&a, Method::GET, "/manage/audit", MGR, None).await;
     assert_eq!(audit.json()["entries"][0]["action"], "rate_limits.put");

@@ -183,3 +183,29 @@ pub(super) async fn usage(
         .collect();
     Ok(json(StatusCode::OK, &UsageList { scope, limits }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::scope_query;
+
+    #[test]
+    fn the_scope_is_percent_decoded_and_a_broken_one_refused() {
+        assert_eq!(
+            scope_query(Some("scope=user%3Aa%40x.com")).unwrap(),
+            "user:a@x.com"
+        );
+        assert_eq!(
+            scope_query(Some("x=1&scope=team:research")).unwrap(),
+            "team:research"
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("scope=%zz"),
+            Some("scope=%4"),
+            Some("scope=%FF"),
+        ] {
+            assert!(scope_query(bad).is_err(), "{bad:?}");
+        }
+    }
+}

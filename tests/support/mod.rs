@@ -410,3 +410,34 @@ pub async fn open_stream(uri: Uri, key: &str) -> Incoming {
     assert_eq!(res.status(), 200, "the stream did not open");
     res.into_body()
 }
+
+/// A configuration file's TOML: `keys` as (id, team, key), each with the subject
+/// `{id}@example.com`, and the account `ACCOUNT`, open to everyone, whose endpoint `ENDPOINT`
+/// at `base_url` sends `Authorization: Bearer UP_KEY`.
+pub fn one_account_toml(base_url: &str, keys: &[(&str, &str, &str)]) -> String {
+    let mut toml = String::new();
+    for (id, team, key) in keys {
+        toml.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nsubject = \"{id}@example.com\"\nteams = [\"{team}\"]\nkey = \"{key}\"\n\n"
+        ));
+    }
+    toml.push_str(&format!(
+        "[[accounts]]\nname = \"{ACCOUNT}\"\naccess = {{ users = [\"everyone\"] }}\n\n\
+         [[accounts.endpoints]]\nname = \"{ENDPOINT}\"\nbase_url = \"{base_url}\"\n\
+         headers = {{ Authorization = \"Bearer {UP_KEY}\" }}\n\n"
+    ));
+    toml
+}
+
+/// A gateway built from a configuration file's `toml` (no secrets to expand).
+pub fn gateway_from_toml(toml: &str) -> Gateway {
+    let config = tower_gateway::config::GatewayConfig::from_toml(
+        toml,
+        &tower_gateway::config::SecretSource::from_vars(
+            [] as [(&str, &str); 0],
+            std::env::temp_dir(),
+        ),
+    )
+    .unwrap_or_else(|e| panic!("config: {e}"));
+    Gateway::builder().config(config).build()
+}
