@@ -3,11 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::model::FieldError;
-use crate::model::{DEFAULT_PATH_PREFIX, Grants, Timeouts};
+use crate::model::{
+    DEFAULT_PATH_PREFIX, EjectPolicy, Grants, HealthCheck, RetryPolicy, Timeouts,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,7 +131,16 @@ pub(super) struct RawGrants {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEndpoint {
     pub(super) name: String,
+    #[serde(default)]
     pub(super) base_url: String,
+    #[serde(default)]
+    pub(super) targets: Vec<RawTarget>,
+    #[serde(default)]
+    pub(super) retry: Option<RawRetry>,
+    #[serde(default)]
+    pub(super) eject: RawEject,
+    #[serde(default)]
+    pub(super) health: Option<RawHealth>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, String>,
     #[serde(default)]
@@ -137,6 +149,89 @@ pub(super) struct RawEndpoint {
     pub(super) timeouts: RawTimeouts,
     #[serde(default)]
     pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTarget {
+    pub(super) base_url: String,
+    #[serde(default)]
+    pub(super) weight: Option<u32>,
+    #[serde(default)]
+    pub(super) priority: Option<u32>,
+    #[serde(default)]
+    pub(super) headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) timeouts: RawTimeouts,
+    #[serde(default)]
+    pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    #[serde(default)]
+    pub(super) attempts: Option<u32>,
+    #[serde(default)]
+    pub(super) on_status: Option<Vec<u16>>,
+    #[serde(default)]
+    pub(super) budget_percent: Option<u32>,
+    #[serde(default)]
+    pub(super) min_per_second: Option<u32>,
+    #[serde(default)]
+    pub(super) max_body_bytes: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEject {
+    #[serde(default)]
+    pub(super) consecutive_failures: Option<u32>,
+    #[serde(default)]
+    pub(super) base_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) max_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) path: String,
+    #[serde(default)]
+    pub(super) interval_ms: Option<u64>,
+}
+
+impl RawRetry {
+    pub(super) fn to_policy(&self) -> RetryPolicy {
+        let d = RetryPolicy::default();
+        RetryPolicy {
+            attempts: self.attempts.unwrap_or(d.attempts),
+            on_status: self.on_status.clone().unwrap_or(d.on_status),
+            budget_percent: self.budget_percent.unwrap_or(d.budget_percent),
+            min_per_second: self.min_per_second.unwrap_or(d.min_per_second),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+        }
+    }
+}
+
+impl RawEject {
+    pub(super) fn to_policy(&self) -> EjectPolicy {
+        let d = EjectPolicy::default();
+        EjectPolicy {
+            consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
+            base: self.base_ms.map_or(d.base, Duration::from_millis),
+            max: self.max_ms.map_or(d.max, Duration::from_millis),
+        }
+    }
+}
+
+impl RawHealth {
+    pub(super) fn to_check(&self) -> HealthCheck {
+        HealthCheck {
+            path: self.path.clone(),
+            interval: Duration::from_millis(self.interval_ms.unwrap_or(5000)),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]

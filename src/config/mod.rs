@@ -156,7 +156,7 @@ pub use self::secrets::{Secret, SecretSource};
 use crate::model::{
     AccountSpec, EndpointSpec, FieldError, Grants, HashedKeyStore, KeyDigest, KeyRecord,
     LimitBackend, LimitScope, OnBackendError, RateLimitRule, RateLimits, Subject, is_valid_prefix,
-    validate_keys,
+    TargetSpec, validate_keys,
 };
 use crate::registry::Registry;
 use crate::tls::TlsSettings;
@@ -408,26 +408,52 @@ fn build_endpoint(
         .map(|g| g.to_grants(&format!("{field}.access")))
         .transpose()?;
     let timeouts = raw.timeouts.to_timeouts();
-    let tls = raw
-        .tls
-        .map(|tls| {
-            let path = |p: &Option<PathBuf>| p.as_ref().map(|p| secrets.base_dir().join(p));
-            TlsSettings::from_files(
-                path(&tls.ca_file).as_deref(),
-                path(&tls.client_cert_file).as_deref(),
-                path(&tls.client_key_file).as_deref(),
-            )
-            .map(Arc::new)
-            .map_err(|e| FieldError::new(format!("{field}.tls.{}", e.field), e.message))
+    let tls = build_tls(raw.tls, field, secrets)?;
+    let targets = raw
+        .targets
+        .into_iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let field = format!("{field}.targets[{k}]");
+            Ok(TargetSpec {
+                weight: t.weight.unwrap_or(1),
+                priority: t.priority.unwrap_or(1),
+                headers: build_headers(&t.headers, &format!("{field}.headers"), secrets)?,
+                timeouts: t.timeouts.to_timeouts(),
+                tls: build_tls(t.tls, &field, secrets)?,
+                ..TargetSpec::new(t.base_url)
+            })
         })
-        .transpose()?;
+        .collect::<Result<Vec<_>, FieldError>>()?;
     Ok(EndpointSpec {
         headers,
         access,
         timeouts,
         tls,
+        targets,
+        retry: raw.retry.as_ref().map(file::RawRetry::to_policy),
+        eject: raw.eject.to_policy(),
+        health: raw.health.as_ref().map(file::RawHealth::to_check),
         ..EndpointSpec::new(raw.name, raw.base_url)
     })
+}
+
+fn build_tls(
+    raw: Option<file::RawTls>,
+    field: &str,
+    secrets: &SecretSource,
+) -> Result<Option<Arc<TlsSettings>>, FieldError> {
+    raw.map(|tls| {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| secrets.base_dir().join(p));
+        TlsSettings::from_files(
+            path(&tls.ca_file).as_deref(),
+            path(&tls.client_cert_file).as_deref(),
+            path(&tls.client_key_file).as_deref(),
+        )
+        .map(Arc::new)
+        .map_err(|e| FieldError::new(format!("{field}.tls.{}", e.field), e.message))
+    })
+    .transpose()
 }
 
 #[cfg(test)]

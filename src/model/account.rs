@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName};
 
-use super::{FieldError, Grants, NAME_RULE, Timeouts, UpstreamBase, is_valid_name};
+use super::pool::MAX_TARGETS;
+use super::{
+    EjectPolicy, FieldError, Grants, HealthCheck, NAME_RULE, RetryPolicy, TargetSpec, Timeouts,
+    UpstreamBase, is_valid_name,
+};
 
 /// The description of an endpoint, as a user writes it.
 ///
@@ -16,8 +20,19 @@ use super::{FieldError, Grants, NAME_RULE, Timeouts, UpstreamBase, is_valid_name
 pub struct EndpointSpec {
     /// The endpoint name, the second path segment after the prefix.
     pub name: String,
-    /// Base URL, e.g. `https://api.inference.wandb.ai/v1`.
+    /// Base URL, e.g. `https://api.inference.wandb.ai/v1`: the endpoint's one target. Empty
+    /// when [`targets`](Self::targets) are given instead.
     pub base_url: String,
+    /// The endpoint's pool, instead of `base_url`: several upstreams with weights and
+    /// priorities. Empty for an endpoint with one `base_url`.
+    pub targets: Vec<TargetSpec>,
+    /// When a request is tried again on another target; `None` takes
+    /// [`RetryPolicy::default_for`] the number of targets.
+    pub retry: Option<RetryPolicy>,
+    /// When a failing target is taken out of the pool.
+    pub eject: EjectPolicy,
+    /// An active health check of ejected targets, if any.
+    pub health: Option<HealthCheck>,
     /// Custom headers; they override the account's `header_auth`.
     pub headers: HeaderMap,
     /// Per-endpoint grants overriding the account's.
@@ -39,6 +54,10 @@ impl EndpointSpec {
         Self {
             name: name.into(),
             base_url: base_url.into(),
+            targets: Vec::new(),
+            retry: None,
+            eject: EjectPolicy::default(),
+            health: None,
             headers: HeaderMap::new(),
             access: None,
             timeouts: Timeouts::default(),
@@ -48,8 +67,16 @@ impl EndpointSpec {
         }
     }
 
+    /// The base URLs of the endpoint's targets: its `base_url`, or each target's.
+    pub fn base_urls(&self) -> impl Iterator<Item = &str> {
+        let one = self.targets.is_empty().then_some(self.base_url.as_str());
+        one.into_iter()
+            .chain(self.targets.iter().map(|t| t.base_url.as_str()))
+    }
+
     /// Whether `other` describes the same endpoint, whatever the versions: the same name, base
-    /// URL, headers (names and values), grants, timeouts and TLS settings.
+    /// URL or targets, pool policies, headers (names and values), grants, timeouts and TLS
+    /// settings.
     pub fn same_content(&self, other: &Self) -> bool {
         #[cfg(feature = "forward")]
         let same_tls = match (&self.tls, &other.tls) {
@@ -61,6 +88,15 @@ impl EndpointSpec {
         let same_tls = true;
         self.name == other.name
             && self.base_url == other.base_url
+            && self.targets.len() == other.targets.len()
+            && self
+                .targets
+                .iter()
+                .zip(&other.targets)
+                .all(|(a, b)| a.same_content(b))
+            && self.retry == other.retry
+            && self.eject == other.eject
+            && self.health == other.health
             && self.headers == other.headers
             && self.access == other.access
             && self.timeouts == other.timeouts
@@ -134,6 +170,10 @@ impl fmt::Debug for EndpointSpec {
         let mut d = f.debug_struct("EndpointSpec");
         d.field("name", &self.name)
             .field("base_url", &self.base_url)
+            .field("targets", &self.targets)
+            .field("retry", &self.retry)
+            .field("eject", &self.eject)
+            .field("health", &self.health)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("access", &self.access)
             .field("timeouts", &self.timeouts)
@@ -188,8 +228,7 @@ pub fn validate(accounts: &[AccountSpec]) -> Result<(), FieldError> {
         for (j, ep) in account.endpoints.iter().enumerate() {
             let field = format!("{field}.endpoints[{j}]");
             check_name(&ep.name, &field)?;
-            UpstreamBase::parse(&ep.base_url)
-                .map_err(|m| FieldError::new(format!("{field}.base_url"), m))?;
+            validate_pool(ep, &field)?;
             check_headers(&ep.headers, &format!("{field}.headers"))?;
             ep.timeouts.validate(&format!("{field}.timeouts"))?;
             if !endpoint_names.insert(ep.name.as_str()) {
@@ -208,6 +247,37 @@ pub fn validate(accounts: &[AccountSpec]) -> Result<(), FieldError> {
                 format!("duplicate account name \"{}\"", account.name),
             ));
         }
+    }
+    Ok(())
+}
+
+/// The endpoint's upstreams: one `base_url` or a list of targets, and the pool's policies.
+fn validate_pool(ep: &EndpointSpec, field: &str) -> Result<(), FieldError> {
+    if ep.targets.is_empty() {
+        UpstreamBase::parse(&ep.base_url)
+            .map_err(|m| FieldError::new(format!("{field}.base_url"), m))?;
+    } else if !ep.base_url.is_empty() {
+        return Err(FieldError::new(
+            format!("{field}.base_url"),
+            "give base_url (one upstream) or targets (a pool), not both",
+        ));
+    } else if ep.targets.len() > MAX_TARGETS {
+        return Err(FieldError::new(
+            format!("{field}.targets"),
+            format!("at most {MAX_TARGETS} targets"),
+        ));
+    }
+    for (k, target) in ep.targets.iter().enumerate() {
+        let field = format!("{field}.targets[{k}]");
+        target.validate(&field)?;
+        check_headers(&target.headers, &format!("{field}.headers"))?;
+    }
+    if let Some(retry) = &ep.retry {
+        retry.validate(&format!("{field}.retry"))?;
+    }
+    ep.eject.validate(&format!("{field}.eject"))?;
+    if let Some(health) = &ep.health {
+        health.validate(&format!("{field}.health"))?;
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ mod grants;
 #[cfg(feature = "auth")]
 mod keys;
 mod limits;
+mod pool;
 mod principal;
 #[cfg(feature = "auth")]
 mod snapshot;
@@ -53,6 +54,9 @@ pub use self::keys::{
 pub use self::limits::{
     LimitBackend, LimitRules, LimitScope, LimitUsage, LimitUsageSource, OnBackendError,
     RateLimitRule, RateLimits, UsageFuture, bump_rules, validate_rules,
+};
+pub use self::pool::{
+    DEFAULT_RETRY_ON, EjectPolicy, HealthCheck, MAX_TARGETS, MAX_WEIGHT, RetryPolicy, TargetSpec,
 };
 pub use self::principal::Principal;
 #[cfg(feature = "auth")]

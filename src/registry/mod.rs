@@ -43,6 +43,7 @@ mod keys;
 #[cfg(feature = "auth")]
 mod live;
 mod names;
+mod pool;
 mod rules;
 
 #[cfg(feature = "auth")]
@@ -50,12 +51,15 @@ pub use self::keys::SharedKeyStore;
 #[cfg(feature = "auth")]
 pub use self::live::{Live, MemoryWriter};
 use self::names::NameMap;
+pub use self::pool::{Ejection, InFlight, PoolState, Target, TargetHealth, TargetState};
+pub(crate) use self::pool::now_ms;
 pub use self::rules::SharedLimitRules;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;
 
 pub use crate::model::{
-    AccountSpec, EndpointSpec, FieldError, Timeouts, UpstreamBase, is_valid_name,
+    AccountSpec, EjectPolicy, EndpointSpec, FieldError, HealthCheck, RetryPolicy, TargetSpec,
+    Timeouts, UpstreamBase, is_valid_name,
 };
 use crate::model::{COMMON_PATHS, Grants, HeaderTemplate};
 
@@ -76,6 +80,11 @@ pub struct Endpoint {
     common_uris: [Option<Uri>; COMMON_PATHS.len()],
     #[cfg(feature = "forward")]
     tls: Option<Arc<crate::tls::TlsSettings>>,
+    targets: Box<[Target]>,
+    /// Indices into `targets`, by priority (stable), and where each priority starts.
+    order: Box<[usize]>,
+    pool: Arc<PoolState>,
+    health_check: Option<HealthCheck>,
     version: u64,
 }
 
@@ -90,14 +99,41 @@ impl Endpoint {
         &self.name
     }
 
-    /// The parsed base URL.
+    /// The parsed base URL of the first target (the endpoint's `base_url`, or its first
+    /// target's): where the route points a request before the forwarder picks a target.
     pub fn base(&self) -> &UpstreamBase {
         &self.base
     }
 
-    /// The base URL as text.
+    /// The base URL of the first target as text.
     pub fn base_url(&self) -> String {
         self.base.to_string()
+    }
+
+    /// The targets, in the order they were given (one for an endpoint with a `base_url`).
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// The indices of [`targets`](Self::targets) from the first priority to the last (in the
+    /// order given within each).
+    pub fn by_priority(&self) -> &[usize] {
+        &self.order
+    }
+
+    /// Whether requests go to exactly one target, tried once: no choice, no retry.
+    pub fn is_single(&self) -> bool {
+        self.targets.len() == 1 && self.pool.retry().attempts <= 1
+    }
+
+    /// The pool's policies and its retry budget.
+    pub fn pool(&self) -> &PoolState {
+        &self.pool
+    }
+
+    /// The active health check of ejected targets, if any.
+    pub fn health_check(&self) -> Option<&HealthCheck> {
+        self.health_check.as_ref()
     }
 
     /// The headers to inject: the account's `header_auth` overridden by the endpoint's own
@@ -164,6 +200,8 @@ impl fmt::Debug for Endpoint {
             .field("header_templates", &self.templates)
             .field("access", &self.access)
             .field("timeouts", &self.timeouts)
+            .field("targets", &self.targets)
+            .field("pool", &self.pool)
             .finish_non_exhaustive()
     }
 }
@@ -226,8 +264,14 @@ impl Account {
         // Endpoints without grants of their own share the account's.
         let account_grants = Arc::new(spec.access.clone());
         for (j, ep) in spec.endpoints.iter().enumerate() {
-            let base = UpstreamBase::parse(&ep.base_url)
-                .map_err(|m| FieldError::new(format!("{field}.endpoints[{j}].base_url"), m))?;
+            let targets = compile_targets(ep, &format!("{field}.endpoints[{j}]"))?;
+            let base = targets[0].base.clone();
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            order.sort_by_key(|&k| targets[k].priority);
+            let retry = ep
+                .retry
+                .clone()
+                .unwrap_or_else(|| RetryPolicy::default_for(targets.len()));
             let mut headers = spec.headers_for(ep);
             let templates: Vec<(HeaderName, HeaderTemplate)> = headers
                 .iter()
@@ -240,7 +284,7 @@ impl Account {
                 None => account_grants.clone(),
                 Some(own) => Arc::new(spec.access.for_endpoint(Some(own))),
             };
-            let common_uris = COMMON_PATHS.map(|path| base.join(path, None));
+            let common_uris = targets[0].common_uris.clone();
             let endpoint_name: Arc<str> = ep.name.as_str().into();
             account
                 .by_name
@@ -257,11 +301,63 @@ impl Account {
                 common_uris,
                 #[cfg(feature = "forward")]
                 tls: ep.tls.clone(),
+                targets,
+                order: order.into(),
+                pool: Arc::new(PoolState::new(retry, ep.eject)),
+                health_check: ep.health.clone(),
                 version: ep.version,
             }));
         }
         Ok(account)
     }
+}
+
+/// The targets of an endpoint, compiled: one for its `base_url`, or one per target, each with
+/// its timeouts and TLS settings merged over the endpoint's.
+fn compile_targets(ep: &EndpointSpec, field: &str) -> Result<Box<[Target]>, FieldError> {
+    let one;
+    let specs: &[TargetSpec] = if ep.targets.is_empty() {
+        one = [TargetSpec::new(ep.base_url.as_str())];
+        &one
+    } else {
+        &ep.targets
+    };
+    let field_of = |k: usize| {
+        if ep.targets.is_empty() {
+            format!("{field}.base_url")
+        } else {
+            format!("{field}.targets[{k}].base_url")
+        }
+    };
+    specs
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let base = UpstreamBase::parse(&t.base_url).map_err(|m| FieldError::new(field_of(k), m))?;
+            let mut headers = t.headers.clone();
+            for value in headers.values_mut() {
+                value.set_sensitive(true);
+            }
+            let own = t.timeouts;
+            let timeouts = Timeouts {
+                connect: own.connect.or(ep.timeouts.connect),
+                first_byte: own.first_byte.or(ep.timeouts.first_byte),
+                idle: own.idle.or(ep.timeouts.idle),
+            };
+            Ok(Target {
+                label: base.to_string().into(),
+                common_uris: COMMON_PATHS.map(|path| base.join(path, None)),
+                base,
+                headers,
+                weight: t.weight,
+                priority: t.priority,
+                timeouts,
+                #[cfg(feature = "forward")]
+                tls: t.tls.clone().or_else(|| ep.tls.clone()),
+                health: Arc::default(),
+            })
+        })
+        .collect()
 }
 
 /// An immutable snapshot of every account and endpoint.
@@ -279,6 +375,16 @@ impl Registry {
         crate::model::validate(&accounts)?;
         let mut specs = accounts.clone();
         for spec in &mut specs {
+            let target_headers: Vec<&mut HeaderMap> = spec
+                .endpoints
+                .iter_mut()
+                .flat_map(|e| e.targets.iter_mut().map(|t| &mut t.headers))
+                .collect();
+            for headers in target_headers {
+                for value in headers.values_mut() {
+                    value.set_sensitive(true);
+                }
+            }
             let endpoint_headers = spec.endpoints.iter_mut().map(|e| &mut e.headers);
             for headers in std::iter::once(&mut spec.header_auth).chain(endpoint_headers) {
                 for value in headers.values_mut() {
@@ -299,6 +405,33 @@ impl Registry {
             registry.accounts.push(account);
         }
         Ok(registry)
+    }
+
+    /// Takes over what `old` has learned about the targets this registry shares with it (same
+    /// account, endpoint and base URL), and the retry budgets of endpoints whose retry policy
+    /// is unchanged, so a swap forgets nothing about the upstreams.
+    pub fn adopt_state(&mut self, old: &Registry) {
+        for account in &mut self.accounts {
+            let Some(was) = old.account(&account.name) else {
+                continue;
+            };
+            for ep in &mut account.endpoints {
+                let Some(prev) = was.endpoint(&ep.name) else {
+                    continue;
+                };
+                let Some(ep) = Arc::get_mut(ep) else {
+                    continue;
+                };
+                if prev.pool.retry() == ep.pool.retry() && prev.pool.eject() == ep.pool.eject() {
+                    ep.pool = prev.pool.clone();
+                }
+                for target in ep.targets.iter_mut() {
+                    if let Some(p) = prev.targets.iter().find(|p| p.label == target.label) {
+                        target.health = p.health.clone();
+                    }
+                }
+            }
+        }
     }
 
     /// The specs this registry was built from, to derive a changed registry from.
@@ -356,7 +489,8 @@ impl SharedRegistry {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut specs = self.current.load().specs().to_vec();
         change(&mut specs)?;
-        let next = Registry::from_accounts(specs)?;
+        let mut next = Registry::from_accounts(specs)?;
+        next.adopt_state(&self.current.load());
         self.current.store(Arc::new(next));
         Ok(())
     }
@@ -371,9 +505,12 @@ impl SharedRegistry {
         self.current.load_full()
     }
 
-    /// Replaces the snapshot. Requests already routed keep the endpoint they started with.
-    pub fn store(&self, registry: Registry) {
+    /// Replaces the snapshot, which takes over what the current one has learned about the
+    /// upstreams (see [`Registry::adopt_state`]). Requests already routed keep the endpoint
+    /// they started with.
+    pub fn store(&self, mut registry: Registry) {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        registry.adopt_state(&self.current.load());
         self.current.store(Arc::new(registry));
     }
 }

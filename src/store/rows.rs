@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use crate::model::{
-    AccountSpec, EndpointSpec, Grants, KeyDigest, KeyRecord, KeySource, LimitRules, RateLimitRule,
-    Subject, Timeouts,
+    AccountSpec, EjectPolicy, EndpointSpec, Grants, HealthCheck, KeyDigest, KeyRecord, KeySource,
+    LimitRules, RateLimitRule, RetryPolicy, Subject, TargetSpec, Timeouts,
 };
 use crate::tls::{TlsFiles, TlsSettings};
 
@@ -55,10 +55,56 @@ struct TlsRow {
     client_key_file: Option<PathBuf>,
 }
 
-/// An endpoint's spec as the `spec` column holds it.
+/// A target of an endpoint's pool, within its `spec` column.
+#[derive(Serialize, Deserialize)]
+struct TargetRow {
+    base_url: String,
+    weight: u32,
+    priority: u32,
+    #[serde(default)]
+    headers: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    timeouts: TimeoutsRow,
+    #[serde(default)]
+    tls: Option<TlsRow>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RetryRow {
+    attempts: u32,
+    on_status: Vec<u16>,
+    budget_percent: u32,
+    min_per_second: u32,
+    max_body_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EjectRow {
+    consecutive_failures: u32,
+    base_ms: u64,
+    max_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HealthRow {
+    path: String,
+    interval_ms: u64,
+}
+
+/// An endpoint's spec as the `spec` column holds it. The pool's fields are absent from rows
+/// written before pools existed, and read as one `base_url` with the default policies.
 #[derive(Serialize, Deserialize)]
 struct EndpointRow {
+    #[serde(default)]
     base_url: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    targets: Vec<TargetRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry: Option<RetryRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    eject: Option<EjectRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    health: Option<HealthRow>,
     #[serde(default)]
     headers: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -125,36 +171,80 @@ pub(super) fn account_of(
     })
 }
 
-pub(super) fn endpoint_row(ep: &EndpointSpec) -> Result<String, StoreError> {
-    let tls = match &ep.tls {
-        None => None,
-        Some(settings) => {
-            let files = settings.files().ok_or_else(|| {
-                StoreError::invalid(format!(
-                    "endpoint {}: TLS settings built from PEM data, not files, cannot be stored",
-                    ep.name
-                ))
-            })?;
-            Some(TlsRow {
-                ca_file: files.ca_file.clone(),
-                client_cert_file: files.client_cert_file.clone(),
-                client_key_file: files.client_key_file.clone(),
-            })
-        }
+fn tls_row(tls: Option<&Arc<TlsSettings>>, what: &str) -> Result<Option<TlsRow>, StoreError> {
+    let Some(settings) = tls else {
+        return Ok(None);
     };
-    let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let headers: BTreeMap<String, Vec<String>> =
-        serde_json::from_str(&headers_json(&ep.headers)?).expect("just serialized");
+    let files = settings.files().ok_or_else(|| {
+        StoreError::invalid(format!(
+            "endpoint {what}: TLS settings built from PEM data, not files, cannot be stored"
+        ))
+    })?;
+    Ok(Some(TlsRow {
+        ca_file: files.ca_file.clone(),
+        client_cert_file: files.client_cert_file.clone(),
+        client_key_file: files.client_key_file.clone(),
+    }))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn timeouts_row(t: Timeouts) -> TimeoutsRow {
+    TimeoutsRow {
+        connect_ms: t.connect.map(ms),
+        first_byte_ms: t.first_byte.map(ms),
+        idle_ms: t.idle.map(ms),
+    }
+}
+
+fn timeouts_of(t: &TimeoutsRow) -> Timeouts {
+    Timeouts::from_millis(t.connect_ms, t.first_byte_ms, t.idle_ms)
+}
+
+fn headers_row(headers: &HeaderMap) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
+    Ok(serde_json::from_str(&headers_json(headers)?).expect("just serialized"))
+}
+
+pub(super) fn endpoint_row(ep: &EndpointSpec) -> Result<String, StoreError> {
+    let targets = ep
+        .targets
+        .iter()
+        .map(|t| {
+            Ok(TargetRow {
+                base_url: t.base_url.clone(),
+                weight: t.weight,
+                priority: t.priority,
+                headers: headers_row(&t.headers)?,
+                timeouts: timeouts_row(t.timeouts),
+                tls: tls_row(t.tls.as_ref(), &ep.name)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let row = EndpointRow {
         base_url: ep.base_url.clone(),
-        headers,
+        targets,
+        retry: ep.retry.as_ref().map(|r| RetryRow {
+            attempts: r.attempts,
+            on_status: r.on_status.clone(),
+            budget_percent: r.budget_percent,
+            min_per_second: r.min_per_second,
+            max_body_bytes: r.max_body_bytes,
+        }),
+        eject: (ep.eject != EjectPolicy::default()).then(|| EjectRow {
+            consecutive_failures: ep.eject.consecutive_failures,
+            base_ms: ms(ep.eject.base),
+            max_ms: ms(ep.eject.max),
+        }),
+        health: ep.health.as_ref().map(|h| HealthRow {
+            path: h.path.clone(),
+            interval_ms: ms(h.interval),
+        }),
+        headers: headers_row(&ep.headers)?,
         access: ep.access.as_ref().map(GrantsRow::of),
-        timeouts: TimeoutsRow {
-            connect_ms: ms(ep.timeouts.connect),
-            first_byte_ms: ms(ep.timeouts.first_byte),
-            idle_ms: ms(ep.timeouts.idle),
-        },
-        tls,
+        timeouts: timeouts_row(ep.timeouts),
+        tls: tls_row(ep.tls.as_ref(), &ep.name)?,
     };
     Ok(serde_json::to_string(&row).expect("strings serialize"))
 }
@@ -193,9 +283,8 @@ pub(super) fn endpoint_of(
     let what = format!("endpoint {account}/{name}");
     let row: EndpointRow = serde_json::from_str(spec)
         .map_err(|_| StoreError::corrupt(format!("{what}: spec is not valid JSON")))?;
-    let tls = row
-        .tls
-        .map(|t| {
+    let load_tls = |t: Option<TlsRow>| {
+        t.map(|t| {
             tls.get(
                 TlsFiles {
                     ca_file: t.ca_file,
@@ -205,16 +294,44 @@ pub(super) fn endpoint_of(
                 &what,
             )
         })
-        .transpose()?;
+        .transpose()
+    };
+    let targets = row
+        .targets
+        .into_iter()
+        .map(|t| {
+            Ok(TargetSpec {
+                weight: t.weight,
+                priority: t.priority,
+                headers: headers_of(&t.headers, &what)?,
+                timeouts: timeouts_of(&t.timeouts),
+                tls: load_tls(t.tls)?,
+                ..TargetSpec::new(t.base_url)
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(EndpointSpec {
         headers: headers_of(&row.headers, &what)?,
         access: row.access.map(|g| g.grants(&what)).transpose()?,
-        timeouts: Timeouts::from_millis(
-            row.timeouts.connect_ms,
-            row.timeouts.first_byte_ms,
-            row.timeouts.idle_ms,
-        ),
-        tls,
+        timeouts: timeouts_of(&row.timeouts),
+        tls: load_tls(row.tls)?,
+        targets,
+        retry: row.retry.map(|r| RetryPolicy {
+            attempts: r.attempts,
+            on_status: r.on_status,
+            budget_percent: r.budget_percent,
+            min_per_second: r.min_per_second,
+            max_body_bytes: r.max_body_bytes,
+        }),
+        eject: row.eject.map_or_else(EjectPolicy::default, |e| EjectPolicy {
+            consecutive_failures: e.consecutive_failures,
+            base: Duration::from_millis(e.base_ms),
+            max: Duration::from_millis(e.max_ms),
+        }),
+        health: row.health.map(|h| HealthCheck {
+            path: h.path,
+            interval: Duration::from_millis(h.interval_ms),
+        }),
         version: u64::try_from(version).unwrap_or(0),
         ..EndpointSpec::new(name, row.base_url)
     })

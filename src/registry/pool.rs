@@ -1,0 +1,341 @@
+//! An endpoint's compiled targets and what the gateway has learned about each: in-flight
+//! requests, latency, failures and ejection.
+//!
+//! The learned state ([`TargetHealth`], and the endpoint's retry budget in [`PoolState`]) is
+//! shared through `Arc`s that a new registry snapshot takes over from the one it replaces, for
+//! every target whose base URL is unchanged: a management change to one endpoint neither
+//! forgets that a target is down nor resets a retry budget.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::HeaderMap;
+use http::uri::Uri;
+
+use crate::model::{COMMON_PATHS, EjectPolicy, RetryPolicy, Timeouts, UpstreamBase};
+
+/// How fast the latency estimate forgets a slow response: its weight halves every ~7 s.
+const DECAY: Duration = Duration::from_secs(10);
+
+/// Milliseconds since this process first asked, a clock every target shares.
+pub(crate) fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    // Never 0, which means "never" in the fields below.
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// A compiled target of an endpoint.
+pub struct Target {
+    pub(super) base: UpstreamBase,
+    pub(super) label: Arc<str>,
+    pub(super) headers: HeaderMap,
+    pub(super) weight: u32,
+    pub(super) priority: u32,
+    pub(super) timeouts: Timeouts,
+    #[cfg(feature = "forward")]
+    pub(super) tls: Option<Arc<crate::tls::TlsSettings>>,
+    pub(super) common_uris: [Option<Uri>; COMMON_PATHS.len()],
+    pub(super) health: Arc<TargetHealth>,
+}
+
+impl Target {
+    /// The parsed base URL.
+    pub fn base(&self) -> &UpstreamBase {
+        &self.base
+    }
+
+    /// The base URL as text: how spans, metrics and the management API name the target.
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    /// The target's own headers, set over the endpoint's on each request sent to it; every
+    /// value marked sensitive. Empty for most targets.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The target's weight within its priority.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The target's priority (1 first).
+    pub fn priority(&self) -> u32 {
+        self.priority
+    }
+
+    /// The timeouts: the target's own, each one not set taking the endpoint's.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The TLS settings: the target's own, or the endpoint's.
+    #[cfg(feature = "forward")]
+    pub fn tls(&self) -> Option<&Arc<crate::tls::TlsSettings>> {
+        self.tls.as_ref()
+    }
+
+    /// The upstream URI for the `i`th of the route's common paths, without a query.
+    pub(crate) fn common_uri(&self, i: usize) -> Option<&Uri> {
+        self.common_uris.get(i)?.as_ref()
+    }
+
+    /// What the gateway has learned about this target.
+    pub fn health(&self) -> &Arc<TargetHealth> {
+        &self.health
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("base", &self.label)
+            .field("weight", &self.weight)
+            .field("priority", &self.priority)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("health", &self.health.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one replica has learned about a target. Every field is updated without a lock but
+/// the latency estimate's.
+#[derive(Debug, Default)]
+pub struct TargetHealth {
+    in_flight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// Ejections since the last success: the cool-down doubles with each.
+    ejections: AtomicU32,
+    /// [`now_ms`] until which the target is out; 0 when it is live.
+    ejected_until: AtomicU64,
+    /// [`now_ms`] of the last failure; 0 for none.
+    last_failure: AtomicU64,
+    /// Peak-EWMA of the time to the response head, and when it was last updated.
+    latency: Mutex<Option<(f64, Instant)>>,
+    /// Whether a health check is probing the target.
+    probing: AtomicBool,
+}
+
+/// Why a target was ejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// It failed `consecutive_failures` times in a row.
+    Failures,
+    /// It answered 429 with a `Retry-After`.
+    RetryAfter,
+}
+
+impl Ejection {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ejection::Failures => "failures",
+            Ejection::RetryAfter => "retry_after",
+        }
+    }
+}
+
+/// A target's state as the management API shows it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TargetState {
+    /// When the target comes back, if it is ejected.
+    pub ejected_until: Option<SystemTime>,
+    /// Failures since its last success.
+    pub consecutive_failures: u32,
+    /// Requests (and open streams) on it now.
+    pub in_flight: u32,
+    /// Its latency estimate (time to the response head), once it has answered.
+    pub latency: Option<Duration>,
+}
+
+impl TargetHealth {
+    /// Whether the target is in its pool at `now` (from [`now_ms`]).
+    pub fn is_live(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) <= now
+    }
+
+    /// The [`now_ms`] of its last failure, 0 for none.
+    pub fn last_failure(&self) -> u64 {
+        self.last_failure.load(Ordering::Relaxed)
+    }
+
+    /// Requests on it now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// One more request on it, until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// The latency estimate in nanoseconds, 0 before the first answer (so a new target is
+    /// tried early and measured).
+    pub fn cost_ns(&self) -> f64 {
+        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        match *latency {
+            None => 0.0,
+            Some((ewma, at)) => ewma * decay(at.elapsed()),
+        }
+    }
+
+    /// A response head arrived after `rtt`, from an answer that was not a failure: the
+    /// failure count resets and the latency estimate takes it (at once if it is slower, the
+    /// peak; decayed in if it is faster).
+    pub fn succeeded(&self, rtt: Duration) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.observe(rtt);
+    }
+
+    /// The latency estimate takes `rtt` (a slow failure counts too).
+    pub fn observe(&self, rtt: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        let now = Instant::now();
+        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        *latency = Some(match *latency {
+            None => (rtt, now),
+            Some((ewma, _)) if rtt > ewma => (rtt, now),
+            Some((ewma, at)) => {
+                let w = decay(now.saturating_duration_since(at));
+                (ewma * w + rtt * (1.0 - w), now)
+            }
+        });
+    }
+
+    /// A failure: the target is ejected (the answer says for how long) when it has failed
+    /// `policy.consecutive_failures` times in a row and is not already out.
+    pub fn failed(&self, policy: &EjectPolicy) -> Option<Duration> {
+        let now = now_ms();
+        self.last_failure.store(now, Ordering::Relaxed);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < policy.consecutive_failures || !self.is_live(now) {
+            return None;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let cool_down = policy
+            .base
+            .saturating_mul(1 << n)
+            .min(policy.max.max(policy.base));
+        self.eject_for(cool_down, now);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        Some(cool_down)
+    }
+
+    /// An upstream's `Retry-After`: out for `wait` (at most `policy.max`).
+    pub fn retry_after(&self, wait: Duration, policy: &EjectPolicy) -> Duration {
+        let now = now_ms();
+        self.last_failure.store(now, Ordering::Relaxed);
+        let wait = wait.min(policy.max);
+        self.eject_for(wait, now);
+        wait
+    }
+
+    fn eject_for(&self, d: Duration, now: u64) {
+        let until = now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.ejected_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Back in the pool (a health check passed).
+    pub fn recover(&self) {
+        self.ejected_until.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Claims the health check of this target; `false` if one is already running.
+    pub fn start_probing(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends the claim of [`start_probing`](Self::start_probing).
+    pub fn stop_probing(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+
+    /// The state the management API shows.
+    pub fn state(&self) -> TargetState {
+        let now = now_ms();
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let latency = self.cost_ns();
+        TargetState {
+            ejected_until: (until > now)
+                .then(|| SystemTime::now() + Duration::from_millis(until - now)),
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            in_flight: self.in_flight(),
+            latency: (latency > 0.0).then(|| Duration::from_nanos(latency as u64)),
+        }
+    }
+}
+
+fn decay(elapsed: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
+}
+
+/// A request in flight on a target; dropping it ends it.
+#[derive(Debug)]
+pub struct InFlight(Arc<TargetHealth>);
+
+impl InFlight {
+    /// The target's health.
+    pub fn health(&self) -> &Arc<TargetHealth> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An endpoint's pool policies and the state its requests share (the retry budget).
+pub struct PoolState {
+    retry: RetryPolicy,
+    eject: EjectPolicy,
+    #[cfg(feature = "forward")]
+    budget: tower::retry::budget::TpsBudget,
+}
+
+impl PoolState {
+    pub(super) fn new(retry: RetryPolicy, eject: EjectPolicy) -> Self {
+        Self {
+            #[cfg(feature = "forward")]
+            budget: tower::retry::budget::TpsBudget::new(
+                Duration::from_secs(10),
+                retry.min_per_second,
+                retry.budget_percent as f32 / 100.0,
+            ),
+            retry,
+            eject,
+        }
+    }
+
+    /// When requests are retried.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// When targets are ejected.
+    pub fn eject(&self) -> &EjectPolicy {
+        &self.eject
+    }
+
+    /// The retry budget: one deposit per request, one withdrawal per retry.
+    #[cfg(feature = "forward")]
+    pub fn budget(&self) -> &tower::retry::budget::TpsBudget {
+        &self.budget
+    }
+}
+
+impl std::fmt::Debug for PoolState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolState")
+            .field("retry", &self.retry)
+            .field("eject", &self.eject)
+            .finish_non_exhaustive()
+    }
+}
