@@ -5,6 +5,7 @@
 //! | [`Principal`] | [`GatewayAuthLayer`](crate::auth::GatewayAuthLayer) | access control, header templates, the usage tap, the management API |
 //! | [`RouteMatch`] | [`CustomEndpointRouteLayer`](crate::route::CustomEndpointRouteLayer) | access control, header injection, the usage tap, the forwarder |
 //! | [`UsageReport`] (a *response* extension) | [`RateLimitLayer`](crate::limits::RateLimitLayer) | the usage tap, which reports the response's tokens through it |
+//! | [`Served`] (a *response* extension) | the forwarder, for an endpoint with a pool | the usage tap, which names the target in its record |
 //!
 //! They live here, apart from the layers that insert them, so that a layer that reads one
 //! imports this module and not another layer. Both are always compiled, whatever the features.
@@ -34,6 +35,16 @@ pub struct RouteMatch {
     pub upstream_path: Cow<'static, str>,
     /// The endpoint's configuration, from the registry snapshot the request was routed with.
     pub target: Arc<Endpoint>,
+}
+
+/// Which target of an endpoint's pool answered, and after how many attempts: a *response*
+/// extension inserted by the forwarder for an endpoint with several targets or retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The target's base URL.
+    pub target: Arc<str>,
+    /// Attempts made, the one that answered included.
+    pub attempts: u32,
 }
 
 /// A wish for a response's token count, carried up in the *response* extensions: a layer below

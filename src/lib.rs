@@ -114,7 +114,7 @@ pub mod inject;
 pub mod limits;
 #[cfg(feature = "manage")]
 pub mod manage;
-#[cfg(feature = "trace")]
+#[cfg(any(feature = "trace", feature = "forward"))]
 pub mod metric;
 pub mod model;
 pub mod registry;

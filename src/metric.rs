@@ -30,6 +30,27 @@ pub const RATE_LIMIT_DECISIONS: &str = "gateway_rate_limit_decisions_total";
 /// 503).
 pub const RATE_LIMIT_BACKEND_ERRORS: &str = "gateway_rate_limit_backend_errors_total";
 
+/// Counter of attempts sent to the targets of an endpoint with a pool. Labels: `account`,
+/// `endpoint`, `target` (its base URL), `outcome` (`answered`: a response that is not a
+/// failure; `failed_status`: a 5xx or 429; `error`: no response head, the connection failed
+/// or was reset; `timeout`: no response head within the first-byte timeout).
+pub const UPSTREAM_ATTEMPTS: &str = "gateway_upstream_attempts_total";
+/// Counter of retries: attempts after the first. Labels: `account`, `endpoint`, `target` (the
+/// target the retry goes to).
+pub const UPSTREAM_RETRIES: &str = "gateway_upstream_retries_total";
+/// Counter of retries that went to a target of a later priority than the attempt before.
+/// Labels: `account`, `endpoint`, `target` (the fallback target).
+pub const UPSTREAM_FALLBACKS: &str = "gateway_upstream_fallbacks_total";
+/// Counter of targets taken out of their pool. Labels: `account`, `endpoint`, `target`,
+/// `reason` (`failures`: failures in a row; `retry_after`: a 429 with `Retry-After`).
+pub const UPSTREAM_EJECTIONS: &str = "gateway_upstream_ejections_total";
+/// Counter of retries the retry budget refused (the failed answer went to the client).
+/// Labels: `account`, `endpoint`, `target` (the target that failed).
+pub const UPSTREAM_BUDGET_EXHAUSTED: &str = "gateway_upstream_retry_budget_exhausted_total";
+/// Counter of responses cut after their head went out (a reset or an idle timeout mid-body),
+/// from an endpoint with a pool. Labels: `account`, `endpoint`, `target`.
+pub const UPSTREAM_TRUNCATIONS: &str = "gateway_upstream_truncations_total";
+
 /// The `status` label: the common codes without an allocation.
 pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
     let code = match status.as_u16() {

@@ -39,6 +39,9 @@
 //! | `http.request.body.size`, `http.response.body.size` | the usage tap | bytes each way |
 //! | `gateway.outcome` | the usage tap | `complete`, `failed`, `cancelled` |
 //! | `gateway.upstream_request_id` | the usage tap | the upstream's own request id |
+//! | `gateway.rate_limit` | the rate limiter | the limit and bucket that refused the request |
+//! | `gateway.target`, `gateway.attempts` | the forwarder, for an endpoint with a pool | the target (its base URL) that answered, or whose stream broke, and the attempts made |
+//! | `gateway.retry_refused` | the forwarder | why a failed attempt was not retried: `body_too_large` (over `retry.max_body_bytes`) or `budget_exhausted` |
 //!
 //! Headers are not recorded, so no credential can reach a span; a request the router refuses
 //! records no account or endpoint, so a key pasted into an unknown account's place is not
@@ -187,6 +190,9 @@ impl<B> MakeSpan<B> for MakeGatewaySpan {
             gateway.outcome = Empty,
             gateway.upstream_request_id = Empty,
             gateway.rate_limit = Empty,
+            gateway.target = Empty,
+            gateway.attempts = Empty,
+            gateway.retry_refused = Empty,
         )
     }
 }

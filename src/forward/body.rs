@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use super::IdleTimeoutBody;
+use super::served::ServedBy;
 use super::conn::{ConnectionClosed, H1Conn, Return};
 
 use crate::BoxError;
@@ -45,6 +46,8 @@ pin_project! {
             // had a moment to write the event out.
             sse: bool,
             failed: Option<(BoxError, Pin<Box<tokio::time::Sleep>>)>,
+            // The target of a pool that answered, until the body ends.
+            served: Option<Box<ServedBy>>,
         },
         Full { data: Option<Bytes> },
         Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
@@ -53,12 +56,17 @@ pin_project! {
 
 impl ResponseBody {
     /// The upstream's body; `sse` if it is an event stream (`text/event-stream`).
-    pub(crate) fn upstream(body: IdleTimeoutBody<UpstreamBody>, sse: bool) -> Self {
+    pub(crate) fn upstream(
+        body: IdleTimeoutBody<UpstreamBody>,
+        sse: bool,
+        served: Option<Box<ServedBy>>,
+    ) -> Self {
         Self {
             kind: Kind::Upstream {
                 body,
                 sse,
                 failed: None,
+                served,
             },
         }
     }
@@ -105,7 +113,12 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Upstream { body, sse, failed } => {
+            KindProj::Upstream {
+                body,
+                sse,
+                failed,
+                served,
+            } => {
                 if let Some((_, pause)) = failed.as_mut() {
                     // The error makes the server drop the connection (HTTP/1.1) or reset the
                     // stream (HTTP/2), discarding what it has not written yet: the event
@@ -117,6 +130,9 @@ impl Body for ResponseBody {
                 match ready!(body.poll_frame(cx)) {
                     Some(Err(err)) => {
                         tracing::warn!(error = %err, "upstream response body failed; truncating the stream");
+                        if let Some(by) = served.take() {
+                            by.truncated();
+                        }
                         if *sse {
                             // The event first; the error on the next poll, so the connection
                             // still ends without a clean end of the body.

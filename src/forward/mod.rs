@@ -57,10 +57,14 @@
 //! # }
 //! ```
 
+mod attempts;
+mod balance;
 mod body;
 mod conn;
 mod idle;
 mod pool;
+mod replay;
+mod served;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -99,7 +103,6 @@ use crate::error::{
 use crate::ext::RouteMatch;
 use crate::hop::remove_hop_by_hop;
 use crate::model::Timeouts;
-use crate::registry::Endpoint;
 use crate::tls;
 
 /// The request body sent upstream: the client's body behind an idle timeout.
@@ -165,7 +168,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 32 * 1024 * 1024;
 
 #[derive(Clone, Copy, Debug)]
-struct Resolved {
+pub(crate) struct Resolved {
     connect: Duration,
     first_byte: Duration,
     idle: Duration,
@@ -187,6 +190,45 @@ struct Shared {
     client: UpstreamClient,
     clients: Mutex<HashMap<PoolKey, UpstreamClient>>,
     settings: ForwardBuilder,
+}
+
+impl Shared {
+    /// The client and timeouts for a target. Targets with their own TLS settings or connect
+    /// timeout get a pool of their own, kept by this forwarder (not by the registry) and
+    /// shared by every target that connects the same way; the others share the default pool.
+    ///
+    /// The default pool is borrowed: most requests take no reference count at all.
+    fn client_for(
+        &self,
+        tls: Option<&Arc<TlsSettings>>,
+        timeouts: Timeouts,
+    ) -> (Cow<'_, UpstreamClient>, Resolved) {
+        let defaults = self.settings.defaults;
+        let t = defaults.with(timeouts);
+        if tls.is_none() && t.connect == defaults.connect {
+            return (Cow::Borrowed(&self.client), t);
+        }
+        let key = PoolKey {
+            tls: tls.cloned(),
+            connect: t.connect,
+        };
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = clients.get(&key) {
+            return (Cow::Owned(client.clone()), t);
+        }
+        // A new pool: first drop those whose settings no registry snapshot holds any more.
+        clients.retain(|key, _| key.in_use());
+        let tls = key
+            .tls
+            .as_ref()
+            .map_or_else(tls::default_client_config, |s| s.client_config());
+        let client = build_client(tls, t.connect, &self.settings);
+        clients.insert(key, client.clone());
+        (Cow::Owned(client), t)
+    }
 }
 
 /// What decides how a connection is made, beyond the upstream's scheme and authority (which
@@ -374,41 +416,6 @@ impl<B> Forward<B> {
         }
     }
 
-    /// The client and timeouts for an endpoint. Endpoints with their own TLS settings or
-    /// connect timeout get a pool of their own, kept by this forwarder (not by the registry)
-    /// and shared by every endpoint that connects the same way; the others share the default
-    /// pool.
-    ///
-    /// The default pool is borrowed: most requests take no reference count at all.
-    fn client_for(&self, ep: &Endpoint) -> (Cow<'_, UpstreamClient>, Resolved) {
-        let defaults = self.shared.settings.defaults;
-        let t = defaults.with(ep.timeouts());
-        if ep.tls().is_none() && t.connect == defaults.connect {
-            return (Cow::Borrowed(&self.shared.client), t);
-        }
-        let key = PoolKey {
-            tls: ep.tls().cloned(),
-            connect: t.connect,
-        };
-        let mut clients = self
-            .shared
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(client) = clients.get(&key) {
-            return (Cow::Owned(client.clone()), t);
-        }
-        // A new pool: first drop those whose settings no registry snapshot holds any more.
-        clients.retain(|key, _| key.in_use());
-        let tls = key
-            .tls
-            .as_ref()
-            .map_or_else(tls::default_client_config, |s| s.client_config());
-        let client = build_client(tls, t.connect, &self.shared.settings);
-        clients.insert(key, client.clone());
-        (Cow::Owned(client), t)
-    }
-
     /// How many pools of their own endpoints have (for tests).
     #[cfg(test)]
     fn own_pools(&self) -> usize {
@@ -484,20 +491,18 @@ where
             return ResponseFuture::failed(UnsupportedTransferEncoding::new().into());
         }
         // The endpoint is held by the request's `RouteMatch`, which moves upstream with it.
-        let target = parts
-            .extensions
-            .get::<RouteMatch>()
-            .map(|r| r.target.clone());
-        let (client, t) = match &target {
-            Some(ep) => self.client_for(ep),
-            None => (Cow::Borrowed(&self.shared.client), settings.defaults),
+        let route = parts.extensions.get::<RouteMatch>();
+        let shared = &*self.shared;
+        let (client, t) = match route {
+            Some(r) if !r.target.is_single() => return self.call_pool(parts, body),
+            Some(r) => {
+                let target = &r.target.targets()[0];
+                attempts::set_target_headers(&mut parts.headers, target.headers());
+                shared.client_for(target.tls(), target.timeouts())
+            }
+            None => (Cow::Borrowed(&shared.client), settings.defaults),
         };
-        remove_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(HOST);
-        if !settings.pass_cookies {
-            parts.headers.remove(http::header::COOKIE);
-        }
-        parts.version = Version::HTTP_11;
+        prepare(&mut parts, settings.pass_cookies);
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         // A broken client body is the client's fault (400), not the upstream's.
         let body = body.map_err(|e| InvalidRequestBody(e.into()));
@@ -508,6 +513,51 @@ where
                 future: tokio::time::timeout(t.first_byte, future),
                 idle: t.idle,
                 pass_cookies: settings.pass_cookies,
+            },
+        }
+    }
+}
+
+/// What every attempt's request has in common: no hop-by-hop headers, no `Host` (the
+/// connection sets the upstream's), no cookies unless they pass, HTTP/1.1 semantics.
+fn prepare(parts: &mut http::request::Parts, pass_cookies: bool) {
+    remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    if !pass_cookies {
+        parts.headers.remove(http::header::COOKIE);
+    }
+    parts.version = Version::HTTP_11;
+}
+
+impl<B> Forward<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// A request to an endpoint with a pool or retries: its body held for a replay, attempts
+    /// made by [`attempts::Attempts`].
+    fn call_pool(&self, mut parts: http::request::Parts, body: B) -> ResponseFuture {
+        let settings = &self.shared.settings;
+        let route = parts
+            .extensions
+            .remove::<RouteMatch>()
+            .expect("called with a route");
+        prepare(&mut parts, settings.pass_cookies);
+        parts.extensions = http::Extensions::new();
+        let limit = usize::try_from(settings.max_request_body).unwrap_or(usize::MAX);
+        let body = body.map_err(|e| InvalidRequestBody(e.into()));
+        let body = UnsyncBoxBody::new(Limited::new(body, limit));
+        let replay = replay::Replay::new(body, route.target.pool().retry().max_body_bytes);
+        let attempts = attempts::Attempts {
+            shared: self.shared.clone(),
+            ep: route.target,
+            path: route.upstream_path,
+            parts,
+            replay,
+        };
+        ResponseFuture {
+            state: State::Pool {
+                future: Box::pin(attempts.run()),
             },
         }
     }
@@ -529,6 +579,9 @@ pin_project! {
             future: tokio::time::Timeout<pool::SendFuture>,
             idle: Duration,
             pass_cookies: bool,
+        },
+        Pool {
+            future: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>,
         },
         Failed { error: Option<BoxError> },
     }
@@ -560,42 +613,54 @@ impl Future for ResponseFuture {
                     Ok(Err(err)) => return Poll::Ready(Err(err)),
                     Ok(Ok(res)) => res,
                 };
-                if res.status() == StatusCode::UNAUTHORIZED || res.status() == StatusCode::FORBIDDEN
-                {
-                    tracing::warn!(
-                        status = res.status().as_u16(),
-                        "upstream rejected the gateway's credential"
-                    );
-                    return Poll::Ready(Err(UpstreamCredentialRejected::new().into()));
-                }
-                let (mut parts, body) = res.into_parts();
-                // RFC 9112 §6.3: a message with both framings was read as chunked; its
-                // `Content-Length` is stale and would make the server cut the body short.
-                if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
-                    parts.headers.remove(http::header::CONTENT_LENGTH);
-                }
-                remove_hop_by_hop(&mut parts.headers);
-                // Only the gateway's own responses carry this header.
-                parts.headers.remove(crate::error::X_GATEWAY_ERROR);
-                if !*pass_cookies {
-                    parts.headers.remove(http::header::SET_COOKIE);
-                }
-                // An event stream in plain text (an encoded one cannot take an added event).
-                let sse = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.split(';').next())
-                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
-                    && parts
-                        .headers
-                        .get(http::header::CONTENT_ENCODING)
-                        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-                let body = ResponseBody::upstream(IdleTimeoutBody::new(*idle, body), sse);
-                Poll::Ready(Ok(Response::from_parts(parts, body)))
+                Poll::Ready(finish(res, *idle, *pass_cookies, None))
             }
+            StateProj::Pool { future } => future.as_mut().poll(cx),
         }
     }
+}
+
+/// The client's response from an upstream response head: an upstream 401 or 403 becomes an
+/// error, hop-by-hop headers and stale framing go, and the body streams behind the idle
+/// timeout.
+fn finish(
+    res: Response<body::UpstreamBody>,
+    idle: Duration,
+    pass_cookies: bool,
+    served: Option<Box<served::ServedBy>>,
+) -> Result<Response<ResponseBody>, BoxError> {
+    if res.status() == StatusCode::UNAUTHORIZED || res.status() == StatusCode::FORBIDDEN {
+        tracing::warn!(
+            status = res.status().as_u16(),
+            "upstream rejected the gateway's credential"
+        );
+        return Err(UpstreamCredentialRejected::new().into());
+    }
+    let (mut parts, body) = res.into_parts();
+    // RFC 9112 §6.3: a message with both framings was read as chunked; its
+    // `Content-Length` is stale and would make the server cut the body short.
+    if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    remove_hop_by_hop(&mut parts.headers);
+    // Only the gateway's own responses carry this header.
+    parts.headers.remove(crate::error::X_GATEWAY_ERROR);
+    if !pass_cookies {
+        parts.headers.remove(http::header::SET_COOKIE);
+    }
+    // An event stream in plain text (an encoded one cannot take an added event).
+    let sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+        && parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let body = ResponseBody::upstream(IdleTimeoutBody::new(idle, body), sse, served);
+    Ok(Response::from_parts(parts, body))
 }
 
 impl fmt::Debug for ResponseFuture {
@@ -642,7 +707,8 @@ mod tests {
         let use_all = |names: &[&str]| {
             let registry = shared.load_full();
             for name in names {
-                fwd.client_for(registry.endpoint("x", name).unwrap());
+                let ep = registry.endpoint("x", name).unwrap();
+                fwd.shared.client_for(ep.tls(), ep.timeouts());
             }
         };
         use_all(&["a", "b", "c", "d"]);

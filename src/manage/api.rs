@@ -20,8 +20,9 @@ use super::snippet::{EXAMPLE_MODEL, UsageSnippet};
 use crate::error::GatewayError;
 use crate::ext::Principal;
 use crate::model::{
-    AccountSpec, AuditEntry, EndpointSpec, Grants, LimitUsageSource, Permission, Role, Snapshot,
-    Subject, Timeouts, UpstreamBase, Writer, is_valid_name,
+    AccountSpec, AuditEntry, EjectPolicy, EndpointSpec, Grants, HealthCheck, LimitUsageSource,
+    Permission, RetryPolicy, Role, Snapshot, Subject, TargetSpec, Timeouts, UpstreamBase, Writer,
+    is_valid_name,
 };
 use crate::registry::{Account, Endpoint, Live};
 
@@ -178,12 +179,147 @@ pub(super) struct TimeoutsBody {
     idle_ms: Option<u64>,
 }
 
-/// The body of `PUT …/endpoints/{endpoint}`. Leaving out `headers` keeps the endpoint's
-/// current ones.
+impl TimeoutsBody {
+    fn of(t: Timeouts) -> Self {
+        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
+        Self {
+            connect_ms: ms(t.connect),
+            first_byte_ms: ms(t.first_byte),
+            idle_ms: ms(t.idle),
+        }
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts::from_millis(self.connect_ms, self.first_byte_ms, self.idle_ms)
+    }
+}
+
+/// A target of an endpoint's pool. Leaving out `headers` keeps those of the current target
+/// with the same `base_url`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TargetBody {
+    base_url: String,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    priority: Option<u32>,
+    #[serde(default)]
+    headers: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    timeouts: Option<TimeoutsBody>,
+}
+
+/// When a request is retried on another target; a field left out takes its default.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetryBody {
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    on_status: Option<Vec<u16>>,
+    #[serde(default)]
+    budget_percent: Option<u32>,
+    #[serde(default)]
+    min_per_second: Option<u32>,
+    #[serde(default)]
+    max_body_bytes: Option<u64>,
+}
+
+impl RetryBody {
+    fn policy(&self) -> RetryPolicy {
+        let d = RetryPolicy::default();
+        RetryPolicy {
+            attempts: self.attempts.unwrap_or(d.attempts),
+            on_status: self.on_status.clone().unwrap_or(d.on_status),
+            budget_percent: self.budget_percent.unwrap_or(d.budget_percent),
+            min_per_second: self.min_per_second.unwrap_or(d.min_per_second),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+        }
+    }
+
+    fn of(r: &RetryPolicy) -> Self {
+        Self {
+            attempts: Some(r.attempts),
+            on_status: Some(r.on_status.clone()),
+            budget_percent: Some(r.budget_percent),
+            min_per_second: Some(r.min_per_second),
+            max_body_bytes: Some(r.max_body_bytes),
+        }
+    }
+}
+
+/// When a failing target is taken out; a field left out takes its default.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EjectBody {
+    #[serde(default)]
+    consecutive_failures: Option<u32>,
+    #[serde(default)]
+    base_ms: Option<u64>,
+    #[serde(default)]
+    max_ms: Option<u64>,
+}
+
+impl EjectBody {
+    fn policy(&self) -> EjectPolicy {
+        let d = EjectPolicy::default();
+        EjectPolicy {
+            consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
+            base: self.base_ms.map_or(d.base, std::time::Duration::from_millis),
+            max: self.max_ms.map_or(d.max, std::time::Duration::from_millis),
+        }
+    }
+
+    fn of(e: &EjectPolicy) -> Self {
+        Self {
+            consecutive_failures: Some(e.consecutive_failures),
+            base_ms: Some(e.base.as_millis() as u64),
+            max_ms: Some(e.max.as_millis() as u64),
+        }
+    }
+}
+
+/// The active health check of ejected targets.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HealthBody {
+    path: String,
+    #[serde(default)]
+    interval_ms: Option<u64>,
+}
+
+impl HealthBody {
+    fn check(&self) -> HealthCheck {
+        HealthCheck {
+            path: self.path.clone(),
+            interval: std::time::Duration::from_millis(self.interval_ms.unwrap_or(5000)),
+        }
+    }
+
+    fn of(h: &HealthCheck) -> Self {
+        Self {
+            path: h.path.clone(),
+            interval_ms: Some(h.interval.as_millis() as u64),
+        }
+    }
+}
+
+/// The body of `PUT …/endpoints/{endpoint}`: `base_url` (one upstream) or `targets` (a
+/// pool). Leaving out `headers` keeps the endpoint's current ones.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EndpointBody {
+    #[serde(default)]
     base_url: String,
+    #[serde(default)]
+    targets: Option<Vec<TargetBody>>,
+    #[serde(default)]
+    retry: Option<RetryBody>,
+    #[serde(default)]
+    eject: Option<EjectBody>,
+    #[serde(default)]
+    health: Option<HealthBody>,
     #[serde(default)]
     headers: Option<BTreeMap<String, String>>,
     #[serde(default)]
@@ -241,7 +377,34 @@ pub(super) struct EndpointView {
     effective_access: GrantsView,
     timeouts: TimeoutsBody,
     tls: bool,
+    /// Every target (one for an endpoint with a `base_url`), with what this replica has
+    /// learned about it.
+    targets: Vec<TargetView>,
+    /// The retry policy in force (the default one if the endpoint sets none).
+    retry: RetryBody,
+    eject: EjectBody,
+    health: Option<HealthBody>,
     your_role: Option<&'static str>,
+}
+
+/// A target of an endpoint as a caller may see it, with its state on this replica.
+#[derive(Serialize, ToSchema)]
+pub(super) struct TargetView {
+    base_url: String,
+    weight: u32,
+    priority: u32,
+    header_names: Vec<String>,
+    /// The timeouts in force, the endpoint's where the target sets none.
+    timeouts: TimeoutsBody,
+    tls: bool,
+    /// `live` or `ejected`.
+    state: &'static str,
+    /// When an ejected target comes back (RFC 3339).
+    ejected_until: Option<String>,
+    consecutive_failures: u32,
+    in_flight: u32,
+    /// The latency estimate (peak-EWMA of the time to the response head).
+    latency_ms: Option<f64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -318,8 +481,34 @@ impl Api {
                 .map(|(n, _)| n.as_str().to_owned()),
         );
         header_names.sort_unstable();
-        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
-        let t = ep.timeouts();
+        let targets = ep
+            .targets()
+            .iter()
+            .map(|target| {
+                let state = target.health().state();
+                TargetView {
+                    base_url: target.label().to_string(),
+                    weight: target.weight(),
+                    priority: target.priority(),
+                    header_names: target
+                        .headers()
+                        .keys()
+                        .map(|n| n.as_str().to_owned())
+                        .collect(),
+                    timeouts: TimeoutsBody::of(target.timeouts()),
+                    tls: target.tls().is_some(),
+                    state: if state.ejected_until.is_some() {
+                        "ejected"
+                    } else {
+                        "live"
+                    },
+                    ejected_until: state.ejected_until.map(crate::rfc3339::format),
+                    consecutive_failures: state.consecutive_failures,
+                    in_flight: state.in_flight,
+                    latency_ms: state.latency.map(|d| d.as_secs_f64() * 1e3),
+                }
+            })
+            .collect();
         EndpointView {
             account: ep.account().to_string(),
             name: ep.name().to_string(),
@@ -328,12 +517,12 @@ impl Api {
             header_names,
             access: ep.access().map(GrantsView::from),
             effective_access: ep.grants().into(),
-            timeouts: TimeoutsBody {
-                connect_ms: ms(t.connect),
-                first_byte_ms: ms(t.first_byte),
-                idle_ms: ms(t.idle),
-            },
+            timeouts: TimeoutsBody::of(ep.timeouts()),
             tls: ep.has_tls(),
+            targets,
+            retry: RetryBody::of(ep.pool().retry()),
+            eject: EjectBody::of(ep.pool().eject()),
+            health: ep.health_check().map(HealthBody::of),
             your_role: role_name(ep.grants().role_of(principal)),
         }
     }
@@ -472,7 +661,47 @@ pub(super) async fn put_endpoint(
         )
         .into());
     }
-    let headers = body.headers.as_ref().map(headers_from_json).transpose()?;
+    let headers = body
+        .headers
+        .as_ref()
+        .map(|h| headers_from_json(h, "headers"))
+        .transpose()?;
+    let targets = body
+        .targets
+        .as_ref()
+        .map(|targets| {
+            targets
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    let headers = t
+                        .headers
+                        .as_ref()
+                        .map(|h| headers_from_json(h, &format!("targets[{k}].headers")))
+                        .transpose()?;
+                    let spec = TargetSpec {
+                        weight: t.weight.unwrap_or(1),
+                        priority: t.priority.unwrap_or(1),
+                        timeouts: t.timeouts.as_ref().map_or_else(Timeouts::default, TimeoutsBody::timeouts),
+                        ..TargetSpec::new(t.base_url.as_str())
+                    };
+                    Ok::<_, GatewayError>((spec, headers))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let retry = body.retry.as_ref().map(RetryBody::policy);
+    let eject = body
+        .eject
+        .as_ref()
+        .map_or_else(EjectPolicy::default, EjectBody::policy);
+    let health = body.health.as_ref().map(HealthBody::check);
+    let new_hosts = hosts(
+        std::iter::once(body.base_url.as_str())
+            .filter(|u| !u.is_empty())
+            .chain(targets.iter().map(|(t, _)| t.base_url.as_str())),
+    );
     let access = body
         .access
         .as_ref()
@@ -500,15 +729,8 @@ pub(super) async fn put_endpoint(
                     // The endpoint's credentials (and the account's) must not follow it to a
                     // host its manager picked: moving it needs the account's managers and the
                     // headers sent again.
-                    let moves = match (
-                        UpstreamBase::parse(&body.base_url),
-                        UpstreamBase::parse(&ep.base_url),
-                    ) {
-                        (Ok(new), Ok(old)) => {
-                            new.scheme() != old.scheme() || new.authority() != old.authority()
-                        }
-                        _ => false,
-                    };
+                    let old_hosts = hosts(ep.base_urls());
+                    let moves = new_hosts.iter().any(|h| !old_hosts.contains(h));
                     if moves && !manages_account {
                         return Err(GatewayError::forbidden(format!(
                             "The key \"{}\" may not move this endpoint to another host: that needs Manage on the account.",
@@ -517,7 +739,7 @@ pub(super) async fn put_endpoint(
                     }
                     if moves && headers.is_none() {
                         return Err(bad_request(
-                            "headers: required when base_url changes host; the current headers are not sent to a new host",
+                            "headers: required when base_url or a target changes host; the current headers are not sent to a new host",
                         ));
                     }
                     conflict.check(if_match.as_ref(), Some(ep.version))?;
@@ -532,17 +754,51 @@ pub(super) async fn put_endpoint(
                 .flat_map(|h| h.keys().map(|n| n.as_str().to_owned()))
                 .collect();
             header_names.dedup();
+            let target_names: Vec<serde_json::Value> = targets
+                .iter()
+                .map(|(t, h)| {
+                    serde_json::json!({
+                        "base_url": &t.base_url,
+                        "weight": t.weight,
+                        "priority": t.priority,
+                        "header_names": h.as_ref().map(|h| h.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>()),
+                    })
+                })
+                .collect();
             let changes = serde_json::json!({
                 "base_url": &body.base_url,
+                "targets": (!target_names.is_empty()).then_some(target_names),
+                "retry": body.retry.as_ref(),
+                "eject": body.eject.as_ref(),
+                "health": body.health.as_ref(),
                 "header_names": headers.as_ref().map(|_| header_names),
                 "access": access.as_ref().map(GrantsView::from),
                 "timeouts": body.timeouts.as_ref(),
                 "created": existing.is_none(),
             });
+            // A target sent without headers keeps those of the current target with its base
+            // URL (and its TLS settings, which the API does not set).
+            let current: &[TargetSpec] = match existing {
+                Some(i) => &spec.endpoints[i].targets,
+                None => &[],
+            };
+            let targets: Vec<TargetSpec> = targets
+                .into_iter()
+                .map(|(mut t, h)| {
+                    let was = current.iter().find(|o| o.base_url == t.base_url);
+                    t.headers = h.or_else(|| was.map(|o| o.headers.clone())).unwrap_or_default();
+                    t.tls = was.and_then(|o| o.tls.clone());
+                    t
+                })
+                .collect();
             match existing {
                 Some(i) => {
                     let ep = &mut spec.endpoints[i];
                     ep.base_url = body.base_url;
+                    ep.targets = targets;
+                    ep.retry = retry;
+                    ep.eject = eject;
+                    ep.health = health;
                     if let Some(h) = headers {
                         ep.headers = h;
                     }
@@ -555,6 +811,10 @@ pub(super) async fn put_endpoint(
                         headers: headers.unwrap_or_default(),
                         access,
                         timeouts,
+                        targets,
+                        retry,
+                        eject,
+                        health,
                         ..EndpointSpec::new(endpoint.as_str(), body.base_url)
                     });
                 }
@@ -830,20 +1090,33 @@ fn no_endpoint() -> GatewayError {
     GatewayError::not_found("No such endpoint in this provider account.")
 }
 
-fn headers_from_json(raw: &BTreeMap<String, String>) -> Result<http::HeaderMap, GatewayError> {
+/// The schemes and authorities of base URLs (those that parse).
+fn hosts<'a>(urls: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
+    urls.filter_map(|u| UpstreamBase::parse(u).ok())
+        .map(|b| (b.scheme().to_string(), b.authority().to_string()))
+        .collect()
+}
+
+fn headers_from_json(
+    raw: &BTreeMap<String, String>,
+    field: &str,
+) -> Result<http::HeaderMap, GatewayError> {
     let mut headers = http::HeaderMap::with_capacity(raw.len());
     for (name, value) in raw {
-        let header = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| bad_request("headers: a header name is not a valid HTTP header name"))?;
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            bad_request(format!(
+                "{field}: a header name is not a valid HTTP header name"
+            ))
+        })?;
         if headers.contains_key(&header) {
             return Err(bad_request(format!(
-                "headers.{name}: given twice (names are case-insensitive)"
+                "{field}.{name}: given twice (names are case-insensitive)"
             )));
         }
         // The value is a secret: the message never repeats it.
         let mut value = HeaderValue::from_str(value).map_err(|_| {
             bad_request(format!(
-                "headers.{name}: the value is not a valid header value"
+                "{field}.{name}: the value is not a valid header value"
             ))
         })?;
         value.set_sensitive(true);

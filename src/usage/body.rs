@@ -197,6 +197,8 @@ impl Meter {
                 duration,
                 response_bytes: self.bytes,
                 outcome,
+                attempts: self.info.served.as_ref().map(|s| s.attempts),
+                target: self.info.served.take().map(|s| s.target),
             };
             span.in_scope(|| sink.record(usage));
         }

@@ -93,7 +93,7 @@ use self::body::{Meter, Mode};
 use self::parse::{JsonCollector, SseParser};
 pub use self::request::TapRequestBody;
 use crate::error::X_GATEWAY_ERROR;
-use crate::ext::{Principal, RouteMatch, UsageReport};
+use crate::ext::{Principal, RouteMatch, Served, UsageReport};
 
 pub use crate::metric;
 pub use crate::request_id::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
@@ -149,6 +149,10 @@ pub struct Usage {
     pub response_bytes: u64,
     /// How the body ended.
     pub outcome: Outcome,
+    /// For an endpoint with a pool: the target that answered (its base URL).
+    pub target: Option<Arc<str>>,
+    /// For an endpoint with a pool: the attempts made, the one that answered included.
+    pub attempts: Option<u32>,
 }
 
 /// Where [`Usage`] records go. Called once per call, on the task streaming the response, so
@@ -172,7 +176,7 @@ where
 /// the request span. Its fields: `key_id`, `subject`, `account`, `endpoint`, `request_id`,
 /// `status`, `gen_ai.response.model`, `gen_ai.usage.input_tokens`,
 /// `gen_ai.usage.output_tokens`, `time_to_first_token_ms`, `duration_ms`, `response_bytes`,
-/// `outcome`.
+/// `outcome`, and for an endpoint with a pool `target` and `attempts`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TracingUsageSink;
 
@@ -194,6 +198,8 @@ impl UsageSink for TracingUsageSink {
             duration_ms = u.duration.as_secs_f64() * 1e3,
             response_bytes = u.response_bytes,
             outcome = u.outcome.as_str(),
+            target = u.target.as_deref(),
+            attempts = u.attempts,
             "usage"
         );
     }
@@ -317,6 +323,7 @@ pub(crate) struct CallInfo {
     endpoint: Option<Arc<str>>,
     request_id: Option<HeaderValue>,
     hide_usage_event: bool,
+    served: Option<Served>,
 }
 
 /// A request body the tap reads whole, its errors boxed.
@@ -404,6 +411,7 @@ where
             endpoint: route.map(|r| r.endpoint.clone()),
             request_id: req.headers().get(X_REQUEST_ID).cloned(),
             hide_usage_event: false,
+            served: None,
         };
         let (parts, body) = req.into_parts();
         let state = if rewrite {
@@ -532,7 +540,7 @@ fn respond<RB: Body>(
     settings: &Arc<Settings>,
     res: Response<RB>,
 ) -> Response<UsageBody<RB>> {
-    let Some(call) = call else {
+    let Some(mut call) = call else {
         return res.map(UsageBody::passthrough);
     };
     // A response the gateway made itself (a 403 below the tap): nothing upstream to read.
@@ -541,6 +549,7 @@ fn respond<RB: Body>(
     }
     let (mut parts, body) = res.into_parts();
     let report = parts.extensions.remove::<UsageReport>();
+    call.served = parts.extensions.get::<Served>().cloned();
     // `trace::UpstreamRequestId` moves a different upstream id aside; the span notes it.
     if let Some(theirs) = parts.headers.get(X_REQUEST_ID)
         && call.request_id.as_ref().is_some_and(|ours| ours != theirs)

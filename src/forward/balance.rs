@@ -1,0 +1,192 @@
+//! Which target of an endpoint's pool the next attempt goes to.
+//!
+//! Among the live targets of the best priority that has any, two are drawn at random in
+//! proportion to their weights (the power of two choices). The first drawn is taken unless the
+//! second costs less than half as much, where a target's cost is its peak-EWMA latency (the
+//! time to the response head) times one plus its requests in flight per unit of weight. So
+//! targets that answer alike share the traffic exactly by weight (the first draw decides), and
+//! a target that is much slower or more loaded than the one it is drawn against loses: its
+//! share shrinks without ever dropping to zero, so it is measured again. A target that has
+//! not answered yet costs nothing and is tried early.
+//!
+//! An attempt after a failure prefers a target not tried yet; with no such live target it
+//! takes a live one already tried. When every target is out, the least recently failed one
+//! is tried (untried first): a replica never takes a whole pool out of service.
+
+use crate::registry::{Endpoint, Target};
+
+/// A set of target indices (an endpoint has at most 64 targets).
+pub(crate) type Tried = u64;
+
+/// The target of the next attempt at `now` (from `registry::now_ms`).
+pub(crate) fn pick(ep: &Endpoint, tried: Tried, now: u64) -> usize {
+    let targets = ep.targets();
+    if targets.len() == 1 {
+        return 0;
+    }
+    let order = ep.by_priority();
+    let untried = |k: usize| tried & (1 << k) == 0;
+    for fresh_only in [true, false] {
+        let mut start = 0;
+        while start < order.len() {
+            let priority = targets[order[start]].priority();
+            let len = order[start..]
+                .iter()
+                .take_while(|&&k| targets[k].priority() == priority)
+                .count();
+            let group = &order[start..start + len];
+            let eligible =
+                |k: usize| (!fresh_only || untried(k)) && targets[k].health().is_live(now);
+            if let Some(k) = two_choices(targets, group, eligible) {
+                return k;
+            }
+            start += len;
+        }
+    }
+    order
+        .iter()
+        .copied()
+        .min_by_key(|&k| (!untried(k), targets[k].health().last_failure()))
+        .expect("an endpoint has a target")
+}
+
+/// The power of two weighted choices among the eligible targets of `group`.
+fn two_choices(
+    targets: &[Target],
+    group: &[usize],
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut total = 0u64;
+    let mut only = None;
+    let mut count = 0;
+    for &k in group {
+        if eligible(k) {
+            total += u64::from(targets[k].weight());
+            only = Some(k);
+            count += 1;
+        }
+    }
+    if count <= 1 {
+        return only;
+    }
+    let draw = || {
+        let mut r = fastrand::u64(0..total);
+        for &k in group {
+            if eligible(k) {
+                let w = u64::from(targets[k].weight());
+                if r < w {
+                    return k;
+                }
+                r -= w;
+            }
+        }
+        unreachable!("the draw is below the total weight")
+    };
+    let first = draw();
+    let second = draw();
+    if first == second || cost(&targets[second]) * 2.0 >= cost(&targets[first]) {
+        Some(first)
+    } else {
+        Some(second)
+    }
+}
+
+/// Latency times load per unit of weight.
+fn cost(t: &Target) -> f64 {
+    let health = t.health();
+    health.cost_ns() * (1.0 + f64::from(health.in_flight()) / f64::from(t.weight()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{AccountSpec, EndpointSpec, TargetSpec};
+    use crate::registry::{EjectPolicy, Registry, now_ms};
+
+    fn pool(targets: &[(u32, u32)]) -> Registry {
+        Registry::from_accounts(vec![AccountSpec {
+            endpoints: vec![EndpointSpec {
+                targets: targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(weight, priority))| TargetSpec {
+                        weight,
+                        priority,
+                        ..TargetSpec::new(format!("http://t{i}"))
+                    })
+                    .collect(),
+                ..EndpointSpec::new("e", "")
+            }],
+            ..AccountSpec::new("a")
+        }])
+        .unwrap()
+    }
+
+    fn shares(ep: &Endpoint, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; ep.targets().len()];
+        for _ in 0..n {
+            counts[pick(ep, 0, now_ms())] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn weights_decide_among_targets_that_answer_alike() {
+        let r = pool(&[(3, 1), (1, 1), (1, 2)]);
+        let ep = r.endpoint("a", "e").unwrap();
+        for t in ep.targets() {
+            t.health().succeeded(Duration::from_millis(10));
+        }
+        let counts = shares(ep, 20_000);
+        // 3:1 within 2 points, and nothing for the second priority.
+        let share = counts[0] as f64 / 20_000.0;
+        assert!((share - 0.75).abs() < 0.02, "{counts:?}");
+        assert_eq!(counts[2], 0);
+    }
+
+    #[test]
+    fn a_slow_or_loaded_target_loses_but_is_still_measured() {
+        let r = pool(&[(1, 1), (1, 1)]);
+        let ep = r.endpoint("a", "e").unwrap();
+        ep.targets()[0].health().succeeded(Duration::from_millis(5));
+        ep.targets()[1].health().succeeded(Duration::from_millis(50));
+        let counts = shares(ep, 10_000);
+        // The slow one wins only when drawn twice: a quarter.
+        let slow = counts[1] as f64 / 10_000.0;
+        assert!((slow - 0.25).abs() < 0.03, "{counts:?}");
+        // Equal latency, but the first has 10 requests in flight.
+        let r = pool(&[(1, 1), (1, 1)]);
+        let ep = r.endpoint("a", "e").unwrap();
+        for t in ep.targets() {
+            t.health().succeeded(Duration::from_millis(5));
+        }
+        let _busy: Vec<_> = (0..10).map(|_| ep.targets()[0].health().start()).collect();
+        let counts = shares(ep, 10_000);
+        assert!(counts[0] < 3_000, "{counts:?}");
+    }
+
+    #[test]
+    fn ejected_targets_are_skipped_and_a_pool_is_never_empty() {
+        let r = pool(&[(1, 1), (1, 1), (1, 2)]);
+        let ep = r.endpoint("a", "e").unwrap();
+        let eject = EjectPolicy {
+            consecutive_failures: 1,
+            ..EjectPolicy::default()
+        };
+        ep.targets()[0].health().failed(&eject);
+        assert_eq!(shares(ep, 200), [0, 200, 0]);
+        // The untried live target comes before one tried already.
+        assert_eq!(pick(ep, 1 << 1, now_ms()), 2, "falls back to priority 2");
+        ep.targets()[1].health().failed(&eject);
+        assert_eq!(shares(ep, 200), [0, 0, 200]);
+        std::thread::sleep(Duration::from_millis(2));
+        ep.targets()[2].health().failed(&eject);
+        // All out: the least recently failed.
+        assert_eq!(pick(ep, 0, now_ms()), 0);
+        assert_eq!(pick(ep, 1, now_ms()), 1, "an untried one first");
+        ep.targets()[1].health().recover();
+        assert_eq!(shares(ep, 100), [0, 100, 0]);
+    }
+}
