@@ -299,8 +299,58 @@ fn bad_configs_name_the_field_and_never_a_secret() {
         ),
         (
             "missing required field",
-            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\n".into(),
+            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\n".into(),
             "accounts[0].endpoints[0]",
+        ),
+        (
+            "neither base_url nor targets",
+            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\n".into(),
+            "accounts[0].endpoints[0].base_url",
+        ),
+        (
+            "both base_url and targets",
+            endpoint("targets = [{ base_url = \"https://b.example/v1\" }]"),
+            "accounts[0].endpoints[0].base_url",
+        ),
+        (
+            "a target's bad base_url",
+            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\ntargets = [{ base_url = \"https://b.example/v1\" }, { base_url = \"https://c.example/v1/\" }]\n".into(),
+            "accounts[0].endpoints[0].targets[1].base_url",
+        ),
+        (
+            "a zero weight",
+            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\ntargets = [{ base_url = \"https://b.example/v1\", weight = 0 }]\n".into(),
+            "accounts[0].endpoints[0].targets[0].weight",
+        ),
+        (
+            "an unknown target field",
+            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\ntargets = [{ base_url = \"https://b.example/v1\", wieght = 2 }]\n".into(),
+            "accounts[0].endpoints[0].targets[0].wieght",
+        ),
+        (
+            "a template in a target header",
+            "[[accounts]]\nname = \"a\"\n[[accounts.endpoints]]\nname = \"e\"\ntargets = [{ base_url = \"https://b.example/v1\", headers = { X-User = \"{subject}\" } }]\n".into(),
+            "accounts[0].endpoints[0].targets[0].headers.x-user",
+        ),
+        (
+            "a retried status that is not an error",
+            endpoint("retry = { attempts = 2, on_status = [503, 200] }"),
+            "accounts[0].endpoints[0].retry.on_status[1]",
+        ),
+        (
+            "zero attempts",
+            endpoint("retry = { attempts = 0 }"),
+            "accounts[0].endpoints[0].retry.attempts",
+        ),
+        (
+            "a health check without a slash",
+            endpoint("health = { path = \"models\" }"),
+            "accounts[0].endpoints[0].health.path",
+        ),
+        (
+            "an ejection cool-down below its base",
+            endpoint("eject = { base_ms = 1000, max_ms = 10 }"),
+            "accounts[0].endpoints[0].eject.max_ms",
         ),
         (
             "unknown endpoint_type",

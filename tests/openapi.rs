@@ -331,12 +331,19 @@ fn value_for(doc: &Value, schema: &Value, rng: &mut Seeded, depth: usize) -> Val
                     .map(|r| r.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
                 for (name, prop) in props {
-                    if required.contains(&name.as_str()) || rng.next() % 2 == 0 {
+                    // `base_url` (or `targets`) is what an endpoint needs: nearly always there.
+                    if required.contains(&name.as_str())
+                        || name == "base_url"
+                        || rng.next() % 2 == 0
+                    {
                         // Most of the time a value the gateway accepts, so that writes apply
                         // and later operations meet what they made.
                         let usual = rng.next() % 4 != 0;
                         let value = match name.as_str() {
                             "base_url" if usual => json!("https://api.inference.wandb.ai/v1"),
+                            // A pool instead of `base_url` is drawn as it comes (and mostly
+                            // refused); most endpoints keep the one upstream.
+                            "targets" | "retry" | "eject" | "health" if usual => Value::Null,
                             "headers" if usual => json!({"Authorization": "Bearer sk-generated"}),
                             "managers" if usual => json!(["team:platform"]),
                             "users" | "viewers" if usual => json!(["team:research"]),

@@ -253,7 +253,12 @@ pub fn validate(accounts: &[AccountSpec]) -> Result<(), FieldError> {
 
 /// The endpoint's upstreams: one `base_url` or a list of targets, and the pool's policies.
 fn validate_pool(ep: &EndpointSpec, field: &str) -> Result<(), FieldError> {
-    if ep.targets.is_empty() {
+    if ep.targets.is_empty() && ep.base_url.is_empty() {
+        return Err(FieldError::new(
+            format!("{field}.base_url"),
+            "is required: give base_url (one upstream) or targets (a pool)",
+        ));
+    } else if ep.targets.is_empty() {
         UpstreamBase::parse(&ep.base_url)
             .map_err(|m| FieldError::new(format!("{field}.base_url"), m))?;
     } else if !ep.base_url.is_empty() {
