@@ -3,11 +3,11 @@
 //! Among the live targets of the best priority that has any, two are drawn at random in
 //! proportion to their weights (the power of two choices). The first drawn is taken unless the
 //! second costs less than half as much, where a target's cost is its peak-EWMA latency (the
-//! time to the response head) times one plus its requests in flight per unit of weight. So
-//! targets that answer alike share the traffic exactly by weight (the first draw decides), and
-//! a target that is much slower or more loaded than the one it is drawn against loses: its
-//! share shrinks without ever dropping to zero, so it is measured again. A target that has
-//! not answered yet costs nothing and is tried early.
+//! time to the response head, counted as at least 20 ms) times one plus its requests in
+//! flight per unit of weight. So targets that answer alike share the traffic exactly by
+//! weight (the first draw decides), and a target that is much slower or more loaded than the
+//! one it is drawn against loses: its share shrinks without ever dropping to zero, so it is
+//! measured again.
 //!
 //! An attempt after a failure prefers a target not tried yet; with no such live target it
 //! takes a live one already tried. When every target is out, the least recently failed one
@@ -91,10 +91,15 @@ fn two_choices(
     }
 }
 
-/// Latency times load per unit of weight.
+/// Latencies below this count as this: an LLM API answers slower, and below it the jitter of a
+/// loopback or a LAN would only be noise that overrides the weights.
+const LATENCY_FLOOR_NS: f64 = 20e6;
+
+/// Latency (at least the floor) times load per unit of weight.
 fn cost(t: &Target) -> f64 {
     let health = t.health();
-    health.cost_ns() * (1.0 + f64::from(health.in_flight()) / f64::from(t.weight()))
+    let latency = health.cost_ns().max(LATENCY_FLOOR_NS);
+    latency * (1.0 + f64::from(health.in_flight()) / f64::from(t.weight()))
 }
 
 #[cfg(test)]

@@ -173,8 +173,7 @@ impl TargetHealth {
         InFlight(self.clone())
     }
 
-    /// The latency estimate in nanoseconds, 0 before the first answer (so a new target is
-    /// tried early and measured).
+    /// The latency estimate in nanoseconds, 0 before the first answer.
     pub fn cost_ns(&self) -> f64 {
         let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         match *latency {
