@@ -52,6 +52,7 @@ pub const UPSTREAM_BUDGET_EXHAUSTED: &str = "gateway_upstream_retry_budget_exhau
 pub const UPSTREAM_TRUNCATIONS: &str = "gateway_upstream_truncations_total";
 
 /// The `status` label: the common codes without an allocation.
+#[cfg(feature = "trace")]
 pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
     let code = match status.as_u16() {
         200 => "200",

@@ -89,7 +89,11 @@ async fn weights_hold_and_a_later_priority_waits_its_turn() {
     // room for latency noise between two loopback servers).
     assert!((share - 0.75).abs() < 0.06, "a's share {share}");
     assert_eq!(a.count() + b.count(), N);
-    assert_eq!(backup.count(), 0, "priority 2 waits while priority 1 is live");
+    assert_eq!(
+        backup.count(),
+        0,
+        "priority 2 waits while priority 1 is live"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +155,9 @@ async fn a_health_check_brings_a_target_back_before_its_cool_down() {
     // The probe sees a 2xx within a few intervals; the target is live long before 10 min.
     flaky
         .until("a passing probe", |f| {
-            f.seen().iter().any(|r| r.path == "/v1/models" && f.count() > probes_while_down)
+            f.seen()
+                .iter()
+                .any(|r| r.path == "/v1/models" && f.count() > probes_while_down)
         })
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -208,11 +214,12 @@ async fn a_post_body_is_replayed_byte_for_byte_with_the_next_targets_own_credent
         .header("x-client-header", "kept")
         .body(stream)
         .unwrap();
-    let streaming = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build_http::<ChannelBody>();
-    let res = within("the response", streaming.request(req)).await.unwrap();
+    let streaming =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<ChannelBody>();
+    let res = within("the response", streaming.request(req))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let (a, b) = (first.seen(), second.seen());
     assert_eq!((a.len(), b.len()), (1, 1));
@@ -223,7 +230,11 @@ async fn a_post_body_is_replayed_byte_for_byte_with_the_next_targets_own_credent
     assert_eq!(b.path, a.path);
     assert_eq!(a.header("authorization"), Some("Bearer key-FIRST"));
     assert_eq!(b.header_values("authorization"), ["Bearer key-SECOND"]);
-    assert_eq!(b.header("x-only-first"), None, "the first target's header went on");
+    assert_eq!(
+        b.header("x-only-first"),
+        None,
+        "the first target's header went on"
+    );
     for r in [a, b] {
         assert_eq!(r.header("x-client-header"), Some("kept"));
         assert_eq!(r.header("content-type"), Some("application/octet-stream"));
@@ -356,7 +367,10 @@ async fn the_retry_budget_caps_what_a_failing_pool_receives() {
     eprintln!("{N} requests, {attempts} attempts upstream");
     // Without a budget: 3 attempts each, 600. With 20%: at most 200 + 40.
     assert!(attempts >= N, "{attempts}");
-    assert!(attempts <= N + N / 5 + 1, "{attempts} attempts for {N} requests");
+    assert!(
+        attempts <= N + N / 5 + 1,
+        "{attempts} attempts for {N} requests"
+    );
 }
 
 #[tokio::test]
@@ -394,11 +408,7 @@ async fn a_client_that_leaves_during_a_retry_leaves_no_attempt_upstream() {
 
 #[tokio::test]
 async fn a_429_with_retry_after_takes_its_target_out_until_then() {
-    let limited = Scripted::start(Act::Status(
-        429,
-        vec![("retry-after", "2".to_owned())],
-    ))
-    .await;
+    let limited = Scripted::start(Act::Status(429, vec![("retry-after", "2".to_owned())])).await;
     let other = Scripted::start(ok()).await;
     let gw = serve_app(pool_gateway(
         &format!(
@@ -426,7 +436,11 @@ async fn a_429_with_retry_after_takes_its_target_out_until_then() {
 #[tokio::test]
 async fn the_management_api_reads_and_writes_pools() {
     let (a, b) = (Scripted::start(ok()).await, Scripted::start(ok()).await);
-    let gw = serve_app(pool_gateway(&format!("{{ base_url = \"{}\" }}", a.base_url()), "")).await;
+    let gw = serve_app(pool_gateway(
+        &format!("{{ base_url = \"{}\" }}", a.base_url()),
+        "",
+    ))
+    .await;
     let path = gw.url(&format!("/manage/accounts/{ACCOUNT}/endpoints/{ENDPOINT}"));
     let body = serde_json::json!({
         "headers": {"Authorization": format!("Bearer {UP_KEY}")},
@@ -439,9 +453,19 @@ async fn the_management_api_reads_and_writes_pools() {
         "eject": {"consecutive_failures": 3},
         "health": {"path": "/models", "interval_ms": 1000},
     });
-    let put = send_json(Method::PUT, path.clone(), Some(GW_KEY), Some(&body.to_string())).await;
+    let put = send_json(
+        Method::PUT,
+        path.clone(),
+        Some(GW_KEY),
+        Some(&body.to_string()),
+    )
+    .await;
     assert_eq!(put.status, 200, "{}", put.body);
-    assert!(!put.body.contains("SECRET-B"), "a target's header value in {}", put.body);
+    assert!(
+        !put.body.contains("SECRET-B"),
+        "a target's header value in {}",
+        put.body
+    );
     let view = put.json();
     assert_eq!(view["targets"][0]["weight"], 2);
     assert_eq!(view["targets"][1]["priority"], 2);
@@ -463,19 +487,49 @@ async fn the_management_api_reads_and_writes_pools() {
             {"base_url": b.base_url(), "priority": 2},
         ],
     });
-    let put = send_json(Method::PUT, path.clone(), Some(GW_KEY), Some(&again.to_string())).await;
+    let put = send_json(
+        Method::PUT,
+        path.clone(),
+        Some(GW_KEY),
+        Some(&again.to_string()),
+    )
+    .await;
     assert_eq!(put.status, 200, "{}", put.body);
     assert_eq!(put.json()["targets"][1]["header_names"][0], "authorization");
     // Field errors name the field.
     for (body, field) in [
-        (serde_json::json!({"targets": [{"base_url": "https://x.example/v1/"}]}), "targets[0].base_url"),
-        (serde_json::json!({"targets": [{"base_url": a.base_url(), "weight": 0}]}), "targets[0].weight"),
-        (serde_json::json!({"base_url": a.base_url(), "targets": [{"base_url": a.base_url()}]}), "base_url"),
-        (serde_json::json!({"base_url": a.base_url(), "retry": {"attempts": 11}}), "retry.attempts"),
-        (serde_json::json!({"base_url": a.base_url(), "health": {"path": "models"}}), "health.path"),
-        (serde_json::json!({"targets": [{"base_url": a.base_url(), "headers": {"x": "a\nb"}}]}), "targets[0].headers.x"),
+        (
+            serde_json::json!({"targets": [{"base_url": "https://x.example/v1/"}]}),
+            "targets[0].base_url",
+        ),
+        (
+            serde_json::json!({"targets": [{"base_url": a.base_url(), "weight": 0}]}),
+            "targets[0].weight",
+        ),
+        (
+            serde_json::json!({"base_url": a.base_url(), "targets": [{"base_url": a.base_url()}]}),
+            "base_url",
+        ),
+        (
+            serde_json::json!({"base_url": a.base_url(), "retry": {"attempts": 11}}),
+            "retry.attempts",
+        ),
+        (
+            serde_json::json!({"base_url": a.base_url(), "health": {"path": "models"}}),
+            "health.path",
+        ),
+        (
+            serde_json::json!({"targets": [{"base_url": a.base_url(), "headers": {"x": "a\nb"}}]}),
+            "targets[0].headers.x",
+        ),
     ] {
-        let res = send_json(Method::PUT, path.clone(), Some(GW_KEY), Some(&body.to_string())).await;
+        let res = send_json(
+            Method::PUT,
+            path.clone(),
+            Some(GW_KEY),
+            Some(&body.to_string()),
+        )
+        .await;
         assert_eq!(res.status, 400, "{body}: {}", res.body);
         assert!(
             res.error_message().starts_with(&format!("{field}:")),

@@ -8,9 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::FieldError;
-use crate::model::{
-    DEFAULT_PATH_PREFIX, EjectPolicy, Grants, HealthCheck, RetryPolicy, Timeouts,
-};
+use crate::model::{DEFAULT_PATH_PREFIX, EjectPolicy, Grants, HealthCheck, RetryPolicy, Timeouts};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

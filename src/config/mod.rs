@@ -155,8 +155,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 pub use self::secrets::{Secret, SecretSource};
 use crate::model::{
     AccountSpec, EndpointSpec, FieldError, Grants, HashedKeyStore, KeyDigest, KeyRecord,
-    LimitBackend, LimitScope, OnBackendError, RateLimitRule, RateLimits, Subject, is_valid_prefix,
-    TargetSpec, validate_keys,
+    LimitBackend, LimitScope, OnBackendError, RateLimitRule, RateLimits, Subject, TargetSpec,
+    is_valid_prefix, validate_keys,
 };
 use crate::registry::Registry;
 use crate::tls::TlsSettings;

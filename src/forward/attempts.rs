@@ -12,13 +12,13 @@ use tower::retry::budget::Budget;
 
 use super::balance::{self, Tried};
 use super::replay::Replay;
+use super::served::ServedBy;
 use super::{IdleTimeoutBody, ResponseBody, Shared, UpstreamRequestBody};
 use crate::BoxError;
 use crate::error::{InvalidRequestBody, UpstreamTimeout};
 use crate::ext::Served;
 use crate::metric;
 use crate::model::COMMON_PATHS;
-use super::served::ServedBy;
 use crate::registry::{Ejection, Endpoint, InFlight, Target, TargetHealth, now_ms};
 
 /// The longest pause before an attempt goes to a target already tried.
@@ -40,7 +40,7 @@ enum Failure {
     /// No response head: the connection failed or was reset.
     Error(BoxError),
     /// A response whose status is retried.
-    Status(Response<super::body::UpstreamBody>, InFlight),
+    Status(Box<Response<super::body::UpstreamBody>>, InFlight),
 }
 
 impl Attempts {
@@ -75,7 +75,8 @@ impl Attempts {
                 }
                 if again {
                     // The same target again (no other is live): a short, growing pause.
-                    let backoff = Duration::from_millis(25 << (attempt - 2).min(6)).min(MAX_BACKOFF);
+                    let backoff =
+                        Duration::from_millis(25 << (attempt - 2).min(6)).min(MAX_BACKOFF);
                     tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)).await;
                 }
             }
@@ -107,7 +108,8 @@ impl Attempts {
                 Ok(Err(err)) => Failure::Error(err),
                 Ok(Ok(res)) => {
                     let status = res.status();
-                    let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+                    let failed =
+                        status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
                     let outcome = if failed { "failed_status" } else { "answered" };
                     counter_attempt(&ep, target, outcome);
                     if failed {
@@ -123,7 +125,7 @@ impl Attempts {
                     if !retried || attempt >= retry.attempts {
                         return served(&shared, &ep, target, res, in_flight, attempt, &t);
                     }
-                    Failure::Status(res, in_flight)
+                    Failure::Status(Box::new(res), in_flight)
                 }
             };
             if !matches!(failure, Failure::Status(..)) {
@@ -160,7 +162,7 @@ impl Attempts {
                 Failure::Timeout => Err(UpstreamTimeout::new().into()),
                 Failure::Error(err) => Err(err),
                 Failure::Status(res, in_flight) => {
-                    served(&shared, &ep, target, res, in_flight, attempt, &t)
+                    served(&shared, &ep, target, *res, in_flight, attempt, &t)
                 }
             };
         }
@@ -181,7 +183,12 @@ fn served(
     span.record("gateway.target", &**target.label());
     span.record("gateway.attempts", attempts);
     let by = ServedBy::new(in_flight, ep.clone(), target.label().clone());
-    let mut res = super::finish(res, t.idle, shared.settings.pass_cookies, Some(Box::new(by)))?;
+    let mut res = super::finish(
+        res,
+        t.idle,
+        shared.settings.pass_cookies,
+        Some(Box::new(by)),
+    )?;
     res.extensions_mut().insert(Served {
         target: target.label().clone(),
         attempts,
@@ -249,18 +256,28 @@ fn labels(ep: &Endpoint, target: &Target) -> [(&'static str, String); 3] {
 
 fn counter_attempt(ep: &Endpoint, target: &Target, outcome: &'static str) {
     let [a, e, t] = labels(ep, target);
-    metrics::counter!(metric::UPSTREAM_ATTEMPTS, &[a, e, t, ("outcome", outcome.to_owned())])
-        .increment(1);
+    metrics::counter!(
+        metric::UPSTREAM_ATTEMPTS,
+        &[a, e, t, ("outcome", outcome.to_owned())]
+    )
+    .increment(1);
 }
 
 /// A failed attempt on target `k`: counted towards its ejection, or ejecting it until the
 /// upstream's `Retry-After`; an ejected target is health-checked if the endpoint says so.
-fn failed_target(shared: &Arc<Shared>, ep: &Arc<Endpoint>, k: usize, retry_after: Option<Duration>) {
+fn failed_target(
+    shared: &Arc<Shared>,
+    ep: &Arc<Endpoint>,
+    k: usize,
+    retry_after: Option<Duration>,
+) {
     let target = &ep.targets()[k];
     let policy = ep.pool().eject();
     let health = target.health();
     let ejected = match retry_after {
-        Some(wait) if !wait.is_zero() => Some((health.retry_after(wait, policy), Ejection::RetryAfter)),
+        Some(wait) if !wait.is_zero() => {
+            Some((health.retry_after(wait, policy), Ejection::RetryAfter))
+        }
         _ => health.failed(policy).map(|d| (d, Ejection::Failures)),
     };
     let Some((cool_down, reason)) = ejected else {
@@ -275,8 +292,11 @@ fn failed_target(shared: &Arc<Shared>, ep: &Arc<Endpoint>, k: usize, retry_after
         "upstream target ejected"
     );
     let [a, e, t] = labels(ep, target);
-    metrics::counter!(metric::UPSTREAM_EJECTIONS, &[a, e, t, ("reason", reason.as_str().to_owned())])
-        .increment(1);
+    metrics::counter!(
+        metric::UPSTREAM_EJECTIONS,
+        &[a, e, t, ("reason", reason.as_str().to_owned())]
+    )
+    .increment(1);
     if ep.targets().len() > 1
         && let Some(check) = ep.health_check()
     {
@@ -310,7 +330,11 @@ fn probe(shared: Arc<Shared>, ep: &Endpoint, k: usize, interval: Duration, path:
             let mut req = Request::new(UpstreamRequestBody::default());
             *req.uri_mut() = uri.clone();
             *req.headers_mut() = headers.clone();
-            let answer = tokio::time::timeout(t.first_byte.min(interval.max(Duration::from_secs(1))), client.send(req)).await;
+            let answer = tokio::time::timeout(
+                t.first_byte.min(interval.max(Duration::from_secs(1))),
+                client.send(req),
+            )
+            .await;
             if let Ok(Ok(res)) = answer
                 && res.status().is_success()
             {

@@ -156,7 +156,9 @@ mod tests {
         let r = pool(&[(1, 1), (1, 1)]);
         let ep = r.endpoint("a", "e").unwrap();
         ep.targets()[0].health().succeeded(Duration::from_millis(5));
-        ep.targets()[1].health().succeeded(Duration::from_millis(50));
+        ep.targets()[1]
+            .health()
+            .succeeded(Duration::from_millis(50));
         let counts = shares(ep, 10_000);
         // The slow one wins only when drawn twice: a quarter.
         let slow = counts[1] as f64 / 10_000.0;

@@ -11,8 +11,8 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use super::IdleTimeoutBody;
-use super::served::ServedBy;
 use super::conn::{ConnectionClosed, H1Conn, Return};
+use super::served::ServedBy;
 
 use crate::BoxError;
 

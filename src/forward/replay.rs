@@ -67,7 +67,7 @@ impl Replay {
             attempt: shared.current,
             pos: 0,
             trailers_sent: false,
-            hint: shared.hint.clone(),
+            hint: shared.hint,
         }
     }
 }
@@ -161,6 +161,6 @@ impl Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }

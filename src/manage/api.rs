@@ -266,7 +266,9 @@ impl EjectBody {
         let d = EjectPolicy::default();
         EjectPolicy {
             consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
-            base: self.base_ms.map_or(d.base, std::time::Duration::from_millis),
+            base: self
+                .base_ms
+                .map_or(d.base, std::time::Duration::from_millis),
             max: self.max_ms.map_or(d.max, std::time::Duration::from_millis),
         }
     }
@@ -682,7 +684,10 @@ pub(super) async fn put_endpoint(
                     let spec = TargetSpec {
                         weight: t.weight.unwrap_or(1),
                         priority: t.priority.unwrap_or(1),
-                        timeouts: t.timeouts.as_ref().map_or_else(Timeouts::default, TimeoutsBody::timeouts),
+                        timeouts: t
+                            .timeouts
+                            .as_ref()
+                            .map_or_else(Timeouts::default, TimeoutsBody::timeouts),
                         ..TargetSpec::new(t.base_url.as_str())
                     };
                     Ok::<_, GatewayError>((spec, headers))
@@ -786,7 +791,9 @@ pub(super) async fn put_endpoint(
                 .into_iter()
                 .map(|(mut t, h)| {
                     let was = current.iter().find(|o| o.base_url == t.base_url);
-                    t.headers = h.or_else(|| was.map(|o| o.headers.clone())).unwrap_or_default();
+                    t.headers = h
+                        .or_else(|| was.map(|o| o.headers.clone()))
+                        .unwrap_or_default();
                     t.tls = was.and_then(|o| o.tls.clone());
                     t
                 })

@@ -51,8 +51,9 @@ pub use self::keys::SharedKeyStore;
 #[cfg(feature = "auth")]
 pub use self::live::{Live, MemoryWriter};
 use self::names::NameMap;
-pub use self::pool::{Ejection, InFlight, PoolState, Target, TargetHealth, TargetState};
+#[cfg(feature = "forward")]
 pub(crate) use self::pool::now_ms;
+pub use self::pool::{Ejection, InFlight, PoolState, Target, TargetHealth, TargetState};
 pub use self::rules::SharedLimitRules;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;
@@ -333,7 +334,8 @@ fn compile_targets(ep: &EndpointSpec, field: &str) -> Result<Box<[Target]>, Fiel
         .iter()
         .enumerate()
         .map(|(k, t)| {
-            let base = UpstreamBase::parse(&t.base_url).map_err(|m| FieldError::new(field_of(k), m))?;
+            let base =
+                UpstreamBase::parse(&t.base_url).map_err(|m| FieldError::new(field_of(k), m))?;
             let mut headers = t.headers.clone();
             for value in headers.values_mut() {
                 value.set_sensitive(true);

@@ -79,6 +79,7 @@ impl Target {
     }
 
     /// The upstream URI for the `i`th of the route's common paths, without a query.
+    #[cfg(feature = "forward")]
     pub(crate) fn common_uri(&self, i: usize) -> Option<&Uri> {
         self.common_uris.get(i)?.as_ref()
     }

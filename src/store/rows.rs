@@ -323,11 +323,13 @@ pub(super) fn endpoint_of(
             min_per_second: r.min_per_second,
             max_body_bytes: r.max_body_bytes,
         }),
-        eject: row.eject.map_or_else(EjectPolicy::default, |e| EjectPolicy {
-            consecutive_failures: e.consecutive_failures,
-            base: Duration::from_millis(e.base_ms),
-            max: Duration::from_millis(e.max_ms),
-        }),
+        eject: row
+            .eject
+            .map_or_else(EjectPolicy::default, |e| EjectPolicy {
+                consecutive_failures: e.consecutive_failures,
+                base: Duration::from_millis(e.base_ms),
+                max: Duration::from_millis(e.max_ms),
+            }),
         health: row.health.map(|h| HealthCheck {
             path: h.path,
             interval: Duration::from_millis(h.interval_ms),

@@ -176,7 +176,10 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                     body.len()
                 );
-                if write(&mut stream, &[head.as_bytes(), body.as_bytes()]).await.is_err() {
+                if write(&mut stream, &[head.as_bytes(), body.as_bytes()])
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -205,7 +208,10 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
                     head.push_str(&format!("{name}: {value}\r\n"));
                 }
                 head.push_str("\r\n");
-                if write(&mut stream, &[head.as_bytes(), body.as_bytes()]).await.is_err() {
+                if write(&mut stream, &[head.as_bytes(), body.as_bytes()])
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
