@@ -6,6 +6,7 @@
 //! `tracing::subscriber::set_default`) and a metrics recorder
 //! (`metrics::set_default_local_recorder`) before anything is spawned.
 
+mod scripted;
 mod support;
 
 use std::collections::BTreeMap;
@@ -1448,4 +1449,146 @@ async fn a_rate_limited_request_is_one_span_with_the_reason_and_counted() {
     };
     assert_eq!(decisions("allowed", ""), 1);
     assert_eq!(decisions("refused", "requests_per_minute"), 1);
+}
+
+/// A registry whose endpoint is a pool of `targets` (base URL, priority), with `retry`.
+fn pool_registry(
+    targets: &[(&str, u32)],
+    retry: tower_gateway::model::RetryPolicy,
+) -> tower_gateway::registry::Registry {
+    use tower_gateway::model::TargetSpec;
+    use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {UP_KEY}")).unwrap(),
+    );
+    Registry::from_accounts(vec![AccountSpec {
+        endpoints: vec![EndpointSpec {
+            headers,
+            targets: targets
+                .iter()
+                .map(|(url, priority)| TargetSpec {
+                    priority: *priority,
+                    ..TargetSpec::new(*url)
+                })
+                .collect(),
+            retry: Some(retry),
+            ..EndpointSpec::new(ENDPOINT, "")
+        }],
+        access: tower_gateway::access::Grants {
+            users: vec![tower_gateway::access::Subject::Everyone],
+            ..Default::default()
+        },
+        ..AccountSpec::new(ACCOUNT)
+    }])
+    .unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_pool_names_the_target_and_counts_attempts_retries_fallbacks_and_cuts() {
+    use scripted::{Act, Scripted};
+    use tower_gateway::metric as m;
+    let (capture, watching) = watch();
+    let failing = Scripted::start(Act::Status(503, vec![])).await;
+    let backup = Scripted::start(Act::Sse { events: 2 }).await;
+    let retry = tower_gateway::model::RetryPolicy {
+        attempts: 2,
+        max_body_bytes: 300,
+        ..Default::default()
+    };
+    let registry = pool_registry(&[(&failing.base_url(), 1), (&backup.base_url(), 2)], retry);
+    let gw = serve_gateway(
+        builder("http://unused.invalid", UsageTapLayer::new())
+            .registry(registry.into())
+            .build(),
+    )
+    .await;
+
+    // A retry that falls back to priority 2 and streams from there.
+    let (parts, body) = call(chat(
+        &gw,
+        Some(GW_KEY),
+        &chat_body(MODEL, "hi", true, false),
+        &[],
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    assert!(
+        String::from_utf8(body.unwrap())
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
+    let span = capture.one_request().await;
+    let backup_url = backup.base_url();
+    assert_eq!(span.str("gateway.target"), Some(backup_url.as_str()));
+    assert_eq!(span.u64("gateway.attempts"), Some(2));
+    assert!(!span.has("gateway.retry_refused"));
+    let usage = capture.usage_events_in(&span);
+    assert_eq!(usage[0].str("target"), Some(backup_url.as_str()));
+    assert_eq!(usage[0].u64("attempts"), Some(2));
+    let failing_url = failing.base_url();
+    let metrics = watching.metrics();
+    assert_eq!(
+        metrics.counter(
+            m::UPSTREAM_ATTEMPTS,
+            &[
+                ("target", failing_url.as_str()),
+                ("outcome", "failed_status")
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        metrics.counter(
+            m::UPSTREAM_ATTEMPTS,
+            &[("target", backup_url.as_str()), ("outcome", "answered")]
+        ),
+        1
+    );
+    assert_eq!(
+        metrics.counter(m::UPSTREAM_RETRIES, &[("target", backup_url.as_str())]),
+        1
+    );
+    assert_eq!(
+        metrics.counter(m::UPSTREAM_FALLBACKS, &[("target", backup_url.as_str())]),
+        1
+    );
+
+    // A body over the replay limit: not retried, and the span says why.
+    let big = chat_body(MODEL, &"x".repeat(500), false, false);
+    let (parts, _) = call(chat(&gw, Some(GW_KEY), &big, &[])).await;
+    assert_eq!(parts.status, 503);
+    let spans = capture.wait_requests(2).await;
+    let span = &spans[1];
+    assert_eq!(span.str("gateway.retry_refused"), Some("body_too_large"));
+    assert_eq!(span.str("gateway.target"), Some(failing_url.as_str()));
+    assert_eq!(span.u64("gateway.attempts"), Some(1));
+
+    // A stream cut after its head: the truncation is counted against the target that served.
+    failing.set(Act::CutMidStream);
+    let (parts, body) = call(chat(
+        &gw,
+        Some(GW_KEY),
+        &chat_body(MODEL, "hi", true, false),
+        &[],
+    ))
+    .await;
+    assert_eq!(parts.status, 200);
+    assert!(body.is_err(), "the stream was cut");
+    let spans = capture.wait_requests(3).await;
+    let span = &spans[2];
+    assert_eq!(span.str("gateway.outcome"), Some("failed"));
+    assert_eq!(span.str("gateway.target"), Some(failing_url.as_str()));
+    let metrics = watching.metrics();
+    assert_eq!(
+        metrics.counter(m::UPSTREAM_TRUNCATIONS, &[("target", failing_url.as_str())]),
+        1
+    );
+    assert_eq!(
+        metrics.counter(m::UPSTREAM_RETRIES, &[]),
+        0,
+        "nothing retried after the head"
+    );
+    assert_no_secret(&capture, Some(&metrics));
 }
