@@ -67,9 +67,10 @@ impl Attempts {
             let again = tried & (1 << k) != 0;
             tried |= 1 << k;
             if let Some(p) = previous {
-                metrics::counter!(metric::UPSTREAM_RETRIES, &labels(&ep, target)).increment(1);
+                metrics::counter!(metric::UPSTREAM_RETRIES, labels(&ep, target).to_vec())
+                    .increment(1);
                 if target.priority() > ep.targets()[p].priority() {
-                    metrics::counter!(metric::UPSTREAM_FALLBACKS, &labels(&ep, target))
+                    metrics::counter!(metric::UPSTREAM_FALLBACKS, labels(&ep, target).to_vec())
                         .increment(1);
                     tracing::info!(target = %target.label(), attempt, "falling back to a target of a later priority");
                 }
@@ -145,8 +146,11 @@ impl Attempts {
             } else if !replay.replayable() {
                 Some("body_too_large")
             } else if !pool.budget().withdraw() {
-                metrics::counter!(metric::UPSTREAM_BUDGET_EXHAUSTED, &labels(&ep, target))
-                    .increment(1);
+                metrics::counter!(
+                    metric::UPSTREAM_BUDGET_EXHAUSTED,
+                    labels(&ep, target).to_vec()
+                )
+                .increment(1);
                 Some("budget_exhausted")
             } else {
                 continue;
@@ -246,11 +250,12 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-fn labels(ep: &Endpoint, target: &Target) -> [(&'static str, String); 3] {
+/// The labels of a target's metrics: shared strings, no copies.
+fn labels(ep: &Endpoint, target: &Target) -> [metrics::Label; 3] {
     [
-        ("account", ep.account().to_string()),
-        ("endpoint", ep.name().to_string()),
-        ("target", target.label().to_string()),
+        metrics::Label::new("account", ep.account().clone()),
+        metrics::Label::new("endpoint", ep.name().clone()),
+        metrics::Label::new("target", target.label().clone()),
     ]
 }
 
@@ -258,7 +263,7 @@ fn counter_attempt(ep: &Endpoint, target: &Target, outcome: &'static str) {
     let [a, e, t] = labels(ep, target);
     metrics::counter!(
         metric::UPSTREAM_ATTEMPTS,
-        &[a, e, t, ("outcome", outcome.to_owned())]
+        vec![a, e, t, metrics::Label::from_static_parts("outcome", outcome)]
     )
     .increment(1);
 }
@@ -294,7 +299,7 @@ fn failed_target(
     let [a, e, t] = labels(ep, target);
     metrics::counter!(
         metric::UPSTREAM_EJECTIONS,
-        &[a, e, t, ("reason", reason.as_str().to_owned())]
+        vec![a, e, t, metrics::Label::from_static_parts("reason", reason.as_str())]
     )
     .increment(1);
     if ep.targets().len() > 1

@@ -13,7 +13,7 @@
 //! takes a live one already tried. When every target is out, the least recently failed one
 //! is tried (untried first): a replica never takes a whole pool out of service.
 
-use crate::registry::{Endpoint, Target};
+use crate::registry::{Endpoint, Target, now_ns};
 
 /// A set of target indices (an endpoint has at most 64 targets).
 pub(crate) type Tried = u64;
@@ -84,7 +84,11 @@ fn two_choices(
     };
     let first = draw();
     let second = draw();
-    if first == second || cost(&targets[second]) * 2.0 >= cost(&targets[first]) {
+    if first == second {
+        return Some(first);
+    }
+    let now = now_ns();
+    if cost(&targets[second], now) * 2.0 >= cost(&targets[first], now) {
         Some(first)
     } else {
         Some(second)
@@ -96,9 +100,9 @@ fn two_choices(
 const LATENCY_FLOOR_NS: f64 = 20e6;
 
 /// Latency (at least the floor) times load per unit of weight.
-fn cost(t: &Target) -> f64 {
+fn cost(t: &Target, now: u64) -> f64 {
     let health = t.health();
-    let latency = health.cost_ns().max(LATENCY_FLOOR_NS);
+    let latency = health.cost_ns_at(now).max(LATENCY_FLOOR_NS);
     latency * (1.0 + f64::from(health.in_flight()) / f64::from(t.weight()))
 }
 

@@ -157,7 +157,13 @@ impl Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        false
+        // The end is known once the client's body has ended and this attempt has sent all of
+        // it: saves hyper a poll (and a lock) per request.
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.current == self.attempt
+            && shared.rest.is_none()
+            && (self.trailers_sent || shared.trailers.is_none())
+            && (!shared.replayable || self.pos >= shared.recorded.len())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -53,7 +53,7 @@ pub use self::live::{Live, MemoryWriter};
 use self::names::NameMap;
 #[cfg(feature = "forward")]
 pub(crate) use self::pool::now_ms;
-pub use self::pool::{Ejection, InFlight, PoolState, Target, TargetHealth, TargetState};
+pub use self::pool::{Ejection, InFlight, PoolState, Target, TargetHealth, TargetState, now_ns};
 pub use self::rules::SharedLimitRules;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;

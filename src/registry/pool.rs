@@ -7,7 +7,7 @@
 //! forgets that a target is down nor resets a retry budget.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::HeaderMap;
@@ -18,12 +18,20 @@ use crate::model::{COMMON_PATHS, EjectPolicy, RetryPolicy, Timeouts, UpstreamBas
 /// How fast the latency estimate forgets a slow response: its weight halves every ~7 s.
 const DECAY: Duration = Duration::from_secs(10);
 
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Milliseconds since this process first asked, a clock every target shares.
 pub(crate) fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
     // Never 0, which means "never" in the fields below.
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// Nanoseconds since this process first asked.
+pub fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A compiled target of an endpoint.
@@ -114,8 +122,10 @@ pub struct TargetHealth {
     ejected_until: AtomicU64,
     /// [`now_ms`] of the last failure; 0 for none.
     last_failure: AtomicU64,
-    /// Peak-EWMA of the time to the response head, and when it was last updated.
-    latency: Mutex<Option<(f64, Instant)>>,
+    /// Peak-EWMA of the time to the response head in nanoseconds (an `f64`'s bits; 0 before
+    /// the first answer), and when it was last updated ([`now_ns`]).
+    latency: AtomicU64,
+    latency_at: AtomicU64,
     /// Whether a health check is probing the target.
     probing: AtomicBool,
 }
@@ -176,11 +186,18 @@ impl TargetHealth {
 
     /// The latency estimate in nanoseconds, 0 before the first answer.
     pub fn cost_ns(&self) -> f64 {
-        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        match *latency {
-            None => 0.0,
-            Some((ewma, at)) => ewma * decay(at.elapsed()),
+        self.cost_ns_at(now_ns())
+    }
+
+    /// [`cost_ns`](Self::cost_ns) at `now` (from [`now_ns`]), so that one clock read serves
+    /// the targets compared.
+    pub fn cost_ns_at(&self, now: u64) -> f64 {
+        let ewma = f64::from_bits(self.latency.load(Ordering::Relaxed));
+        if ewma == 0.0 {
+            return 0.0;
         }
+        let at = self.latency_at.load(Ordering::Relaxed);
+        ewma * decay(now.saturating_sub(at))
     }
 
     /// A response head arrived after `rtt`, from an answer that was not a failure: the
@@ -192,19 +209,21 @@ impl TargetHealth {
         self.observe(rtt);
     }
 
-    /// The latency estimate takes `rtt` (a slow failure counts too).
+    /// The latency estimate takes `rtt` (a slow failure counts too). Two answers at once may
+    /// each update it from the same old value; one of them wins, which an estimate allows.
     pub fn observe(&self, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let now = Instant::now();
-        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        *latency = Some(match *latency {
-            None => (rtt, now),
-            Some((ewma, _)) if rtt > ewma => (rtt, now),
-            Some((ewma, at)) => {
-                let w = decay(now.saturating_duration_since(at));
-                (ewma * w + rtt * (1.0 - w), now)
-            }
-        });
+        let now = now_ns();
+        let ewma = f64::from_bits(self.latency.load(Ordering::Relaxed));
+        let next = if ewma == 0.0 || rtt > ewma {
+            rtt
+        } else {
+            let w = decay(now.saturating_sub(self.latency_at.load(Ordering::Relaxed)));
+            ewma * w + rtt * (1.0 - w)
+        };
+        self.latency
+            .store(next.max(1.0).to_bits(), Ordering::Relaxed);
+        self.latency_at.store(now, Ordering::Relaxed);
     }
 
     /// A failure: the target is ejected (the answer says for how long) when it has failed
@@ -271,8 +290,9 @@ impl TargetHealth {
     }
 }
 
-fn decay(elapsed: Duration) -> f64 {
-    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
+/// The weight an estimate keeps after `elapsed_ns`.
+fn decay(elapsed_ns: u64) -> f64 {
+    (-(elapsed_ns as f64) / DECAY.as_nanos() as f64).exp()
 }
 
 /// A request in flight on a target; dropping it ends it.
