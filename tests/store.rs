@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
 use tower_gateway::model::{
-    AccountSpec, AuditEntry, EndpointSpec, Grants, KeyDigest, KeyRecord, KeySource, Snapshot,
+    AccountSpec, AuditEntry, EjectPolicy, EndpointSpec, Grants, HealthCheck, KeyDigest, KeyRecord,
+    KeySource, RetryPolicy, Snapshot, TargetSpec,
 };
 use tower_gateway::store::{Store, WriteError};
 
@@ -46,6 +47,43 @@ fn account(name: &str, endpoints: &[&str]) -> AccountSpec {
     }
 }
 
+/// The endpoint `inference` as a pool of `urls` (the second with its own credential), with
+/// every policy set away from its default.
+fn pool_of(urls: &[&str]) -> EndpointSpec {
+    let mut own = HeaderMap::new();
+    own.insert("authorization", HeaderValue::from_static("Bearer b"));
+    EndpointSpec {
+        targets: urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| TargetSpec {
+                weight: 3 - i as u32,
+                priority: 1 + i as u32,
+                headers: if i == 1 { own.clone() } else { HeaderMap::new() },
+                timeouts: tower_gateway::model::Timeouts::from_millis(Some(5), None, Some(7)),
+                ..TargetSpec::new(*u)
+            })
+            .collect(),
+        retry: Some(RetryPolicy {
+            attempts: 4,
+            on_status: vec![500, 503],
+            budget_percent: 50,
+            min_per_second: 2,
+            max_body_bytes: 4096,
+        }),
+        eject: EjectPolicy {
+            consecutive_failures: 2,
+            base: Duration::from_millis(1500),
+            max: Duration::from_secs(60),
+        },
+        health: Some(HealthCheck {
+            path: "/models".into(),
+            interval: Duration::from_millis(250),
+        }),
+        ..EndpointSpec::new("inference", "")
+    }
+}
+
 fn key(id: &str, secret: &str) -> KeyRecord {
     KeyRecord {
         created_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
@@ -79,6 +117,20 @@ async fn changes_survive_a_restart(url: &str) {
         })
         .await
         .unwrap();
+    // The first endpoint becomes a pool.
+    let pool = pool_of(&["https://a.example/v1", "https://b.example/v1"]);
+    store
+        .write(|s| {
+            let ep = &mut s.accounts[0].endpoints[0];
+            ep.base_url.clear();
+            ep.targets = pool.targets.clone();
+            ep.retry = pool.retry.clone();
+            ep.eject = pool.eject;
+            ep.health = pool.health.clone();
+            Ok::<_, String>(((), vec![entry("endpoint.put", "coreweave-model/inference")]))
+        })
+        .await
+        .unwrap();
     let before = store.load().await.unwrap();
     store.close().await;
     drop(store);
@@ -86,7 +138,7 @@ async fn changes_survive_a_restart(url: &str) {
     let store = Store::open(url).await.unwrap();
     let after = store.load().await.unwrap();
     assert_eq!(after.revision, before.revision);
-    assert_eq!(after.revision, 2);
+    assert_eq!(after.revision, 3);
     let a = &after.state.accounts[0];
     assert_eq!(a.name, "coreweave-model");
     assert_eq!(a.version, 1);
@@ -96,16 +148,27 @@ async fn changes_survive_a_restart(url: &str) {
         .iter()
         .map(|e| (e.name.as_str(), e.version))
         .collect();
-    assert_eq!(names, [("inference", 1), ("embed", 2)]);
+    assert_eq!(names, [("inference", 2), ("embed", 2)]);
+    let ep = &a.endpoints[0];
+    assert!(ep.same_content(&EndpointSpec {
+        headers: ep.headers.clone(),
+        ..pool_of(&["https://a.example/v1", "https://b.example/v1"])
+    }));
+    assert_eq!(ep.targets[1].headers["authorization"], "Bearer b");
+    assert!(ep.targets[1].headers["authorization"].is_sensitive());
     assert_eq!(a.endpoints[1].base_url, "https://example.com/v2");
     assert_eq!(a.endpoints[0].headers["authorization"], "Bearer upstream");
     assert!(a.endpoints[0].headers["authorization"].is_sensitive());
     assert_eq!(after.state.keys, [key("alice", "gw-alice")]);
     let log = store.audit_log(10, None).await.unwrap();
     let actions: Vec<&str> = log.iter().map(|(_, _, e)| e.action.as_str()).collect();
-    assert_eq!(actions, ["endpoint.put", "account.create"], "newest first");
+    assert_eq!(
+        actions,
+        ["endpoint.put", "endpoint.put", "account.create"],
+        "newest first"
+    );
     let older = store.audit_log(10, Some(log[0].0)).await.unwrap();
-    assert_eq!(older.len(), 1, "the cursor pages");
+    assert_eq!(older.len(), 2, "the cursor pages");
     store.close().await;
 }
 
