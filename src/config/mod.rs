@@ -33,6 +33,17 @@
 //! # access = { users = ["team:research"] }
 //! # timeouts = { connect_ms = 10000, first_byte_ms = 600000, idle_ms = 300000 }
 //! # tls = { ca_file = "ca.pem", client_cert_file = "c.pem", client_key_file = "k.pem" }
+//!
+//! [[accounts.endpoints]]              # a pool: several upstreams instead of one base_url
+//! name = "pooled"
+//! targets = [
+//!   { base_url = "https://api.inference.wandb.ai/v1", weight = 3 },
+//!   { base_url = "https://vllm-a.internal/v1", headers = { Authorization = "Bearer ${VLLM_KEY}" } },
+//!   { base_url = "https://backup.example/v1", priority = 2 },
+//! ]
+//! retry = { attempts = 3, on_status = [429, 502, 503, 504], budget_percent = 20 }
+//! # eject = { consecutive_failures = 5, base_ms = 10000, max_ms = 300000 }
+//! # health = { path = "/models", interval_ms = 5000 }
 //! ```
 //!
 //! A proxy URL is `{gateway}{path_prefix}/{account name}/{endpoint name}/{upstream path}`.
@@ -60,7 +71,22 @@
 //! | `accounts[].access` | table | no grants | who may manage, use and view the account (see below) |
 //! | `accounts[].endpoints` | array of tables | `[]` | the account's endpoints |
 //! | `accounts[].endpoints[].name` | string | required | the endpoint's path segment, same rules as an account name, unique in its account |
-//! | `accounts[].endpoints[].base_url` | string | required | `http(s)://host[:port][/path]`: no trailing slash, user info, query or fragment |
+//! | `accounts[].endpoints[].base_url` | string | required unless `targets` | `http(s)://host[:port][/path]`: no trailing slash, user info, query or fragment |
+//! | `accounts[].endpoints[].targets` | array of tables | none | a pool instead of `base_url`, at most 64 targets (see [`forward`](crate::forward)) |
+//! | `accounts[].endpoints[].targets[].base_url` | string | required | as `base_url` |
+//! | `accounts[].endpoints[].targets[].weight` | integer 1 to 10000 | 1 | share of traffic among the live targets of its priority |
+//! | `accounts[].endpoints[].targets[].priority` | integer 1 to 100 | 1 | 1 first; a higher number only when every target of the lower ones is out |
+//! | `accounts[].endpoints[].targets[].headers` | table of strings, secret | `{}` | set over the endpoint's headers for this target; no templates |
+//! | `accounts[].endpoints[].targets[].timeouts`, `.tls` | tables | the endpoint's | as the endpoint's |
+//! | `accounts[].endpoints[].retry.attempts` | integer 1 to 10 | 1 (one target), 2 (a pool), 3 when `retry` is set | attempts in all |
+//! | `accounts[].endpoints[].retry.on_status` | array of 400 to 599 | `[429, 502, 503, 504]` | statuses retried |
+//! | `accounts[].endpoints[].retry.budget_percent` | integer 0 to 1000 | 20 | retries allowed per 100 requests of the last 10 s |
+//! | `accounts[].endpoints[].retry.min_per_second` | integer | 10 | retries allowed per second whatever the traffic |
+//! | `accounts[].endpoints[].retry.max_body_bytes` | integer | 4194304 | largest request body held for a replay |
+//! | `accounts[].endpoints[].eject.consecutive_failures` | integer > 0 | 5 | failures in a row that eject a target |
+//! | `accounts[].endpoints[].eject.base_ms`, `max_ms` | integers > 0 | 10000, 300000 | the first cool-down, doubling up to `max_ms` |
+//! | `accounts[].endpoints[].health.path` | string | none | probe of an ejected target: `GET {base_url}{path}` |
+//! | `accounts[].endpoints[].health.interval_ms` | integer >= 100 | 5000 | time between two probes |
 //! | `accounts[].endpoints[].headers` | table of strings, secret | `{}` | headers injected into the endpoint's requests; a name also in `header_auth` replaces it |
 //! | `accounts[].endpoints[].access` | table | the account's | grants that replace the account's for this endpoint |
 //! | `accounts[].endpoints[].timeouts.connect_ms` | integer > 0 | forwarder default | time to connect (TCP and TLS), in milliseconds |

@@ -30,6 +30,47 @@
 //! Failures are `Err`s of small typed errors; put [`RescueLayer`](crate::error::RescueLayer)
 //! above the stack to turn them into 502/504 JSON responses.
 //!
+//! # Pools
+//!
+//! An endpoint with several targets (or with retries) is sent to as a pool:
+//!
+//! - each attempt goes to a target chosen among the live ones of the best priority by the power
+//!   of two weighted choices over latency and load (see the balancing rules in the README's
+//!   *Upstream pools*), with the target's own headers set over the endpoint's and its own
+//!   timeouts and TLS settings;
+//! - a connect failure, a reset before the response head, a first-byte timeout or a status the
+//!   endpoint's [`RetryPolicy`](crate::model::RetryPolicy) names is retried on another target
+//!   (the next priority when the current one has no live target left), only while nothing has
+//!   gone to the client; the request body is replayed from the frames already sent, up to
+//!   `max_body_bytes`; the endpoint's retry budget caps retries at a share of its requests;
+//! - failures eject a target for a growing cool-down, a 429 with `Retry-After` until then, and
+//!   an optional health check brings it back early
+//!   ([`TargetHealth`](crate::registry::TargetHealth) keeps what was learned);
+//! - the response carries [`Served`](crate::ext::Served) (the target and the attempts), and the
+//!   request span records `gateway.target` and `gateway.attempts`.
+//!
+//! ```
+//! use tower_gateway::model::{RetryPolicy, TargetSpec};
+//! use tower_gateway::registry::{AccountSpec, EndpointSpec, Registry};
+//!
+//! let registry = Registry::from_accounts(vec![AccountSpec {
+//!     endpoints: vec![EndpointSpec {
+//!         targets: vec![
+//!             TargetSpec { weight: 3, ..TargetSpec::new("https://api.inference.wandb.ai/v1") },
+//!             TargetSpec { priority: 2, ..TargetSpec::new("https://backup.example/v1") },
+//!         ],
+//!         retry: Some(RetryPolicy { attempts: 2, ..RetryPolicy::default() }),
+//!         ..EndpointSpec::new("inference", "")
+//!     }],
+//!     ..AccountSpec::new("coreweave-model")
+//! }])
+//! .unwrap();
+//! let ep = registry.endpoint("coreweave-model", "inference").unwrap();
+//! assert_eq!(ep.targets().len(), 2);
+//! assert!(!ep.is_single());
+//! assert!(ep.targets()[1].health().is_live(0));
+//! ```
+//!
 //! # Example
 //!
 //! ```no_run

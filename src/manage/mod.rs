@@ -27,11 +27,15 @@
 //! space), so a name that is not valid stays invalid whatever its encoding.
 //!
 //! Header values are write-only: responses list header *names*, never values. A `PUT` of an
-//! endpoint takes `{"base_url": …, "headers": {…}, "access": {…}, "timeouts": {…}}`; leaving
-//! out `headers` keeps the endpoint's current ones, so a client never needs to hold the
-//! secrets to change a grant. Credentials never silently follow an endpoint to another host:
-//! changing the scheme, host or port of `base_url` needs Manage on the account and the
-//! `headers` sent again. Account managers are trusted with the account's credentials (an
+//! endpoint takes `{"base_url": …, "headers": {…}, "access": {…}, "timeouts": {…}}`, or a pool,
+//! `{"targets": [{"base_url": …, "weight": …, "priority": …, "headers": {…}, "timeouts": {…}}],
+//! "retry": {…}, "eject": {…}, "health": {…}}`; leaving out `headers` keeps the endpoint's
+//! current ones (and a target's, those of the current target with its `base_url`), so a client
+//! never needs to hold the secrets to change a grant. Credentials never silently follow an
+//! endpoint to another host: a scheme, host or port that none of its current targets has needs
+//! Manage on the account and the `headers` sent again, and a target at a new URL gets no
+//! headers of its own unless they are sent. The `GET` of an endpoint shows each target's state
+//! on this replica (`live` or `ejected`, until when, failures, requests in flight, latency). Account managers are trusted with the account's credentials (an
 //! endpoint they create inherits `header_auth`). Values are taken literally: `${VAR}` is not expanded here (it
 //! would let a manager read the gateway's environment). Invalid input is a 400 naming the
 //! field, and nothing changes. A change swaps the registry atomically: streams in flight
