@@ -59,7 +59,11 @@ fn pool_of(urls: &[&str]) -> EndpointSpec {
             .map(|(i, u)| TargetSpec {
                 weight: 3 - i as u32,
                 priority: 1 + i as u32,
-                headers: if i == 1 { own.clone() } else { HeaderMap::new() },
+                headers: if i == 1 {
+                    own.clone()
+                } else {
+                    HeaderMap::new()
+                },
                 timeouts: tower_gateway::model::Timeouts::from_millis(Some(5), None, Some(7)),
                 ..TargetSpec::new(*u)
             })
@@ -73,6 +77,8 @@ fn pool_of(urls: &[&str]) -> EndpointSpec {
         }),
         eject: EjectPolicy {
             consecutive_failures: 2,
+            error_percent: 30,
+            window: 40,
             base: Duration::from_millis(1500),
             max: Duration::from_secs(60),
         },

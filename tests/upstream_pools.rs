@@ -293,7 +293,7 @@ async fn resets_timeouts_and_statuses_fail_over_but_nothing_after_the_head() {
             primary.base_url(),
             backup.base_url()
         ),
-        "retry = { attempts = 2 }\neject = { consecutive_failures = 100 }",
+        "retry = { attempts = 2 }\neject = { consecutive_failures = 100, error_percent = 0 }",
     ))
     .await;
     let stream = r#"{"model":"m","stream":true,"messages":[]}"#;
@@ -356,7 +356,7 @@ async fn the_retry_budget_caps_what_a_failing_pool_receives() {
             a.base_url(),
             b.base_url()
         ),
-        "retry = { attempts = 3, budget_percent = 20, min_per_second = 0 }\neject = { consecutive_failures = 1000000 }",
+        "retry = { attempts = 3, budget_percent = 20, min_per_second = 0 }\neject = { consecutive_failures = 1000000, error_percent = 0 }",
     ))
     .await;
     const N: usize = 200;

@@ -186,6 +186,10 @@ pub(super) struct RawEject {
     #[serde(default)]
     pub(super) consecutive_failures: Option<u32>,
     #[serde(default)]
+    pub(super) error_percent: Option<u32>,
+    #[serde(default)]
+    pub(super) window: Option<u32>,
+    #[serde(default)]
     pub(super) base_ms: Option<u64>,
     #[serde(default)]
     pub(super) max_ms: Option<u64>,
@@ -217,6 +221,8 @@ impl RawEject {
         let d = EjectPolicy::default();
         EjectPolicy {
             consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
+            error_percent: self.error_percent.unwrap_or(d.error_percent),
+            window: self.window.unwrap_or(d.window),
             base: self.base_ms.map_or(d.base, Duration::from_millis),
             max: self.max_ms.map_or(d.max, Duration::from_millis),
         }

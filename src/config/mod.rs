@@ -84,6 +84,7 @@
 //! | `accounts[].endpoints[].retry.min_per_second` | integer | 10 | retries allowed per second whatever the traffic |
 //! | `accounts[].endpoints[].retry.max_body_bytes` | integer | 4194304 | largest request body held for a replay |
 //! | `accounts[].endpoints[].eject.consecutive_failures` | integer > 0 | 5 | failures in a row that eject a target |
+//! | `accounts[].endpoints[].eject.error_percent`, `window` | 0 to 100, 2 to 64 | 50, 20 | or this share of failures among its last `window` attempts (0: off) |
 //! | `accounts[].endpoints[].eject.base_ms`, `max_ms` | integers > 0 | 10000, 300000 | the first cool-down, doubling up to `max_ms` |
 //! | `accounts[].endpoints[].health.path` | string | none | probe of an ejected target: `GET {base_url}{path}` |
 //! | `accounts[].endpoints[].health.interval_ms` | integer >= 100 | 5000 | time between two probes |

@@ -263,7 +263,12 @@ fn counter_attempt(ep: &Endpoint, target: &Target, outcome: &'static str) {
     let [a, e, t] = labels(ep, target);
     metrics::counter!(
         metric::UPSTREAM_ATTEMPTS,
-        vec![a, e, t, metrics::Label::from_static_parts("outcome", outcome)]
+        vec![
+            a,
+            e,
+            t,
+            metrics::Label::from_static_parts("outcome", outcome)
+        ]
     )
     .increment(1);
 }
@@ -283,7 +288,7 @@ fn failed_target(
         Some(wait) if !wait.is_zero() => {
             Some((health.retry_after(wait, policy), Ejection::RetryAfter))
         }
-        _ => health.failed(policy).map(|d| (d, Ejection::Failures)),
+        _ => health.failed(policy),
     };
     let Some((cool_down, reason)) = ejected else {
         return;
@@ -299,7 +304,12 @@ fn failed_target(
     let [a, e, t] = labels(ep, target);
     metrics::counter!(
         metric::UPSTREAM_EJECTIONS,
-        vec![a, e, t, metrics::Label::from_static_parts("reason", reason.as_str())]
+        vec![
+            a,
+            e,
+            t,
+            metrics::Label::from_static_parts("reason", reason.as_str())
+        ]
     )
     .increment(1);
     if ep.targets().len() > 1

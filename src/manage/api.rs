@@ -256,6 +256,10 @@ pub(super) struct EjectBody {
     #[serde(default)]
     consecutive_failures: Option<u32>,
     #[serde(default)]
+    error_percent: Option<u32>,
+    #[serde(default)]
+    window: Option<u32>,
+    #[serde(default)]
     base_ms: Option<u64>,
     #[serde(default)]
     max_ms: Option<u64>,
@@ -266,6 +270,8 @@ impl EjectBody {
         let d = EjectPolicy::default();
         EjectPolicy {
             consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
+            error_percent: self.error_percent.unwrap_or(d.error_percent),
+            window: self.window.unwrap_or(d.window),
             base: self
                 .base_ms
                 .map_or(d.base, std::time::Duration::from_millis),
@@ -276,6 +282,8 @@ impl EjectBody {
     fn of(e: &EjectPolicy) -> Self {
         Self {
             consecutive_failures: Some(e.consecutive_failures),
+            error_percent: Some(e.error_percent),
+            window: Some(e.window),
             base_ms: Some(e.base.as_millis() as u64),
             max_ms: Some(e.max.as_millis() as u64),
         }

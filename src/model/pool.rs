@@ -196,6 +196,12 @@ impl Default for RetryPolicy {
 pub struct EjectPolicy {
     /// Failures in a row (connect errors, resets, timeouts, 5xx, 429) that eject a target.
     pub consecutive_failures: u32,
+    /// The share of failures among a target's last `window` attempts that ejects it, in
+    /// percent (0: no such rule): a target that fails every other request never fails five
+    /// times in a row.
+    pub error_percent: u32,
+    /// How many of a target's last attempts `error_percent` is taken over (2 to 64).
+    pub window: u32,
     /// The first cool-down; each ejection that follows without a success in between doubles it.
     pub base: Duration,
     /// The longest cool-down (also the longest an upstream's `Retry-After` is honoured).
@@ -206,6 +212,8 @@ impl Default for EjectPolicy {
     fn default() -> Self {
         Self {
             consecutive_failures: 5,
+            error_percent: 50,
+            window: 20,
             base: Duration::from_secs(10),
             max: Duration::from_secs(300),
         }
@@ -218,6 +226,18 @@ impl EjectPolicy {
             return Err(FieldError::new(
                 format!("{field}.consecutive_failures"),
                 "must be at least 1",
+            ));
+        }
+        if self.error_percent > 100 {
+            return Err(FieldError::new(
+                format!("{field}.error_percent"),
+                "must be from 0 (no ratio rule) to 100",
+            ));
+        }
+        if !(2..=64).contains(&self.window) {
+            return Err(FieldError::new(
+                format!("{field}.window"),
+                "must be from 2 to 64 attempts",
             ));
         }
         if self.base.is_zero() {

@@ -116,6 +116,10 @@ impl std::fmt::Debug for Target {
 pub struct TargetHealth {
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
+    /// The outcomes of the last attempts, newest in bit 0 (1: a failure), and how many of
+    /// them there are (at most 64).
+    outcomes: AtomicU64,
+    outcomes_seen: AtomicU32,
     /// Ejections since the last success: the cool-down doubles with each.
     ejections: AtomicU32,
     /// [`now_ms`] until which the target is out; 0 when it is live.
@@ -135,6 +139,8 @@ pub struct TargetHealth {
 pub enum Ejection {
     /// It failed `consecutive_failures` times in a row.
     Failures,
+    /// `error_percent` of its last `window` attempts failed.
+    ErrorRatio,
     /// It answered 429 with a `Retry-After`.
     RetryAfter,
 }
@@ -144,6 +150,7 @@ impl Ejection {
     pub fn as_str(self) -> &'static str {
         match self {
             Ejection::Failures => "failures",
+            Ejection::ErrorRatio => "error_ratio",
             Ejection::RetryAfter => "retry_after",
         }
     }
@@ -204,9 +211,26 @@ impl TargetHealth {
     /// failure count resets and the latency estimate takes it (at once if it is slower, the
     /// peak; decayed in if it is faster).
     pub fn succeeded(&self, rtt: Duration) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.ejections.store(0, Ordering::Relaxed);
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+        self.push_outcome(false);
         self.observe(rtt);
+    }
+
+    /// Records an attempt's outcome.
+    fn push_outcome(&self, failed: bool) {
+        let bit = u64::from(failed);
+        let _ = self
+            .outcomes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| Some(o << 1 | bit));
+        let seen = self.outcomes_seen.load(Ordering::Relaxed);
+        if seen < 64 {
+            self.outcomes_seen.store(seen + 1, Ordering::Relaxed);
+        }
     }
 
     /// The latency estimate takes `rtt` (a slow failure counts too). Two answers at once may
@@ -226,13 +250,33 @@ impl TargetHealth {
         self.latency_at.store(now, Ordering::Relaxed);
     }
 
-    /// A failure: the target is ejected (the answer says for how long) when it has failed
-    /// `policy.consecutive_failures` times in a row and is not already out.
-    pub fn failed(&self, policy: &EjectPolicy) -> Option<Duration> {
+    /// A failure: the target is ejected (the answer says for how long and why) when it has
+    /// failed `policy.consecutive_failures` times in a row, or `policy.error_percent` of its
+    /// last `policy.window` attempts failed, and it is not already out.
+    pub fn failed(&self, policy: &EjectPolicy) -> Option<(Duration, Ejection)> {
         let now = now_ms();
         self.last_failure.store(now, Ordering::Relaxed);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < policy.consecutive_failures || !self.is_live(now) {
+        let window = policy.window.clamp(1, 64);
+        let mask = if window == 64 {
+            u64::MAX
+        } else {
+            (1u64 << window) - 1
+        };
+        self.push_outcome(true);
+        let recent = (self.outcomes.load(Ordering::Relaxed) & mask).count_ones();
+        let seen = self.outcomes_seen.load(Ordering::Relaxed);
+        let reason = if failures >= policy.consecutive_failures {
+            Ejection::Failures
+        } else if policy.error_percent > 0
+            && seen >= window
+            && recent * 100 >= policy.error_percent * window
+        {
+            Ejection::ErrorRatio
+        } else {
+            return None;
+        };
+        if !self.is_live(now) {
             return None;
         }
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
@@ -242,7 +286,10 @@ impl TargetHealth {
             .min(policy.max.max(policy.base));
         self.eject_for(cool_down, now);
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        Some(cool_down)
+        // Judged afresh when it comes back.
+        self.outcomes.store(0, Ordering::Relaxed);
+        self.outcomes_seen.store(0, Ordering::Relaxed);
+        Some((cool_down, reason))
     }
 
     /// An upstream's `Retry-After`: out for `wait` (at most `policy.max`).
@@ -357,5 +404,65 @@ impl std::fmt::Debug for PoolState {
             .field("retry", &self.retry)
             .field("eject", &self.eject)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_in_a_row_or_a_failing_share_eject_and_the_cool_down_grows() {
+        let policy = EjectPolicy {
+            consecutive_failures: 3,
+            error_percent: 50,
+            window: 10,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(3),
+        };
+        let h = TargetHealth::default();
+        assert_eq!(h.failed(&policy), None);
+        assert_eq!(h.failed(&policy), None);
+        assert_eq!(
+            h.failed(&policy),
+            Some((Duration::from_secs(1), Ejection::Failures))
+        );
+        assert!(!h.is_live(now_ms()));
+        // Out already: no second ejection.
+        assert_eq!(h.failed(&policy), None);
+        h.recover();
+        for _ in 0..3 {
+            h.failed(&policy);
+        }
+        assert!(h.state().ejected_until.is_some());
+        h.recover();
+        for _ in 0..3 {
+            h.failed(&policy);
+        }
+        // 1 s, 2 s, then capped at 3 s.
+        let until = h.state().ejected_until.unwrap();
+        let left = until.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_millis(2500), "{left:?}");
+
+        // Every other attempt fails: never three in a row, but half of the last ten.
+        let h = TargetHealth::default();
+        let mut ejected = None;
+        for i in 0..20 {
+            if i % 2 == 0 {
+                h.succeeded(Duration::from_millis(1));
+            } else if let Some(e) = h.failed(&policy) {
+                ejected = Some((i, e));
+                break;
+            }
+        }
+        assert_eq!(
+            ejected,
+            Some((9, (Duration::from_secs(1), Ejection::ErrorRatio))),
+            "ejected once ten attempts were seen"
+        );
+        // A success resets the growth.
+        h.recover();
+        h.succeeded(Duration::from_millis(1));
+        assert_eq!(h.state().consecutive_failures, 0);
     }
 }

@@ -81,8 +81,20 @@ struct RetryRow {
 #[derive(Serialize, Deserialize)]
 struct EjectRow {
     consecutive_failures: u32,
+    #[serde(default = "default_error_percent")]
+    error_percent: u32,
+    #[serde(default = "default_window")]
+    window: u32,
     base_ms: u64,
     max_ms: u64,
+}
+
+fn default_error_percent() -> u32 {
+    EjectPolicy::default().error_percent
+}
+
+fn default_window() -> u32 {
+    EjectPolicy::default().window
 }
 
 #[derive(Serialize, Deserialize)]
@@ -234,6 +246,8 @@ pub(super) fn endpoint_row(ep: &EndpointSpec) -> Result<String, StoreError> {
         }),
         eject: (ep.eject != EjectPolicy::default()).then(|| EjectRow {
             consecutive_failures: ep.eject.consecutive_failures,
+            error_percent: ep.eject.error_percent,
+            window: ep.eject.window,
             base_ms: ms(ep.eject.base),
             max_ms: ms(ep.eject.max),
         }),
@@ -327,6 +341,8 @@ pub(super) fn endpoint_of(
             .eject
             .map_or_else(EjectPolicy::default, |e| EjectPolicy {
                 consecutive_failures: e.consecutive_failures,
+                error_percent: e.error_percent,
+                window: e.window,
                 base: Duration::from_millis(e.base_ms),
                 max: Duration::from_millis(e.max_ms),
             }),
