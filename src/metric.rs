@@ -42,7 +42,8 @@ pub const UPSTREAM_RETRIES: &str = "gateway_upstream_retries_total";
 /// Labels: `account`, `endpoint`, `target` (the fallback target).
 pub const UPSTREAM_FALLBACKS: &str = "gateway_upstream_fallbacks_total";
 /// Counter of targets taken out of their pool. Labels: `account`, `endpoint`, `target`,
-/// `reason` (`failures`: failures in a row; `retry_after`: a 429 with `Retry-After`).
+/// `reason` (`failures`: failures in a row; `error_ratio`: a share of its last attempts;
+/// `retry_after`: a 429 with `Retry-After`).
 pub const UPSTREAM_EJECTIONS: &str = "gateway_upstream_ejections_total";
 /// Counter of retries the retry budget refused (the failed answer went to the client).
 /// Labels: `account`, `endpoint`, `target` (the target that failed).

@@ -462,3 +462,106 @@ async fn a_client_key_that_does_not_match_the_certificate_fails_to_load() {
     dir.write("client.key", &pki.client_key_pem);
     load(&toml, dir.path()).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A pool of HTTP/2 targets: hyper sends an h2 request body from a task of its own, so a
+// failure of the client's body reaches the attempt as a stream reset, not as the client's
+// error. It must still be the client's: answered 413 or 408, never retried, never counted
+// against a target.
+
+/// A gateway on a pool of two TLS targets (ports `a`, `b`) trusting the test CA, with a
+/// 1,000-byte request limit and `extra` endpoint fields.
+async fn h2_pool(pki: &Pki, a: u16, b: u16, extra: &str) -> (TempDir, TestGateway) {
+    let dir = TempDir::new();
+    dir.write("ca.pem", &pki.ca_pem);
+    let toml = format!(
+        "[limits]\nmax_request_body_bytes = 1000\n\n\
+         [[keys]]\nid = \"k\"\nsubject = \"k@example.com\"\nkey = \"{GW_KEY}\"\n\n\
+         [[accounts]]\nname = \"{ACCOUNT}\"\nheader_auth = {{ Authorization = \"Bearer {UP_KEY}\" }}\n\
+         access = {{ managers = [\"everyone\"] }}\n\n\
+         [[accounts.endpoints]]\nname = \"{ENDPOINT}\"\ntls = {{ ca_file = \"ca.pem\" }}\n\
+         targets = [{{ base_url = \"https://localhost:{a}/v1\" }}, {{ base_url = \"https://localhost:{b}/v1\" }}]\n\
+         eject = {{ consecutive_failures = 1 }}\n{extra}\n"
+    );
+    let secrets = SecretSource::from_vars([] as [(&str, &str); 0], dir.path());
+    let config = GatewayConfig::from_toml(&toml, &secrets).unwrap();
+    let gw = serve_app(Gateway::builder().config(config).build()).await;
+    (dir, gw)
+}
+
+/// Sends `chunks` (each after its pause, in ms) as a chunked body; the status and the
+/// `x-gateway-error` code.
+async fn send_chunks(gw: &TestGateway, chunks: Vec<(&'static [u8], u64)>) -> (StatusCode, String) {
+    let (tx, stream) = ChannelBody::channel(4);
+    tokio::spawn(async move {
+        for (c, pause_ms) in chunks {
+            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+            if tx.send(Ok(bytes::Bytes::from_static(c))).await.is_err() {
+                return;
+            }
+        }
+        // The body stays open: only the gateway's limit or timeout ends it.
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    });
+    let req = http::Request::post(gw.proxy_url("/chat/completions"))
+        .header("authorization", format!("Bearer {GW_KEY}"))
+        .header("content-type", "application/json")
+        .body(stream)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<ChannelBody>();
+    let res = within("the answer", client.request(req)).await.unwrap();
+    let code = res
+        .headers()
+        .get(X_GATEWAY_ERROR)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (res.status(), code)
+}
+
+async fn target_failures(gw: &TestGateway) -> Vec<serde_json::Value> {
+    let got = send_json(
+        http::Method::GET,
+        gw.url(&format!("/manage/accounts/{ACCOUNT}/endpoints/{ENDPOINT}")),
+        Some(GW_KEY),
+        None,
+    )
+    .await;
+    got.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["consecutive_failures"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_client_body_that_fails_is_the_clients_fault_on_an_h2_pool() {
+    let pki = Pki::new();
+    let a = TlsUpstream::start(pki.server_config(false)).await;
+    let b = TlsUpstream::start(pki.server_config(false)).await;
+    let (_dir, gw) = h2_pool(&pki, a.port(), b.port(), "timeouts = { idle_ms = 300 }").await;
+    // Over the limit, in the middle of the body.
+    let big: &'static [u8] = &[b'x'; 500];
+    let (status, code) = send_chunks(&gw, (0..10).map(|_| (big, 20)).collect()).await;
+    assert_eq!((status.as_u16(), code.as_str()), (413, "payload_too_large"));
+    assert_eq!(target_failures(&gw).await, [0, 0], "a target was blamed");
+    // Silent in the middle of the body.
+    let (status, code) = send_chunks(&gw, vec![(b"{\"model\":", 0), (b"\"m\"}", 2_000)]).await;
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (408, "request_body_timeout")
+    );
+    assert_eq!(target_failures(&gw).await, [0, 0], "a target was blamed");
+    // The targets serve as ever, over HTTP/2.
+    let ok = send_json(
+        http::Method::POST,
+        gw.proxy_url("/chat/completions"),
+        Some(GW_KEY),
+        Some(CHAT),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let seen: Vec<_> = a.requests().into_iter().chain(b.requests()).collect();
+    assert!(seen.iter().any(|s| s.version == Version::HTTP_2));
+}

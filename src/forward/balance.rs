@@ -2,18 +2,18 @@
 //!
 //! Among the live targets of the best priority that has any, two are drawn at random in
 //! proportion to their weights (the power of two choices). The first drawn is taken unless the
-//! second costs less than half as much, where a target's cost is its peak-EWMA latency (the
-//! time to the response head, counted as at least 20 ms) times one plus its requests in
-//! flight per unit of weight. So targets that answer alike share the traffic exactly by
-//! weight (the first draw decides), and a target that is much slower or more loaded than the
-//! one it is drawn against loses: its share shrinks without ever dropping to zero, so it is
-//! measured again.
+//! second costs less than half as much, where a target's cost is its latency (the median time
+//! to the response head of its last 8 answers, counted as at least 20 ms) times one plus its
+//! requests in flight per unit of weight. So targets that answer alike share the traffic
+//! exactly by weight (the first draw decides), and a target that is much slower or more loaded
+//! than the one it is drawn against loses: its share shrinks without ever dropping to zero, so
+//! it is measured again.
 //!
 //! An attempt after a failure prefers a target not tried yet; with no such live target it
 //! takes a live one already tried. When every target is out, the least recently failed one
 //! is tried (untried first): a replica never takes a whole pool out of service.
 
-use crate::registry::{Endpoint, Target, now_ns};
+use crate::registry::{Endpoint, Target};
 
 /// A set of target indices (an endpoint has at most 64 targets).
 pub(crate) type Tried = u64;
@@ -50,45 +50,42 @@ pub(crate) fn pick(ep: &Endpoint, tried: Tried, now: u64) -> usize {
         .expect("an endpoint has a target")
 }
 
-/// The power of two weighted choices among the eligible targets of `group`.
+/// The power of two weighted choices among the eligible targets of `group`. Who is eligible
+/// is read once: a target ejected meanwhile by another request changes nothing here.
 fn two_choices(
     targets: &[Target],
     group: &[usize],
     eligible: impl Fn(usize) -> bool,
 ) -> Option<usize> {
+    let mut candidates = [(0usize, 0u64); crate::model::MAX_TARGETS];
+    let mut n = 0;
     let mut total = 0u64;
-    let mut only = None;
-    let mut count = 0;
     for &k in group {
         if eligible(k) {
-            total += u64::from(targets[k].weight());
-            only = Some(k);
-            count += 1;
+            let w = u64::from(targets[k].weight());
+            total += w;
+            candidates[n] = (k, total);
+            n += 1;
         }
     }
-    if count <= 1 {
-        return only;
+    match n {
+        0 => return None,
+        1 => return Some(candidates[0].0),
+        _ => {}
     }
-    let draw = || {
-        let mut r = fastrand::u64(0..total);
-        for &k in group {
-            if eligible(k) {
-                let w = u64::from(targets[k].weight());
-                if r < w {
-                    return k;
-                }
-                r -= w;
-            }
-        }
-        unreachable!("the draw is below the total weight")
+    let candidates = &candidates[..n];
+    // One random number, two draws: its halves, each scaled to the total weight.
+    let r = fastrand::u64(..);
+    let draw = |half: u64| {
+        let at = (half * total) >> 32;
+        candidates
+            .iter()
+            .find(|(_, upto)| at < *upto)
+            .map_or(candidates[n - 1].0, |(k, _)| *k)
     };
-    let first = draw();
-    let second = draw();
-    if first == second {
-        return Some(first);
-    }
-    let now = now_ns();
-    if cost(&targets[second], now) * 2.0 >= cost(&targets[first], now) {
+    let first = draw(r & 0xffff_ffff);
+    let second = draw(r >> 32);
+    if first == second || cost(&targets[second]) * 2.0 >= cost(&targets[first]) {
         Some(first)
     } else {
         Some(second)
@@ -100,9 +97,9 @@ fn two_choices(
 const LATENCY_FLOOR_NS: f64 = 20e6;
 
 /// Latency (at least the floor) times load per unit of weight.
-fn cost(t: &Target, now: u64) -> f64 {
+fn cost(t: &Target) -> f64 {
     let health = t.health();
-    let latency = health.cost_ns_at(now).max(LATENCY_FLOOR_NS);
+    let latency = health.cost_ns().max(LATENCY_FLOOR_NS);
     latency * (1.0 + f64::from(health.in_flight()) / f64::from(t.weight()))
 }
 
@@ -199,5 +196,28 @@ mod tests {
         assert_eq!(pick(ep, 1, now_ms()), 1, "an untried one first");
         ep.targets()[1].health().recover();
         assert_eq!(shares(ep, 100), [0, 100, 0]);
+    }
+
+    #[test]
+    fn one_slow_answer_moves_nothing_and_a_slow_target_loses_within_a_few() {
+        let r = pool(&[(1, 1), (1, 1)]);
+        let ep = r.endpoint("a", "e").unwrap();
+        let (a, b) = (ep.targets()[0].health(), ep.targets()[1].health());
+        for _ in 0..8 {
+            a.succeeded(Duration::from_millis(100));
+            b.succeeded(Duration::from_millis(100));
+        }
+        // A long completion on b (its head after 30 s): the median does not move.
+        b.succeeded(Duration::from_secs(30));
+        let counts = shares(ep, 10_000);
+        let share = counts[1] as f64 / 10_000.0;
+        assert!((share - 0.5).abs() < 0.03, "{counts:?}");
+        // b turns slow for good: four more slow answers and it loses its draws.
+        for _ in 0..4 {
+            b.succeeded(Duration::from_millis(400));
+        }
+        let counts = shares(ep, 10_000);
+        let share = counts[1] as f64 / 10_000.0;
+        assert!((share - 0.25).abs() < 0.03, "{counts:?}");
     }
 }

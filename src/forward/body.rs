@@ -56,7 +56,7 @@ pin_project! {
 
 impl ResponseBody {
     /// The upstream's body; `sse` if it is an event stream (`text/event-stream`).
-    pub(crate) fn upstream(
+    pub(super) fn upstream(
         body: IdleTimeoutBody<UpstreamBody>,
         sse: bool,
         served: Option<Box<ServedBy>>,

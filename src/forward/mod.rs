@@ -102,6 +102,7 @@ mod attempts;
 mod balance;
 mod body;
 mod conn;
+mod eject;
 mod idle;
 mod pool;
 mod replay;
@@ -538,7 +539,7 @@ where
             Some(r) if !r.target.is_single() => return self.call_pool(parts, body),
             Some(r) => {
                 let target = &r.target.targets()[0];
-                attempts::set_target_headers(&mut parts.headers, target.headers());
+                crate::registry::set_target_headers(&mut parts.headers, target.headers());
                 shared.client_for(target.tls(), target.timeouts())
             }
             None => (Cow::Borrowed(&shared.client), settings.defaults),
@@ -586,9 +587,19 @@ where
         prepare(&mut parts, settings.pass_cookies);
         parts.extensions = http::Extensions::new();
         let limit = usize::try_from(settings.max_request_body).unwrap_or(usize::MAX);
+        // The client's body is held once, behind its limit and the endpoint's idle timeout,
+        // so that its failures are known to be the client's whichever attempt reads it.
+        let idle = settings.defaults.with(route.target.timeouts()).idle;
         let body = body.map_err(|e| InvalidRequestBody(e.into()));
-        let body = UnsyncBoxBody::new(Limited::new(body, limit));
-        let replay = replay::Replay::new(body, route.target.pool().retry().max_body_bytes);
+        let body = UnsyncBoxBody::new(IdleTimeoutBody::new(idle, Limited::new(body, limit)));
+        let retry = route.target.pool().retry();
+        // Held for a replay only if a retry can happen.
+        let max = if retry.attempts > 1 {
+            retry.max_body_bytes
+        } else {
+            0
+        };
+        let replay = replay::Replay::new(body, max);
         let attempts = attempts::Attempts {
             shared: self.shared.clone(),
             ep: route.target,

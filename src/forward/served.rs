@@ -2,38 +2,41 @@
 
 use std::sync::Arc;
 
+use super::Shared;
 use crate::metric;
-use crate::model::EjectPolicy;
 use crate::registry::{Endpoint, InFlight};
 
 /// What a response from a pool carries until its body ends: the request in flight on its
-/// target, and the names to count a truncation under.
-pub(crate) struct ServedBy {
-    in_flight: InFlight,
+/// target, and what a truncation is counted against.
+pub(super) struct ServedBy {
+    /// Held until the body ends or is dropped: the target's load counts the stream.
+    _in_flight: InFlight,
+    shared: Arc<Shared>,
     ep: Arc<Endpoint>,
-    target: Arc<str>,
+    k: usize,
 }
 
 impl ServedBy {
-    pub(crate) fn new(in_flight: InFlight, ep: Arc<Endpoint>, target: Arc<str>) -> Self {
+    pub(super) fn new(
+        in_flight: InFlight,
+        shared: Arc<Shared>,
+        ep: Arc<Endpoint>,
+        k: usize,
+    ) -> Self {
         Self {
-            in_flight,
+            _in_flight: in_flight,
+            shared,
             ep,
-            target,
+            k,
         }
     }
 
     /// The body broke off after the head went out: counted, and a failure of the target.
-    pub(crate) fn truncated(&self) {
-        tracing::Span::current().record("gateway.target", &*self.target);
-        metrics::counter!(
-            metric::UPSTREAM_TRUNCATIONS,
-            "account" => self.ep.account().to_string(),
-            "endpoint" => self.ep.name().to_string(),
-            "target" => self.target.to_string()
-        )
-        .increment(1);
-        let policy: &EjectPolicy = self.ep.pool().eject();
-        self.in_flight.health().failed(policy);
+    pub(super) fn truncated(&self) {
+        let target = &self.ep.targets()[self.k];
+        tracing::Span::current().record("gateway.target", &**target.label());
+        let [a, e, t] = super::eject::labels(&self.ep, target);
+        metrics::counter!(metric::UPSTREAM_TRUNCATIONS, vec![a, e, t]).increment(1);
+        super::eject::failed(&self.shared, &self.ep, self.k, None);
     }
 }

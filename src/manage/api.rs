@@ -755,6 +755,59 @@ pub(super) async fn put_endpoint(
                             "headers: required when base_url or a target changes host; the current headers are not sent to a new host",
                         ));
                     }
+                    // Within the hosts it had, a credential the caller did not type must not
+                    // reach a host that did not get it before (a target's own header dropped,
+                    // a target moved to another path of its host).
+                    let before = exposure(
+                        &spec.header_auth,
+                        &ep.headers,
+                        &ep.targets,
+                        &ep.base_url,
+                        None,
+                    );
+                    let carried_targets: Vec<(TargetSpec, bool)> = targets
+                        .iter()
+                        .map(|(t, h)| {
+                            let mut t = t.clone();
+                            match h {
+                                Some(h) => t.headers = h.clone(),
+                                None => {
+                                    t.headers = ep
+                                        .targets
+                                        .iter()
+                                        .find(|o| o.base_url == t.base_url)
+                                        .map(|o| o.headers.clone())
+                                        .unwrap_or_default();
+                                }
+                            }
+                            (t, h.is_some())
+                        })
+                        .collect();
+                    let after = exposure(
+                        &spec.header_auth,
+                        headers.as_ref().unwrap_or(&ep.headers),
+                        &carried_targets
+                            .iter()
+                            .map(|(t, _)| t.clone())
+                            .collect::<Vec<_>>(),
+                        &body.base_url,
+                        Some((headers.is_some(), &carried_targets)),
+                    );
+                    let fresh = |x: &&Exposed| !x.typed && !before.iter().any(|b| b.same(x));
+                    if let Some(exposed) = after.iter().find(fresh) {
+                        if !manages_account {
+                            return Err(GatewayError::forbidden(format!(
+                                "The key \"{}\" may not send a stored credential ({}) to a target that did not get it: that needs Manage on the account.",
+                                principal.key_id, exposed.name
+                            )));
+                        }
+                    }
+                    if let Some(exposed) = after.iter().filter(|x| !x.from_account).find(fresh) {
+                        return Err(bad_request(format!(
+                            "headers: send the {} header again: its stored value would reach a target that did not get it",
+                            exposed.name
+                        )));
+                    }
                     conflict.check(if_match.as_ref(), Some(ep.version))?;
                 }
                 None if !manages_account => {
@@ -1103,6 +1156,75 @@ fn no_account() -> GatewayError {
 
 fn no_endpoint() -> GatewayError {
     GatewayError::not_found("No such endpoint in this provider account.")
+}
+
+/// One credential one host receives: from an endpoint's headers over the account's, and a
+/// target's own over both.
+struct Exposed {
+    host: (String, String),
+    name: HeaderName,
+    value: HeaderValue,
+    /// Typed in the request being made (not a stored value carried along).
+    typed: bool,
+    /// The account's `header_auth`, which account managers are trusted with.
+    from_account: bool,
+}
+
+impl Exposed {
+    fn same(&self, other: &Exposed) -> bool {
+        self.host == other.host && self.name == other.name && self.value == other.value
+    }
+}
+
+/// Every (host, header, value) an endpoint sends, with where each value comes from. `typed`:
+/// whether the endpoint's headers, and each target's, were sent in this request.
+fn exposure(
+    account: &http::HeaderMap,
+    endpoint: &http::HeaderMap,
+    targets: &[TargetSpec],
+    base_url: &str,
+    typed: Option<(bool, &[(TargetSpec, bool)])>,
+) -> Vec<Exposed> {
+    let one = [TargetSpec::new(base_url)];
+    let (list, own_typed): (&[TargetSpec], Vec<bool>) = if targets.is_empty() {
+        (&one, vec![false])
+    } else {
+        let flags = match typed {
+            Some((_, t)) => t.iter().map(|(_, f)| *f).collect(),
+            None => vec![false; targets.len()],
+        };
+        (targets, flags)
+    };
+    let endpoint_typed = typed.is_some_and(|(e, _)| e);
+    let mut out = Vec::new();
+    for (t, own) in list.iter().zip(own_typed) {
+        let Some(host) = hosts(std::iter::once(t.base_url.as_str())).pop() else {
+            continue;
+        };
+        let mut add = |name: &HeaderName, value: &HeaderValue, typed: bool, from_account: bool| {
+            out.push(Exposed {
+                host: host.clone(),
+                name: name.clone(),
+                value: value.clone(),
+                typed,
+                from_account,
+            });
+        };
+        for (name, value) in account {
+            if !endpoint.contains_key(name) && !t.headers.contains_key(name) {
+                add(name, value, false, true);
+            }
+        }
+        for (name, value) in endpoint {
+            if !t.headers.contains_key(name) {
+                add(name, value, endpoint_typed, false);
+            }
+        }
+        for (name, value) in &t.headers {
+            add(name, value, own, false);
+        }
+    }
+    out
 }
 
 /// The schemes and authorities of base URLs (those that parse).

@@ -53,7 +53,10 @@ pub use self::live::{Live, MemoryWriter};
 use self::names::NameMap;
 #[cfg(feature = "forward")]
 pub(crate) use self::pool::now_ms;
-pub use self::pool::{Ejection, InFlight, PoolState, Target, TargetHealth, TargetState, now_ns};
+pub use self::pool::{
+    Ejection, InFlight, LATENCY_SAMPLES, PoolState, Probe, Target, TargetHealth, TargetState,
+    set_target_headers,
+};
 pub use self::rules::SharedLimitRules;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::Uri;
@@ -281,6 +284,21 @@ impl Account {
             for (name, _) in &templates {
                 headers.remove(name);
             }
+            for target in targets.iter() {
+                let probe = ep.health.as_ref().and_then(|check| {
+                    let mut probe_headers = headers.clone();
+                    set_target_headers(&mut probe_headers, &target.headers);
+                    Some(Arc::new(Probe {
+                        uri: target.base.join(&check.path, None)?,
+                        headers: probe_headers,
+                        interval: check.interval,
+                        timeouts: target.timeouts,
+                        #[cfg(feature = "forward")]
+                        tls: target.tls.clone(),
+                    }))
+                });
+                target.health.set_probe(probe);
+            }
             let grants = match &ep.access {
                 None => account_grants.clone(),
                 Some(own) => Arc::new(spec.access.for_endpoint(Some(own))),
@@ -429,6 +447,9 @@ impl Registry {
                 }
                 for target in ep.targets.iter_mut() {
                     if let Some(p) = prev.targets.iter().find(|p| p.label == target.label) {
+                        // The learned state stays; what a health check sends is this
+                        // snapshot's (its credentials, its path, or none).
+                        p.health.set_probe(target.health.probe());
                         target.health = p.health.clone();
                     }
                 }

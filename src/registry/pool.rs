@@ -7,16 +7,13 @@
 //! forgets that a target is down nor resets a retry budget.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::HeaderMap;
 use http::uri::Uri;
 
 use crate::model::{COMMON_PATHS, EjectPolicy, RetryPolicy, Timeouts, UpstreamBase};
-
-/// How fast the latency estimate forgets a slow response: its weight halves every ~7 s.
-const DECAY: Duration = Duration::from_secs(10);
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -29,9 +26,18 @@ pub(crate) fn now_ms() -> u64 {
     u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX) + 1
 }
 
-/// Nanoseconds since this process first asked.
-pub fn now_ns() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+/// Sets a target's own headers over `headers` (the endpoint's): each name replaced, not
+/// appended to.
+pub fn set_target_headers(headers: &mut HeaderMap, own: &HeaderMap) {
+    if own.is_empty() {
+        return;
+    }
+    for name in own.keys() {
+        headers.remove(name);
+    }
+    for (name, value) in own {
+        headers.append(name.clone(), value.clone());
+    }
 }
 
 /// A compiled target of an endpoint.
@@ -111,7 +117,7 @@ impl std::fmt::Debug for Target {
 }
 
 /// What one replica has learned about a target. Every field is updated without a lock but
-/// the latency estimate's.
+/// the recent latencies'.
 #[derive(Debug, Default)]
 pub struct TargetHealth {
     in_flight: AtomicU32,
@@ -124,14 +130,45 @@ pub struct TargetHealth {
     ejections: AtomicU32,
     /// [`now_ms`] until which the target is out; 0 when it is live.
     ejected_until: AtomicU64,
+    /// [`now_ms`] before which a health check may not bring it back (an upstream's
+    /// `Retry-After`).
+    not_before: AtomicU64,
     /// [`now_ms`] of the last failure; 0 for none.
     last_failure: AtomicU64,
-    /// Peak-EWMA of the time to the response head in nanoseconds (an `f64`'s bits; 0 before
-    /// the first answer), and when it was last updated ([`now_ns`]).
-    latency: AtomicU64,
-    latency_at: AtomicU64,
+    /// The last [`LATENCY_SAMPLES`] times to the response head, in microseconds, and their
+    /// median (0 before the first answer).
+    recent: Mutex<Recent>,
+    latency_us: AtomicU32,
     /// Whether a health check is probing the target.
     probing: AtomicBool,
+    /// What a health check sends, from the newest registry snapshot that holds the target.
+    probe: Mutex<Option<Arc<Probe>>>,
+}
+
+/// How many recent latencies the estimate is the median of.
+pub const LATENCY_SAMPLES: usize = 8;
+
+#[derive(Debug, Default)]
+struct Recent {
+    samples: [u32; LATENCY_SAMPLES],
+    next: usize,
+    len: usize,
+}
+
+/// A health check of one target, as the newest registry snapshot describes it.
+#[derive(Debug)]
+pub struct Probe {
+    /// `GET` this.
+    pub uri: Uri,
+    /// With these headers (the endpoint's and the target's, templates left out).
+    pub headers: HeaderMap,
+    /// Every this long.
+    pub interval: Duration,
+    /// The target's timeouts.
+    pub timeouts: Timeouts,
+    /// The target's TLS settings.
+    #[cfg(feature = "forward")]
+    pub tls: Option<Arc<crate::tls::TlsSettings>>,
 }
 
 /// Why a target was ejected.
@@ -165,7 +202,7 @@ pub struct TargetState {
     pub consecutive_failures: u32,
     /// Requests (and open streams) on it now.
     pub in_flight: u32,
-    /// Its latency estimate (time to the response head), once it has answered.
+    /// Its latency estimate (the median time to the response head of its recent answers).
     pub latency: Option<Duration>,
 }
 
@@ -191,25 +228,19 @@ impl TargetHealth {
         InFlight(self.clone())
     }
 
-    /// The latency estimate in nanoseconds, 0 before the first answer.
+    /// The latency estimate in nanoseconds: the median time to the response head of its last
+    /// [`LATENCY_SAMPLES`] answers, 0 before the first.
+    ///
+    /// A median, not the peak-EWMA of tower's balancer: the time to the head of an LLM answer
+    /// depends on the answer (a long non-streaming completion takes seconds), so one slow
+    /// answer must not make a target look slow for seconds, while a target that is slow answer
+    /// after answer must, within a few answers.
     pub fn cost_ns(&self) -> f64 {
-        self.cost_ns_at(now_ns())
-    }
-
-    /// [`cost_ns`](Self::cost_ns) at `now` (from [`now_ns`]), so that one clock read serves
-    /// the targets compared.
-    pub fn cost_ns_at(&self, now: u64) -> f64 {
-        let ewma = f64::from_bits(self.latency.load(Ordering::Relaxed));
-        if ewma == 0.0 {
-            return 0.0;
-        }
-        let at = self.latency_at.load(Ordering::Relaxed);
-        ewma * decay(now.saturating_sub(at))
+        f64::from(self.latency_us.load(Ordering::Relaxed)) * 1e3
     }
 
     /// A response head arrived after `rtt`, from an answer that was not a failure: the
-    /// failure count resets and the latency estimate takes it (at once if it is slower, the
-    /// peak; decayed in if it is faster).
+    /// failure count resets and the latency estimate takes it.
     pub fn succeeded(&self, rtt: Duration) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -219,6 +250,22 @@ impl TargetHealth {
         }
         self.push_outcome(false);
         self.observe(rtt);
+    }
+
+    /// The latency estimate takes `rtt` (a slow failure counts too).
+    pub fn observe(&self, rtt: Duration) {
+        let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1);
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let r = &mut *recent;
+        r.samples[r.next] = us;
+        r.next = (r.next + 1) % LATENCY_SAMPLES;
+        r.len = (r.len + 1).min(LATENCY_SAMPLES);
+        let mut sorted = [0u32; LATENCY_SAMPLES];
+        sorted[..r.len].copy_from_slice(&r.samples[..r.len]);
+        sorted[..r.len].sort_unstable();
+        let median = sorted[(r.len - 1) / 2];
+        drop(recent);
+        self.latency_us.store(median, Ordering::Relaxed);
     }
 
     /// Records an attempt's outcome.
@@ -233,29 +280,17 @@ impl TargetHealth {
         }
     }
 
-    /// The latency estimate takes `rtt` (a slow failure counts too). Two answers at once may
-    /// each update it from the same old value; one of them wins, which an estimate allows.
-    pub fn observe(&self, rtt: Duration) {
-        let rtt = rtt.as_nanos() as f64;
-        let now = now_ns();
-        let ewma = f64::from_bits(self.latency.load(Ordering::Relaxed));
-        let next = if ewma == 0.0 || rtt > ewma {
-            rtt
-        } else {
-            let w = decay(now.saturating_sub(self.latency_at.load(Ordering::Relaxed)));
-            ewma * w + rtt * (1.0 - w)
-        };
-        self.latency
-            .store(next.max(1.0).to_bits(), Ordering::Relaxed);
-        self.latency_at.store(now, Ordering::Relaxed);
-    }
-
     /// A failure: the target is ejected (the answer says for how long and why) when it has
     /// failed `policy.consecutive_failures` times in a row, or `policy.error_percent` of its
-    /// last `policy.window` attempts failed, and it is not already out.
+    /// last `policy.window` attempts failed. A failure while it is out (a request that was in
+    /// flight) is not counted; of failures at once, one ejects.
     pub fn failed(&self, policy: &EjectPolicy) -> Option<(Duration, Ejection)> {
         let now = now_ms();
         self.last_failure.store(now, Ordering::Relaxed);
+        let was = self.ejected_until.load(Ordering::Relaxed);
+        if was > now {
+            return None;
+        }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let window = policy.window.clamp(1, 64);
         let mask = if window == 64 {
@@ -276,15 +311,21 @@ impl TargetHealth {
         } else {
             return None;
         };
-        if !self.is_live(now) {
-            return None;
-        }
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let n = self.ejections.load(Ordering::Relaxed).min(16);
         let cool_down = policy
             .base
             .saturating_mul(1 << n)
             .min(policy.max.max(policy.base));
-        self.eject_for(cool_down, now);
+        let until = now.saturating_add(millis(cool_down));
+        // Only the failure that takes it out counts the ejection.
+        if self
+            .ejected_until
+            .compare_exchange(was, until, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        self.ejections.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         // Judged afresh when it comes back.
         self.outcomes.store(0, Ordering::Relaxed);
@@ -292,23 +333,24 @@ impl TargetHealth {
         Some((cool_down, reason))
     }
 
-    /// An upstream's `Retry-After`: out for `wait` (at most `policy.max`).
-    pub fn retry_after(&self, wait: Duration, policy: &EjectPolicy) -> Duration {
+    /// An upstream's `Retry-After`: out for `wait` (at most `policy.max`), and no health check
+    /// brings it back before then. `None` if it was out for as long already.
+    pub fn retry_after(&self, wait: Duration, policy: &EjectPolicy) -> Option<Duration> {
         let now = now_ms();
         self.last_failure.store(now, Ordering::Relaxed);
         let wait = wait.min(policy.max);
-        self.eject_for(wait, now);
-        wait
+        let until = now.saturating_add(millis(wait));
+        self.not_before.fetch_max(until, Ordering::Relaxed);
+        let was = self.ejected_until.fetch_max(until, Ordering::AcqRel);
+        (was < until).then_some(wait)
     }
 
-    fn eject_for(&self, d: Duration, now: u64) {
-        let until = now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.ejected_until.fetch_max(until, Ordering::Relaxed);
-    }
-
-    /// Back in the pool (a health check passed).
+    /// Back in the pool (a health check passed), unless an upstream's `Retry-After` says not
+    /// yet: then at that time.
     pub fn recover(&self) {
-        self.ejected_until.store(0, Ordering::Relaxed);
+        let not_before = self.not_before.load(Ordering::Relaxed);
+        let until = if not_before > now_ms() { not_before } else { 0 };
+        self.ejected_until.store(until, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
@@ -322,24 +364,32 @@ impl TargetHealth {
         self.probing.store(false, Ordering::Release);
     }
 
+    /// What a health check sends now: the newest snapshot's; `None` if it has none.
+    pub fn probe(&self) -> Option<Arc<Probe>> {
+        self.probe.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(super) fn set_probe(&self, probe: Option<Arc<Probe>>) {
+        *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = probe;
+    }
+
     /// The state the management API shows.
     pub fn state(&self) -> TargetState {
         let now = now_ms();
         let until = self.ejected_until.load(Ordering::Relaxed);
-        let latency = self.cost_ns();
+        let latency = self.latency_us.load(Ordering::Relaxed);
         TargetState {
             ejected_until: (until > now)
                 .then(|| SystemTime::now() + Duration::from_millis(until - now)),
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
             in_flight: self.in_flight(),
-            latency: (latency > 0.0).then(|| Duration::from_nanos(latency as u64)),
+            latency: (latency > 0).then(|| Duration::from_micros(u64::from(latency))),
         }
     }
 }
 
-/// The weight an estimate keeps after `elapsed_ns`.
-fn decay(elapsed_ns: u64) -> f64 {
-    (-(elapsed_ns as f64) / DECAY.as_nanos() as f64).exp()
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A request in flight on a target; dropping it ends it.
