@@ -1675,3 +1675,109 @@ async fn moving_an_endpoint_to_another_host_does_not_carry_its_credentials() {
     assert_eq!(ans.status, 200, "{}", ans.body);
     assert_eq!(ans.json()["base_url"], "http://127.0.0.2:9/v1");
 }
+
+#[tokio::test]
+async fn admins_create_accounts_and_managers_change_their_header_auth() {
+    const ADMIN: &str = "gw-admin-CANARY-0e1f2a3b";
+    let toml = format!(
+        "admins = [\"team:platform\"]\n{}\n[[accounts]]\nname = \"existing\"\naccess = {{ managers = [\"team:research\"] }}\n",
+        [
+            key_toml("admin", "ada@example.com", &["platform"], ADMIN),
+            key_toml("research", "rita@example.com", &["research"], RES),
+        ]
+        .concat()
+    );
+    let gw = serve_app(gateway_from(&toml, &[])).await;
+    let body = format!(
+        r#"{{"header_auth": {{"Authorization": "Bearer {ACCOUNT_SECRET}"}}, "access": {{"managers": ["team:platform"], "users": ["team:research"]}}}}"#
+    );
+    // Only an admin creates one.
+    let res = put(&gw, "/accounts/coreweave-model", RES, &body).await;
+    assert_gateway_error(
+        &res,
+        403,
+        "permission_denied",
+        "a non-admin creating an account",
+    );
+    let res = put(&gw, "/accounts/coreweave-model", ADMIN, &body).await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    assert!(!res.body.contains(ACCOUNT_SECRET), "{}", res.body);
+    let view = res.json();
+    assert_eq!(view["header_names"], serde_json::json!(["authorization"]));
+    assert_eq!(
+        view["access"]["users"],
+        serde_json::json!(["team:research"])
+    );
+    assert_eq!(res.headers["etag"], "\"1\"");
+    // Its manager replaces the header auth; leaving out access keeps it.
+    let res = put(
+        &gw,
+        "/accounts/existing",
+        RES,
+        r#"{"header_auth": {"X-Org": "acme"}}"#,
+    )
+    .await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.json()["header_names"], serde_json::json!(["x-org"]));
+    assert_eq!(
+        res.json()["access"]["managers"],
+        serde_json::json!(["team:research"])
+    );
+    // A stale version, a bad name and a bad header are refused, naming the field.
+    let res = manage(
+        &gw,
+        Method::PUT,
+        "/accounts/existing",
+        Some(RES),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    let stale = send_json_with(&gw, "/manage/accounts/existing", RES, "{}", "\"999\"").await;
+    assert_eq!(stale.0, 409, "{}", stale.1);
+    let res = put(&gw, "/accounts/..", ADMIN, "{}").await;
+    assert_eq!(res.status, 400);
+    assert!(
+        res.error_message().starts_with("name:"),
+        "{}",
+        res.error_message()
+    );
+    let res = put(
+        &gw,
+        "/accounts/new-one",
+        ADMIN,
+        r#"{"header_auth": {"bad name": "x"}}"#,
+    )
+    .await;
+    assert_eq!(res.status, 400);
+    assert!(
+        res.error_message().starts_with("header_auth"),
+        "{}",
+        res.error_message()
+    );
+    // Audited with header names, never values.
+    let audit = get(&gw, "/audit", ADMIN).await;
+    assert!(audit.body.contains("account.put"), "{}", audit.body);
+    assert!(!audit.body.contains(ACCOUNT_SECRET));
+}
+
+/// `PUT path` with `If-Match: tag`; the status and body.
+async fn send_json_with(
+    gw: &TestGateway,
+    path: &str,
+    key: &str,
+    body: &str,
+    tag: &str,
+) -> (u16, String) {
+    let req = http::Request::put(gw.url(path))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .header("if-match", tag)
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    let res = client().request(req).await.unwrap();
+    let status = res.status().as_u16();
+    (status, body_string(res).await)
+}

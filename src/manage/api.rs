@@ -194,6 +194,17 @@ impl TimeoutsBody {
     }
 }
 
+/// The body of `PUT /accounts/{account}`. Leaving out `header_auth` or `access` keeps the
+/// account's current ones (none for a new account).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AccountBody {
+    #[serde(default)]
+    header_auth: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    access: Option<GrantsBody>,
+}
+
 /// A target of an endpoint's pool. Leaving out `headers` keeps those of the current target
 /// with the same `base_url`.
 #[derive(Deserialize, ToSchema)]
@@ -640,6 +651,98 @@ pub(super) async fn set_access(
     let a = registry.account(&account).ok_or_else(no_account)?;
     Ok(tagged(
         json(StatusCode::OK, &api.account_view_of(a, &principal)),
+        a.version(),
+    ))
+}
+
+#[utoipa::path(put, path = "/accounts/{account}", tag = "accounts", params(("account" = String, Path, description = "The provider account name"), ("If-Match" = Option<String>, Header, description = "An ETag from a GET: the write applies only to that version")), request_body = AccountBody, responses((status = 200, description = "Updated", body = AccountView), (status = 201, description = "Created (admins only)", body = AccountView), (status = 400, description = "Invalid input, the field named", body = ErrorBody), (status = 409, description = "A stale If-Match; ETag: the current version", body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody), (status = 401, description = "No or unknown gateway key", body = ErrorBody), (status = 403, description = "The caller lacks the permission", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn put_account(
+    State(api): Shared,
+    Caller(principal): Caller,
+    Path(account): Path<String>,
+    request_headers: HeaderMap,
+    JsonBody(body): JsonBody<AccountBody>,
+) -> Answer {
+    if !is_valid_name(&account) {
+        return Err(bad_request(
+            "name: must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"",
+        )
+        .into());
+    }
+    let header_auth = body
+        .header_auth
+        .as_ref()
+        .map(|h| headers_from_json(h, "header_auth"))
+        .transpose()?;
+    let access = body
+        .access
+        .as_ref()
+        .map(GrantsBody::to_grants)
+        .transpose()?;
+    let if_match = if_match(&request_headers)?;
+    let conflict = Conflict::default();
+    let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_admin = api.admin(&principal).is_ok();
+    let edit = {
+        let (principal, account) = (principal.clone(), account.clone());
+        let (conflict, created) = (conflict.clone(), created.clone());
+        move |s: &mut Snapshot| {
+            let existing = s.accounts.iter().position(|a| a.name == account);
+            let changes = serde_json::json!({
+                "header_names": header_auth.as_ref().map(|h| h.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>()),
+                "access": access.as_ref().map(GrantsView::from),
+                "created": existing.is_none(),
+            });
+            match existing {
+                Some(i) => {
+                    let spec = &mut s.accounts[i];
+                    if !spec.access.allows(&principal, Permission::Manage) {
+                        return Err(denied(&principal, Permission::Manage, "this account"));
+                    }
+                    conflict.check(if_match.as_ref(), Some(spec.version))?;
+                    if let Some(h) = header_auth {
+                        spec.header_auth = h;
+                    }
+                    if let Some(g) = access {
+                        spec.access = g;
+                    }
+                }
+                None if !is_admin => {
+                    return Err(GatewayError::forbidden(format!(
+                        "The key \"{}\" may not create an account: that is for the gateway's admins.",
+                        principal.key_id
+                    )));
+                }
+                None => {
+                    conflict.check(if_match.as_ref(), None)?;
+                    created.store(true, std::sync::atomic::Ordering::Relaxed);
+                    s.accounts.push(AccountSpec {
+                        header_auth: header_auth.unwrap_or_default(),
+                        access: access.unwrap_or_default(),
+                        ..AccountSpec::new(account.as_str())
+                    });
+                }
+            }
+            Ok(vec![audit_entry(
+                &principal,
+                "account.put",
+                &account,
+                changes,
+            )])
+        }
+    };
+    api.write(edit, &conflict).await?;
+    let created = created.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(key_id = %principal.key_id, account, created, "account saved");
+    let registry = api.live.registry().load();
+    let a = registry.account(&account).ok_or_else(no_account)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(tagged(
+        json(status, &api.account_view_of(a, &principal)),
         a.version(),
     ))
 }

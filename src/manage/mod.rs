@@ -239,6 +239,7 @@ impl Management {
     paths(
         api::list,
         api::get_account,
+        api::put_account,
         api::set_access,
         api::get_endpoint,
         api::put_endpoint,
@@ -301,7 +302,10 @@ fn routes(api: Arc<api::Api>, prefix: &str) -> Router {
             }),
         )
         .route("/accounts", get(api::list))
-        .route("/accounts/{account}", get(api::get_account))
+        .route(
+            "/accounts/{account}",
+            get(api::get_account).put(api::put_account),
+        )
         .route("/accounts/{account}/access", put(api::set_access))
         .route(
             "/accounts/{account}/endpoints/{endpoint}",
