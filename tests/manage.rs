@@ -1755,10 +1755,34 @@ async fn admins_create_accounts_and_managers_change_their_header_auth() {
         "{}",
         res.error_message()
     );
+    // A new account with its first endpoint: both or neither.
+    let bad = r#"{"endpoint": {"name": "inference", "base_url": "https://x.example/v1/"}}"#;
+    let res = put(&gw, "/accounts/second", ADMIN, bad).await;
+    assert_eq!(res.status, 400, "{}", res.body);
+    assert!(
+        res.error_message().starts_with("base_url:"),
+        "{}",
+        res.error_message()
+    );
+    assert_eq!(get(&gw, "/accounts/second", ADMIN).await.status, 404);
+    let good = format!(
+        r#"{{"access": {{"managers": ["team:platform"]}}, "endpoint": {{"name": "inference", "base_url": "https://x.example/v1", "headers": {{"Authorization": "Bearer {ENDPOINT_SECRET}"}}}}}}"#
+    );
+    let res = put(&gw, "/accounts/second", ADMIN, &good).await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    assert_eq!(res.json()["endpoints"][0]["name"], "inference");
+    assert!(!res.body.contains(ENDPOINT_SECRET));
+    let res = put(&gw, "/accounts/second", ADMIN, &good).await;
+    assert_eq!(
+        res.status, 400,
+        "an endpoint with an existing account: {}",
+        res.body
+    );
     // Audited with header names, never values.
     let audit = get(&gw, "/audit", ADMIN).await;
     assert!(audit.body.contains("account.put"), "{}", audit.body);
     assert!(!audit.body.contains(ACCOUNT_SECRET));
+    assert!(!audit.body.contains(ENDPOINT_SECRET));
 }
 
 /// `PUT path` with `If-Match: tag`; the status and body.

@@ -195,7 +195,8 @@ impl TimeoutsBody {
 }
 
 /// The body of `PUT /accounts/{account}`. Leaving out `header_auth` or `access` keeps the
-/// account's current ones (none for a new account).
+/// account's current ones (none for a new account). A new account may come with its first
+/// `endpoint`, written with it in one change (the console's wizard saves both or neither).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AccountBody {
@@ -203,6 +204,23 @@ pub(super) struct AccountBody {
     header_auth: Option<BTreeMap<String, String>>,
     #[serde(default)]
     access: Option<GrantsBody>,
+    #[serde(default)]
+    endpoint: Option<FirstEndpoint>,
+}
+
+/// The first endpoint of a new account: its name and what `PUT …/endpoints/{name}` takes for
+/// one upstream.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FirstEndpoint {
+    name: String,
+    base_url: String,
+    #[serde(default)]
+    headers: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    access: Option<GrantsBody>,
+    #[serde(default)]
+    timeouts: Option<TimeoutsBody>,
 }
 
 /// A target of an endpoint's pool. Leaving out `headers` keeps those of the current target
@@ -679,6 +697,38 @@ pub(super) async fn put_account(
         .as_ref()
         .map(GrantsBody::to_grants)
         .transpose()?;
+    let first = match &body.endpoint {
+        None => None,
+        Some(ep) => {
+            if !is_valid_name(&ep.name) {
+                return Err(bad_request(
+                    "endpoint.name: must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"",
+                )
+                .into());
+            }
+            Some(EndpointSpec {
+                headers: ep
+                    .headers
+                    .as_ref()
+                    .map(|h| headers_from_json(h, "endpoint.headers"))
+                    .transpose()?
+                    .unwrap_or_default(),
+                access: ep
+                    .access
+                    .as_ref()
+                    .map(|g| {
+                        Grants::parse(&g.managers, &g.users, &g.viewers, "endpoint.access")
+                            .map_err(|e| bad_request(e.to_string()))
+                    })
+                    .transpose()?,
+                timeouts: ep
+                    .timeouts
+                    .as_ref()
+                    .map_or_else(Timeouts::default, TimeoutsBody::timeouts),
+                ..EndpointSpec::new(ep.name.as_str(), ep.base_url.as_str())
+            })
+        }
+    };
     let if_match = if_match(&request_headers)?;
     let conflict = Conflict::default();
     let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -692,8 +742,18 @@ pub(super) async fn put_account(
                 "header_names": header_auth.as_ref().map(|h| h.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>()),
                 "access": access.as_ref().map(GrantsView::from),
                 "created": existing.is_none(),
+                "endpoint": first.as_ref().map(|e| serde_json::json!({
+                    "name": &e.name,
+                    "base_url": &e.base_url,
+                    "header_names": e.headers.keys().map(|n| n.as_str().to_owned()).collect::<Vec<_>>(),
+                })),
             });
             match existing {
+                Some(_) if first.is_some() => {
+                    return Err(bad_request(
+                        "endpoint: only with a new account; add an endpoint to this one with PUT …/endpoints/{name}",
+                    ));
+                }
                 Some(i) => {
                     let spec = &mut s.accounts[i];
                     if !spec.access.allows(&principal, Permission::Manage) {
@@ -719,6 +779,7 @@ pub(super) async fn put_account(
                     s.accounts.push(AccountSpec {
                         header_auth: header_auth.unwrap_or_default(),
                         access: access.unwrap_or_default(),
+                        endpoints: first.into_iter().collect(),
                         ..AccountSpec::new(account.as_str())
                     });
                 }
