@@ -304,6 +304,8 @@ async fn demo_gateway() -> std::io::Result<Gateway> {
     Ok(Gateway::builder()
         .keys(keys)
         .registry(registry.into())
+        // The platform team runs the gateway: it adds accounts and issues keys (the console).
+        .admins(vec![Subject::Team("platform".into())])
         // The demo's stream carries its usage, so every call logs its tokens.
         .usage(UsageTapLayer::new().include_usage(true))
         .build())
@@ -319,6 +321,7 @@ tower-gateway demo: a gateway in front of a mock W&B Inference upstream
   base URL  {base}
   API key   {DEMO_GATEWAY_KEY}   (team research: may call the endpoint)
   admin key {DEMO_ADMIN_KEY}   (team platform: may manage it)
+  console   http://{addr}/console/   (sign in with the admin key to add and edit endpoints)
 
 Stream a chat completion with curl:
 

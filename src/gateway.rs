@@ -322,6 +322,14 @@ impl<K: KeyStore> Gateway<K> {
             management_prefix: self.management.prefix_str().into(),
             #[cfg(feature = "store")]
             health: self.store.as_ref().map(Store::health),
+            // The console needs the management API, and serves nothing without it.
+            #[cfg(feature = "console")]
+            console: (!self.management.prefix_str().is_empty()).then(|| {
+                Arc::new(crate::console::Console::new(
+                    self.management.prefix_str(),
+                    self.path_prefix(),
+                ))
+            }),
         }
     }
 }
@@ -400,6 +408,8 @@ pub struct GatewayApp<K, B> {
     management_prefix: Arc<str>,
     #[cfg(feature = "store")]
     health: Option<tokio::sync::watch::Receiver<crate::store::Health>>,
+    #[cfg(feature = "console")]
+    console: Option<Arc<crate::console::Console>>,
 }
 
 #[cfg(feature = "manage")]
@@ -411,6 +421,8 @@ impl<K, B> Clone for GatewayApp<K, B> {
             management_prefix: self.management_prefix.clone(),
             #[cfg(feature = "store")]
             health: self.health.clone(),
+            #[cfg(feature = "console")]
+            console: self.console.clone(),
         }
     }
 }
@@ -460,6 +472,17 @@ where
             } else {
                 self.readiness()
             };
+            return AppFuture {
+                kind: AppKind::Probe {
+                    response: Some(response),
+                },
+            };
+        }
+        #[cfg(feature = "console")]
+        if probe
+            && path.starts_with(crate::console::PATH)
+            && let Some(response) = self.console.as_ref().and_then(|c| c.respond(path))
+        {
             return AppFuture {
                 kind: AppKind::Probe {
                     response: Some(response),

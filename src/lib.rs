@@ -102,6 +102,8 @@ pub mod access;
 pub mod auth;
 #[cfg(feature = "config")]
 pub mod config;
+#[cfg(feature = "console")]
+pub mod console;
 pub mod encoding;
 pub mod error;
 pub mod ext;

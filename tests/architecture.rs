@@ -24,7 +24,7 @@ fn tier(module: &str) -> Option<Tier> {
         "auth" | "route" | "access" | "inject" | "encoding" | "usage" | "trace" | "forward"
         | "limits" | "pool" => Tier::Layer,
         "config" | "store" => Tier::Source,
-        "manage" => Tier::Management,
+        "manage" | "console" => Tier::Management,
         "server" => Tier::Server,
         "gateway" => Tier::Assembly,
         _ => return None,
