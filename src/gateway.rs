@@ -69,8 +69,7 @@ use crate::limits::{LimitUsage, RateLimit, RateLimitLayer, ResponseBody as Limit
 #[cfg(feature = "manage")]
 use crate::manage::{DEFAULT_MANAGEMENT_PREFIX, Management};
 use crate::model::{
-    AuditEntry, FieldError, KeyRecord, LimitBackend, LimitRules, RateLimits, Snapshot, Subject,
-    Writer,
+    FieldError, KeyRecord, LimitBackend, LimitRules, RateLimits, Snapshot, Subject, Writer,
 };
 use crate::registry::{Live, MemoryWriter, SharedLimitRules, SharedRegistry};
 use crate::route::{CustomEndpointRoute, CustomEndpointRouteLayer, DEFAULT_PATH_PREFIX};
@@ -781,7 +780,7 @@ impl<K> GatewayBuilder<K> {
             rate_limits: Some(LimitRules::new(self.rate_limits.rules.clone())),
         };
         if !seed.accounts.is_empty() || !seed.keys.is_empty() {
-            let entry = AuditEntry {
+            let entry = crate::model::AuditEntry {
                 actor: "config".to_owned(),
                 action: "seed".to_owned(),
                 target: "store".to_owned(),

@@ -72,9 +72,18 @@ impl Console {
         let rest = path.strip_prefix(PATH)?;
         let (body, content_type) = match rest {
             "" => return Some(redirect()),
-            "/" | "/index.html" => (Bytes::from_static(INDEX.as_bytes()), "text/html; charset=utf-8"),
-            "/app.js" => (Bytes::from_static(APP.as_bytes()), "text/javascript; charset=utf-8"),
-            "/style.css" => (Bytes::from_static(STYLE.as_bytes()), "text/css; charset=utf-8"),
+            "/" | "/index.html" => (
+                Bytes::from_static(INDEX.as_bytes()),
+                "text/html; charset=utf-8",
+            ),
+            "/app.js" => (
+                Bytes::from_static(APP.as_bytes()),
+                "text/javascript; charset=utf-8",
+            ),
+            "/style.css" => (
+                Bytes::from_static(STYLE.as_bytes()),
+                "text/css; charset=utf-8",
+            ),
             "/config.json" => (self.config.clone(), "application/json"),
             _ if rest.starts_with('/') => return Some(not_found()),
             _ => return None,
@@ -100,8 +109,10 @@ fn secure(res: &mut Response<ResponseBody>) {
 fn redirect() -> Response<ResponseBody> {
     let mut res = Response::new(ResponseBody::default());
     *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    res.headers_mut()
-        .insert(http::header::LOCATION, HeaderValue::from_static("/console/"));
+    res.headers_mut().insert(
+        http::header::LOCATION,
+        HeaderValue::from_static("/console/"),
+    );
     secure(&mut res);
     res
 }
@@ -127,7 +138,12 @@ mod tests {
         ] {
             let res = c.respond(path).unwrap();
             assert_eq!(res.status(), 200, "{path}");
-            assert!(res.headers()[CONTENT_TYPE].to_str().unwrap().starts_with(ty));
+            assert!(
+                res.headers()[CONTENT_TYPE]
+                    .to_str()
+                    .unwrap()
+                    .starts_with(ty)
+            );
             assert_eq!(res.headers()[CONTENT_SECURITY_POLICY], CSP);
             assert_eq!(res.headers()[X_FRAME_OPTIONS], "DENY");
         }
@@ -141,7 +157,13 @@ mod tests {
     fn the_page_has_no_inline_script_or_style_and_builds_no_html_from_strings() {
         assert!(!INDEX.contains("<script>") && !INDEX.contains("style="));
         assert!(INDEX.contains(r#"<script type="module" src="app.js"></script>"#));
-        for banned in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
             assert!(!APP.contains(banned), "app.js uses {banned}");
         }
     }

@@ -32,7 +32,7 @@ function main() {
 
 function show(...nodes) {
   const m = main();
-  m.replaceChildren(...nodes.flat());
+  m.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
   m.focus();
 }
 
@@ -127,7 +127,15 @@ function signOut(why) {
   viewSignIn(why);
 }
 
-async function route() {
+// One view at a time: a route that starts while another renders waits for it, so the last
+// navigation is the one on screen.
+let routing = Promise.resolve();
+function route() {
+  routing = routing.then(render, render);
+  return routing;
+}
+
+async function render() {
   if (!key()) return viewSignIn();
   nav();
   const parts = (location.hash || "#/endpoints").slice(2).split("/").map(decodeURIComponent);
@@ -167,8 +175,8 @@ function viewSignIn(why) {
           const r = await api("GET", "/accounts");
           if (r.status !== 200) return signOut(message(r));
           state.admin = (await api("GET", "/keys")).status === 200;
-          if (!location.hash || location.hash === "#/signin") location.hash = "#/endpoints";
-          await route();
+          if (!location.hash.startsWith("#/")) history.replaceState(null, "", "#/endpoints");
+          await render();
         } catch (e) {
           if (e.message !== "signed out") signOut(`The gateway could not be reached: ${e.message}`);
         }
