@@ -368,3 +368,182 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
     assert_eq!(gone.status, 404);
     c.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
+    let Some((driver, chromium)) = driver().await else {
+        return;
+    };
+    let upstream = MockUpstream::new(UP_KEY, Duration::from_millis(1))
+        .spawn()
+        .await
+        .unwrap();
+    let gw = serve_app(gateway_from_toml(&format!(
+        "admins = [\"team:platform\"]\n\n\
+         [[keys]]\nid = \"admin\"\nsubject = \"ada@example.com\"\nteams = [\"platform\"]\nkey = \"{ADMIN}\"\n\n\
+         [[accounts]]\nname = \"{ACCOUNT}\"\naccess = {{ managers = [\"team:platform\"], users = [\"team:research\"] }}\n\n\
+         [[accounts.endpoints]]\nname = \"{ENDPOINT}\"\nbase_url = \"http://{upstream}/v1\"\n\
+         headers = {{ Authorization = \"Bearer {UP_KEY}\" }}\n"
+    )))
+    .await;
+    let c = browser(&driver, &chromium).await;
+    sign_in(&c, &gw, ADMIN).await;
+
+    // A key, shown once; it works; rotated, the new one is shown once; revoked.
+    nav(&c, "Keys").await;
+    wait_text(&c, "Create a key").await;
+    fill(
+        &c,
+        "Subject (who holds it, e.g. an email)",
+        "bob@example.com",
+    )
+    .await;
+    fill(&c, "Teams (comma-separated)", "research").await;
+    button(&c, "Create key").await.click().await.unwrap();
+    wait_text(&c, "This is the only time the key is shown").await;
+    shot(&c, "09-key-shown-once").await;
+    let issued = c
+        .find(Locator::Id("issued-key"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(issued.len() >= 32, "{issued}");
+    let call = send_json(
+        http::Method::POST,
+        gw.proxy_url("/chat/completions"),
+        Some(&issued),
+        Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
+    assert_eq!(
+        call.status, 200,
+        "the new key calls the endpoint: {}",
+        call.body
+    );
+    button(&c, "Done").await.click().await.unwrap();
+    wait_text(&c, "bob@example.com").await;
+    assert!(
+        !c.source().await.unwrap().contains(&issued),
+        "the key is shown again"
+    );
+    c.find(Locator::XPath(
+        "//tr[td[normalize-space()='bob@example.com']]//button[normalize-space()='Rotate']",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    fill(
+        &c,
+        "Grace period in seconds (0: the old key stops now)",
+        "0",
+    )
+    .await;
+    button(&c, "Rotate it").await.click().await.unwrap();
+    wait_text(&c, "Key rotated").await;
+    let rotated = c
+        .find(Locator::Id("issued-key"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_ne!(rotated, issued);
+    let rotated_id = c
+        .find(Locator::Css("main p code"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    button(&c, "Done").await.click().await.unwrap();
+    wait_text(&c, "expires").await;
+    c.find(Locator::XPath(&format!(
+        "//tr[td/code[normalize-space()='{rotated_id}']]//button[normalize-space()='Revoke']"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    wait_text(&c, "Revoked").await;
+    for key in [&issued, &rotated] {
+        let call = send_json(
+            http::Method::POST,
+            gw.proxy_url("/chat/completions"),
+            Some(key),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(call.status, 401, "a revoked key still works");
+    }
+
+    // The audit log, newest first.
+    nav(&c, "Audit log").await;
+    wait_text(&c, "key.revoke").await;
+    let first = c
+        .find(Locator::Css("main tbody tr td:nth-child(3)"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(first, "key.revoke");
+    shot(&c, "10-audit-log").await;
+
+    // A stale edit: someone else saves first; the console says so and shows their version.
+    nav(&c, "Endpoints").await;
+    wait_text(&c, ACCOUNT).await;
+    c.find(Locator::XPath(&format!(
+        "//tr[@data-endpoint='{ACCOUNT}/{ENDPOINT}']//a[normalize-space()='Edit']"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    wait_text(&c, "Configure account").await;
+    let meanwhile = send_json(
+        http::Method::PUT,
+        gw.url(&format!("/manage/accounts/{ACCOUNT}/endpoints/{ENDPOINT}")),
+        Some(ADMIN),
+        Some(&format!(
+            r#"{{"base_url": "http://{upstream}/v1", "timeouts": {{"connect_ms": 4321}}, "access": {{"users": ["team:research"]}}}}"#
+        )),
+    )
+    .await;
+    assert_eq!(meanwhile.status, 200, "{}", meanwhile.body);
+    button(&c, "Next").await.click().await.unwrap();
+    button(&c, "Next").await.click().await.unwrap();
+    button(&c, "Save changes").await.click().await.unwrap();
+    wait_text(&c, "Someone else changed this endpoint").await;
+    let connect = input(&c, "Connect").await.prop("value").await.unwrap();
+    assert_eq!(
+        connect.as_deref(),
+        Some("4321"),
+        "the current version is shown"
+    );
+    shot(&c, "11-stale-edit").await;
+
+    // On a phone: nothing wider than the screen.
+    c.set_window_size(390, 844).await.unwrap();
+    nav(&c, "Endpoints").await;
+    wait_text(&c, ACCOUNT).await;
+    let fits = c
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth + 1",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fits,
+        serde_json::Value::Bool(true),
+        "the page scrolls sideways on a phone"
+    );
+    shot(&c, "12-phone-endpoints").await;
+    c.close().await.unwrap();
+}

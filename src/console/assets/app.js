@@ -230,12 +230,12 @@ async function viewEndpoints(notice) {
         h(
           "tr",
           { "data-endpoint": `${a.name}/${ep.name}` },
-          h("td", {}, h("strong", {}, a.name), " / ", ep.name),
-          h("td", {}, upstream(ep)),
-          h("td", { class: "optional" }, subjects(ep.effective_access.managers)),
-          h("td", { class: "optional" }, subjects(ep.effective_access.users)),
-          h("td", {}, ep.your_role || "none"),
-          h("td", {}, h("div", { class: "row-actions" }, actions)),
+          h("td", { "data-label": "Endpoint" }, h("strong", {}, a.name), " / ", ep.name),
+          h("td", { "data-label": "Upstream" }, upstream(ep)),
+          h("td", { "data-label": "Managed by" }, subjects(ep.effective_access.managers)),
+          h("td", { "data-label": "Used by" }, subjects(ep.effective_access.users)),
+          h("td", { "data-label": "Your role" }, ep.your_role || "none"),
+          h("td", { "data-label": "Actions" }, h("div", { class: "row-actions" }, actions)),
         ),
       );
     }
@@ -246,8 +246,8 @@ async function viewEndpoints(notice) {
         { class: "table-wrap" },
         h(
           "table",
-          {},
-          h("thead", {}, h("tr", {}, h("th", {}, "Account / endpoint"), h("th", {}, "Upstream"), h("th", { class: "optional" }, "Managed by"), h("th", { class: "optional" }, "Used by"), h("th", {}, "Your role"), h("th", {}, "Actions"))),
+          { class: "cards" },
+          h("thead", {}, h("tr", {}, h("th", {}, "Account / endpoint"), h("th", {}, "Upstream"), h("th", {}, "Managed by"), h("th", {}, "Used by"), h("th", {}, "Your role"), h("th", {}, "Actions"))),
           h("tbody", {}, rows),
         ),
       )
@@ -588,7 +588,7 @@ async function viewKeys(notice) {
         {},
         k.source === "store" && !k.revoked_at
           ? h("div", { class: "row-actions" },
-              h("button", { type: "button", onclick: () => rotate(k.id) }, "Rotate"),
+              h("button", { type: "button", onclick: () => askRotate(k.id) }, "Rotate"),
               h("button", { type: "button", class: "danger", onclick: () => revoke(k.id) }, "Revoke"))
           : h("span", { class: "muted" }, k.source === "file" ? "from the file" : ""),
       ),
@@ -597,6 +597,7 @@ async function viewKeys(notice) {
   show(
     h("h1", {}, "Keys"),
     notice || null,
+    h("div", { id: "rotate" }),
     h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Id"), h("th", {}, "Subject"), h("th", { class: "optional" }, "Teams"), h("th", { class: "optional" }, "Created"), h("th", {}, "State"), h("th", {}, "Actions"))), h("tbody", {}, rows))),
     create,
   );
@@ -614,12 +615,27 @@ function issued(k, title) {
 
 async function revoke(id) {
   const r = await api("DELETE", `/keys/${seg(id)}`);
-  return viewKeys(r.status === 200 ? banner("ok", `Revoked ${id}.`) : banner("bad", message(r)));
+  const ok = r.status === 200 || r.status === 204;
+  return viewKeys(ok ? banner("ok", `Revoked ${id}.`) : banner("bad", message(r)));
 }
 
-async function rotate(id) {
-  const grace = Number(prompt("Seconds the old key keeps working (0: revoked now)", "3600") || "0");
-  const r = await api("POST", `/keys/${seg(id)}/rotate`, { grace_seconds: Number.isFinite(grace) ? grace : 0 });
+function askRotate(id) {
+  const grace = h("input", { type: "number", min: "0", value: "3600" });
+  const box = document.getElementById("rotate");
+  box.replaceChildren(
+    h(
+      "form",
+      { class: "banner warn", onsubmit: (ev) => { ev.preventDefault(); rotate(id, Number(grace.value || "0")); } },
+      h("p", {}, "Rotate ", h("code", {}, id), ": a new key is issued, and the old one keeps working for a grace period."),
+      field("Grace period in seconds (0: the old key stops now)", grace, null, "grace_seconds"),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Rotate it"), h("button", { type: "button", onclick: () => box.replaceChildren() }, "Cancel")),
+    ),
+  );
+  grace.focus();
+}
+
+async function rotate(id, grace) {
+  const r = await api("POST", `/keys/${seg(id)}/rotate`, { grace_seconds: Number.isFinite(grace) && grace >= 0 ? grace : 0 });
   if (r.status !== 201 && r.status !== 200) return viewKeys(banner("bad", message(r)));
   issued(r.json, "Key rotated");
 }
