@@ -809,10 +809,13 @@ impl<K> GatewayBuilder<K> {
         let writer = writer(&live);
         let rate_limit =
             RateLimitLayer::shared(self.rate_limits, rules).unwrap_or_else(|e| panic!("{e}"));
+        // What the usage tap counts per endpoint, for the management API's `/usage`.
+        let counts = Arc::new(crate::registry::UsageCounts::default());
         #[cfg(feature = "manage")]
         let management = {
             let m = Management::with_state(live.clone(), writer)
                 .limit_usage(Arc::new(rate_limit.clone()))
+                .usage_counts(counts.clone())
                 .admins(self.admins)
                 .prefix(&self.management_prefix)
                 .proxy_prefix(&self.path_prefix);
@@ -841,9 +844,9 @@ impl<K> GatewayBuilder<K> {
             max_request_body: self.max_request_body,
             // `metrics(false)` here turns the tap's off too; the tap's own setting stays otherwise.
             usage: if self.metrics {
-                self.usage
+                self.usage.counts(counts)
             } else {
-                self.usage.metrics(false)
+                self.usage.metrics(false).counts(counts)
             },
             metrics: self.metrics,
             live,

@@ -481,6 +481,26 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         assert_eq!(call.status, 401, "a revoked key still works");
     }
 
+    // Usage at a glance: the one call that went through, and its chart.
+    nav(&c, "Usage").await;
+    wait_text(&c, "Last hour").await;
+    let hour = c
+        .find(Locator::Css(&format!(
+            "section[data-endpoint='{ACCOUNT}/{ENDPOINT}'] dd.hour"
+        )))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(hour.starts_with("requests 1 ·"), "{hour}");
+    let bars = c
+        .find_all(Locator::Css("svg.chart rect.bar"))
+        .await
+        .unwrap();
+    assert_eq!(bars.len(), 60 + 24, "a bar a minute and a bar an hour");
+    shot(&c, "10-usage").await;
+
     // The audit log, newest first.
     nav(&c, "Audit log").await;
     wait_text(&c, "key.revoke").await;
@@ -492,7 +512,7 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         .await
         .unwrap();
     assert_eq!(first, "key.revoke");
-    shot(&c, "10-audit-log").await;
+    shot(&c, "11-audit-log").await;
 
     // A stale edit: someone else saves first; the console says so and shows their version.
     nav(&c, "Endpoints").await;
@@ -526,7 +546,7 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         Some("4321"),
         "the current version is shown"
     );
-    shot(&c, "11-stale-edit").await;
+    shot(&c, "12-stale-edit").await;
 
     // On a phone: nothing wider than the screen.
     c.set_window_size(390, 844).await.unwrap();
@@ -544,6 +564,6 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         serde_json::Value::Bool(true),
         "the page scrolls sideways on a phone"
     );
-    shot(&c, "12-phone-endpoints").await;
+    shot(&c, "13-phone-endpoints").await;
     c.close().await.unwrap();
 }

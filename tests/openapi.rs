@@ -180,6 +180,7 @@ async fn the_document_describes_every_route() {
         "GET /rate-limits",
         "PUT /rate-limits",
         "GET /rate-limits/usage",
+        "GET /usage",
     ]
     .into_iter()
     .map(String::from)
@@ -561,7 +562,7 @@ fn operations_drawn_from_the_document_never_fail_or_leak() {
     let operations: BTreeSet<&str> = seen.iter().map(|(op, _)| op.as_str()).collect();
     assert_eq!(
         operations.len(),
-        16,
+        17,
         "every operation was tried: {operations:?}"
     );
     for (op, status) in [

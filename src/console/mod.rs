@@ -21,11 +21,11 @@
 //! use tower_gateway::console::Console;
 //!
 //! let console = Console::new("/manage", "/proxy-api");
-//! let page = console.respond("/console/").unwrap();
+//! let page = console.respond::<bytes::Bytes>("/console/").unwrap();
 //! assert_eq!(page.status(), 200);
 //! assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("script-src 'self'"));
-//! assert_eq!(console.respond("/console/../secret").unwrap().status(), 404);
-//! assert!(console.respond("/proxy-api/x").is_none());
+//! assert_eq!(console.respond::<bytes::Bytes>("/console/../secret").unwrap().status(), 404);
+//! assert!(console.respond::<bytes::Bytes>("/proxy-api/x").is_none());
 //! # }
 //! ```
 
@@ -35,8 +35,6 @@ use http::header::{
     X_FRAME_OPTIONS,
 };
 use http::{HeaderValue, Response, StatusCode};
-
-use crate::forward::ResponseBody;
 
 /// Where the console is served.
 pub const PATH: &str = "/console";
@@ -68,7 +66,7 @@ impl Console {
 
     /// The answer to a `GET` of `path`, if `path` is one of the console's (`/console`,
     /// `/console/` and its files); `None` for any other path.
-    pub fn respond(&self, path: &str) -> Option<Response<ResponseBody>> {
+    pub fn respond<B: From<Bytes>>(&self, path: &str) -> Option<Response<B>> {
         let rest = path.strip_prefix(PATH)?;
         let (body, content_type) = match rest {
             "" => return Some(redirect()),
@@ -88,7 +86,7 @@ impl Console {
             _ if rest.starts_with('/') => return Some(not_found()),
             _ => return None,
         };
-        let mut res = Response::new(ResponseBody::from(body));
+        let mut res = Response::new(B::from(body));
         res.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         secure(&mut res);
@@ -97,7 +95,7 @@ impl Console {
 }
 
 /// The headers every console answer carries.
-fn secure(res: &mut Response<ResponseBody>) {
+fn secure<B>(res: &mut Response<B>) {
     let h = res.headers_mut();
     h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -106,8 +104,8 @@ fn secure(res: &mut Response<ResponseBody>) {
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
-fn redirect() -> Response<ResponseBody> {
-    let mut res = Response::new(ResponseBody::default());
+fn redirect<B: From<Bytes>>() -> Response<B> {
+    let mut res = Response::new(B::from(Bytes::new()));
     *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
     res.headers_mut().insert(
         http::header::LOCATION,
@@ -117,7 +115,7 @@ fn redirect() -> Response<ResponseBody> {
     res
 }
 
-fn not_found() -> Response<ResponseBody> {
+fn not_found<B: From<Bytes>>() -> Response<B> {
     let mut res = crate::error::GatewayError::not_found("No such console file.").into_response();
     secure(&mut res);
     res
@@ -136,7 +134,7 @@ mod tests {
             ("/console/style.css", "text/css"),
             ("/console/config.json", "application/json"),
         ] {
-            let res = c.respond(path).unwrap();
+            let res = c.respond::<Bytes>(path).unwrap();
             assert_eq!(res.status(), 200, "{path}");
             assert!(
                 res.headers()[CONTENT_TYPE]
@@ -147,10 +145,10 @@ mod tests {
             assert_eq!(res.headers()[CONTENT_SECURITY_POLICY], CSP);
             assert_eq!(res.headers()[X_FRAME_OPTIONS], "DENY");
         }
-        assert_eq!(c.respond("/console").unwrap().status(), 301);
-        assert_eq!(c.respond("/console/nope.js").unwrap().status(), 404);
-        assert!(c.respond("/consolex").is_none());
-        assert!(c.respond("/manage").is_none());
+        assert_eq!(c.respond::<Bytes>("/console").unwrap().status(), 301);
+        assert_eq!(c.respond::<Bytes>("/console/nope.js").unwrap().status(), 404);
+        assert!(c.respond::<Bytes>("/consolex").is_none());
+        assert!(c.respond::<Bytes>("/manage").is_none());
     }
 
     #[test]

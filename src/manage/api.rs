@@ -38,6 +38,8 @@ pub(super) struct Api {
     pub(super) admins: Arc<arc_swap::ArcSwap<Vec<Subject>>>,
     /// The rate limiter's counts, for `/rate-limits/usage`.
     pub(super) usage: Option<Arc<dyn LimitUsageSource>>,
+    /// The usage tap's counts per endpoint, for `/usage`.
+    pub(super) counts: Option<Arc<crate::registry::UsageCounts>>,
 }
 
 impl fmt::Debug for Api {
@@ -1145,6 +1147,71 @@ pub(super) async fn snippet(
     );
     let snippet = UsageSnippet::new(&base, "$GATEWAY_KEY", EXAMPLE_MODEL);
     Ok(json(StatusCode::OK, &snippet))
+}
+
+/// One endpoint's counts as `GET /usage` answers them.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EndpointUsageView {
+    account: String,
+    endpoint: String,
+    /// Totals of the last hour and of the last day.
+    hour: TotalsView,
+    day: TotalsView,
+    /// Requests a minute over the last hour, oldest first.
+    requests_per_minute: Vec<u64>,
+    /// Requests and tokens an hour over the last day, oldest first.
+    requests_per_hour: Vec<u64>,
+    tokens_per_hour: Vec<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct TotalsView {
+    requests: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct UsageView {
+    /// The endpoints the caller may view that served calls in the last day.
+    endpoints: Vec<EndpointUsageView>,
+}
+
+#[utoipa::path(get, path = "/usage", tag = "accounts", responses((status = 200, description = "Requests and tokens per endpoint over the last hour and day, as this replica counted them", body = UsageView), (status = 401, description = "No or unknown gateway key", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn usage(State(api): Shared, Caller(principal): Caller) -> Answer {
+    let counts = api
+        .counts
+        .as_ref()
+        .map(|c| c.snapshot())
+        .unwrap_or_default();
+    let registry = api.live.registry().load();
+    let sum = |ts: &[crate::registry::Totals]| TotalsView {
+        requests: ts.iter().map(|t| t.requests).sum(),
+        input_tokens: ts.iter().map(|t| t.input_tokens).sum(),
+        output_tokens: ts.iter().map(|t| t.output_tokens).sum(),
+    };
+    let endpoints = counts
+        .iter()
+        .filter(|c| {
+            registry
+                .endpoint(&c.account, &c.endpoint)
+                .is_some_and(|ep| ep.grants().allows(&principal, Permission::View))
+        })
+        .map(|c| EndpointUsageView {
+            account: c.account.to_string(),
+            endpoint: c.endpoint.to_string(),
+            hour: sum(&c.last_hour),
+            day: sum(&c.last_day),
+            requests_per_minute: c.last_hour.iter().map(|t| t.requests).collect(),
+            requests_per_hour: c.last_day.iter().map(|t| t.requests).collect(),
+            tokens_per_hour: c
+                .last_day
+                .iter()
+                .map(|t| t.input_tokens + t.output_tokens)
+                .collect(),
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &UsageView { endpoints }))
 }
 
 pub(super) async fn method_not_allowed(_caller: Caller) -> GatewayError {

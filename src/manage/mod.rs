@@ -131,6 +131,7 @@ impl Management {
                 public_url: None,
                 admins: Arc::default(),
                 usage: None,
+                counts: None,
             },
             DEFAULT_MANAGEMENT_PREFIX.into(),
         )
@@ -190,6 +191,12 @@ impl Management {
         self.change(|api| api.usage = Some(source))
     }
 
+    /// Where `GET /usage` reads each endpoint's requests and tokens over the last hour and day:
+    /// the counts the gateway's usage tap keeps.
+    pub fn usage_counts(self, counts: Arc<crate::registry::UsageCounts>) -> Self {
+        self.change(|api| api.counts = Some(counts))
+    }
+
     /// Replaces the gateway admins while the API serves (what a configuration reload does);
     /// every clone of this service sees the new list on its next request.
     pub fn set_admins(&self, admins: Vec<Subject>) {
@@ -240,6 +247,7 @@ impl Management {
         api::list,
         api::get_account,
         api::put_account,
+        api::usage,
         api::set_access,
         api::get_endpoint,
         api::put_endpoint,
@@ -326,6 +334,7 @@ fn routes(api: Arc<api::Api>, prefix: &str) -> Router {
             get(limits::get_rules).put(limits::put_rules),
         )
         .route("/rate-limits/usage", get(limits::usage))
+        .route("/usage", get(api::usage))
         .method_not_allowed_fallback(api::method_not_allowed)
         .fallback(api::not_found)
         .with_state(api)

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+mod counts;
 #[cfg(feature = "auth")]
 mod keys;
 #[cfg(feature = "auth")]
@@ -46,6 +47,7 @@ mod names;
 mod pool;
 mod rules;
 
+pub use self::counts::{EndpointCounts, Totals, UsageCounts};
 #[cfg(feature = "auth")]
 pub use self::keys::SharedKeyStore;
 #[cfg(feature = "auth")]

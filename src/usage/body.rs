@@ -183,6 +183,18 @@ impl Meter {
         if self.settings.metrics {
             self.metrics(&observed, duration, outcome, error);
         }
+        if let (Some(counts), Some(account), Some(endpoint)) = (
+            &self.settings.counts,
+            &self.info.account,
+            &self.info.endpoint,
+        ) {
+            counts.record(
+                account,
+                endpoint,
+                observed.input_tokens.unwrap_or(0),
+                observed.output_tokens.unwrap_or(0),
+            );
+        }
         if let Some(sink) = &self.settings.sink {
             let usage = Usage {
                 principal: self.info.principal.take(),

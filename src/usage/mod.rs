@@ -69,6 +69,7 @@
 mod body;
 mod parse;
 mod request;
+pub use crate::registry::{EndpointCounts, Totals, UsageCounts};
 
 use std::fmt;
 use std::future::Future;
@@ -209,6 +210,7 @@ impl UsageSink for TracingUsageSink {
 pub(crate) struct Settings {
     enabled: bool,
     sink: Option<Arc<dyn UsageSink>>,
+    counts: Option<Arc<UsageCounts>>,
     metrics: bool,
     include_usage: bool,
 }
@@ -226,6 +228,7 @@ impl UsageTapLayer {
             settings: Arc::new(Settings {
                 enabled: true,
                 sink: Some(Arc::new(TracingUsageSink)),
+                counts: None,
                 metrics: true,
                 include_usage: false,
             }),
@@ -239,6 +242,7 @@ impl UsageTapLayer {
             settings: Arc::new(Settings {
                 enabled: false,
                 sink: None,
+                counts: None,
                 metrics: false,
                 include_usage: false,
             }),
@@ -253,6 +257,12 @@ impl UsageTapLayer {
     /// Sends [`Usage`] records to `sink` instead.
     pub fn sink(self, sink: impl UsageSink) -> Self {
         self.with(|s| s.sink = Some(Arc::new(sink)))
+    }
+
+    /// Also counts each call's requests and tokens per endpoint in `counts` (the console's
+    /// usage charts; [`Gateway`](crate::gateway::Gateway) sets it).
+    pub fn counts(self, counts: Arc<UsageCounts>) -> Self {
+        self.with(|s| s.counts = Some(counts))
     }
 
     /// Makes no [`Usage`] records (spans and metrics stay).

@@ -114,7 +114,7 @@ const seg = encodeURIComponent;
 function nav() {
   const here = location.hash || "#/endpoints";
   const link = (href, text) => h("a", { href, "aria-current": here.startsWith(href) ? "page" : null }, text);
-  const items = [link("#/endpoints", "Endpoints"), link("#/new", "Add a Custom Endpoint")];
+  const items = [link("#/endpoints", "Endpoints"), link("#/new", "Add a Custom Endpoint"), link("#/usage", "Usage")];
   if (state.admin) items.push(link("#/keys", "Keys"), link("#/audit", "Audit log"));
   items.push(h("button", { type: "button", onclick: () => signOut() }, "Sign out"));
   document.getElementById("nav").replaceChildren(...items);
@@ -151,6 +151,8 @@ async function render() {
         return await viewKeys();
       case "audit":
         return await viewAudit(null);
+      case "usage":
+        return await viewUsage();
       default:
         return await viewEndpoints();
     }
@@ -544,6 +546,60 @@ async function viewSnippet(account, endpoint) {
     block("Python (openai)", s.python, "snippet-python"),
     block("Rust (async-openai)", s.rust, "snippet-rust"),
     h("div", { class: "actions" }, h("a", { href: "#/endpoints", class: "button" }, "Back to the endpoints")),
+  );
+}
+
+// ---------------------------------------------------------------------------------------
+// Usage at a glance: requests and tokens per endpoint, as this gateway counted them.
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+/// A bar chart of `values` (oldest first), with its title as the accessible name.
+function bars(values, title, unit) {
+  const w = 360, hgt = 80, max = Math.max(1, ...values), step = w / values.length;
+  const chart = svg("svg", { viewBox: `0 0 ${w} ${hgt + 14}`, class: "chart", role: "img", "aria-label": `${title}: ${values.reduce((a, b) => a + b, 0)} ${unit} in all, at most ${max} in one` },
+    svg("title", {}, title));
+  values.forEach((v, i) => {
+    const barH = Math.round((v / max) * hgt);
+    chart.append(svg("rect", { x: (i * step + 0.5).toFixed(1), y: hgt - barH, width: Math.max(1, step - 1).toFixed(1), height: barH, class: "bar" },
+      svg("title", {}, `${v} ${unit}`)));
+  });
+  chart.append(svg("line", { x1: 0, y1: hgt + 0.5, x2: w, y2: hgt + 0.5, class: "axis" }));
+  chart.append(svg("text", { x: 0, y: hgt + 12, class: "tick" }, values.length === 60 ? "60 min ago" : "24 h ago"));
+  chart.append(svg("text", { x: w, y: hgt + 12, class: "tick", "text-anchor": "end" }, "now"));
+  return h("figure", {}, chart, h("figcaption", {}, title));
+}
+
+async function viewUsage() {
+  const r = await api("GET", "/usage");
+  if (r.status !== 200) return show(banner("bad", message(r)));
+  const cards = r.json.endpoints.map((e) =>
+    h(
+      "section",
+      { class: "usage", "data-endpoint": `${e.account}/${e.endpoint}` },
+      h("h2", {}, `${e.account} / ${e.endpoint}`),
+      h(
+        "dl",
+        { class: "totals" },
+        h("dt", {}, "Last hour"),
+        h("dd", { class: "hour" }, `requests ${e.hour.requests} · tokens ${e.hour.input_tokens + e.hour.output_tokens} (in ${e.hour.input_tokens}, out ${e.hour.output_tokens})`),
+        h("dt", {}, "Last day"),
+        h("dd", { class: "day" }, `requests ${e.day.requests} · tokens ${e.day.input_tokens + e.day.output_tokens} (in ${e.day.input_tokens}, out ${e.day.output_tokens})`),
+      ),
+      h("div", { class: "charts" }, bars(e.requests_per_minute, "Requests a minute, last hour", "requests"), bars(e.tokens_per_hour, "Tokens an hour, last day", "tokens")),
+    ),
+  );
+  show(
+    h("h1", {}, "Usage"),
+    h("p", { class: "hint" }, "Calls whose response ended, as this gateway process counted them since it started (each replica counts its own)."),
+    cards.length ? cards : h("p", {}, "No calls in the last day to an endpoint you may view."),
   );
 }
 
