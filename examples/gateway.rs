@@ -64,6 +64,8 @@ usage: gateway [--config FILE] [--store URL] [--redis URL] [--listen ADDR] [--me
 const DEMO_GATEWAY_KEY: &str = "gw-demo-key";
 const DEMO_ADMIN_KEY: &str = "gw-demo-admin-key";
 const DEMO_UPSTREAM_KEY: &str = "demo-wandb-upstream-key";
+/// The key of the demo's sandbox upstream: printed, so a newcomer can add it in the console.
+const DEMO_SANDBOX_KEY: &str = "demo-sandbox-key";
 
 struct Args {
     config: Option<String>,
@@ -272,6 +274,14 @@ async fn demo_gateway() -> std::io::Result<Gateway> {
     let upstream_addr = upstream.spawn().await?;
     eprintln!(
         "mock W&B Inference upstream on http://{upstream_addr}/v1 (it requires its own key, which only the gateway holds)"
+    );
+    // A second mock, whose key is public, to add in the console's wizard (the first one's key
+    // stays the gateway's secret).
+    let sandbox = mock_upstream::MockUpstream::new(DEMO_SANDBOX_KEY, Duration::from_millis(40))
+        .spawn()
+        .await?;
+    eprintln!(
+        "sandbox upstream for the console's wizard: base URL http://{sandbox}/v1, header Authorization = Bearer {DEMO_SANDBOX_KEY}"
     );
 
     let mut headers = HeaderMap::new();

@@ -146,7 +146,10 @@ mod tests {
             assert_eq!(res.headers()[X_FRAME_OPTIONS], "DENY");
         }
         assert_eq!(c.respond::<Bytes>("/console").unwrap().status(), 301);
-        assert_eq!(c.respond::<Bytes>("/console/nope.js").unwrap().status(), 404);
+        assert_eq!(
+            c.respond::<Bytes>("/console/nope.js").unwrap().status(),
+            404
+        );
         assert!(c.respond::<Bytes>("/consolex").is_none());
         assert!(c.respond::<Bytes>("/manage").is_none());
     }
