@@ -177,6 +177,22 @@ async fn sign_in(c: &Client, gw: &TestGateway, key: &str) {
     wait_text(c, "Endpoints").await;
 }
 
+/// Asserts that `secret` is neither in the page's markup nor in any input's value.
+async fn assert_no_secret(c: &Client, secret: &str) {
+    assert!(
+        !c.source().await.unwrap().contains(secret),
+        "a secret in the markup"
+    );
+    let in_inputs = c
+        .execute(
+            "return [...document.querySelectorAll('input, textarea')].some(i => i.value.includes(arguments[0]))",
+            vec![json!(secret)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(in_inputs, json!(false), "a secret in an input");
+}
+
 /// Follows the navigation link `text`.
 async fn nav(c: &Client, text: &str) {
     let xpath = format!("//nav//a[normalize-space()='{text}']");
@@ -288,8 +304,17 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
         .await
         .unwrap();
     assert!(curl.contains("$GATEWAY_KEY") && !curl.contains(USER) && !curl.contains(ADMIN));
-    // The header value is nowhere in the page, nor in any page since.
-    assert!(!c.source().await.unwrap().contains(UP_KEY));
+    // The header value is nowhere in the page: not in its markup, not in an input.
+    assert_no_secret(&c, UP_KEY).await;
+    // The admin who made the account manages it.
+    let account = send_json(
+        http::Method::GET,
+        gw.url("/manage/accounts/coreweave-model"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(account.json()["your_role"], "manager", "{}", account.body);
     // Run the snippet as a caller would, with the research user's key.
     let out = tokio::process::Command::new("sh")
         .args(["-c", &curl])
@@ -312,6 +337,13 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
         .await
         .unwrap();
     assert!(controls.is_empty(), "a user sees edit controls");
+    let add = c
+        .find_all(Locator::XPath(
+            "//nav//a[normalize-space()='Add a Custom Endpoint']",
+        ))
+        .await
+        .unwrap();
+    assert!(add.is_empty(), "a user is offered the wizard");
     shot(&c, "06-user-view").await;
     sign_out(&c).await;
 
@@ -342,7 +374,7 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
     button(&c, "Next").await.click().await.unwrap();
     button(&c, "Save changes").await.click().await.unwrap();
     wait_text(&c, "Use coreweave-model/inference").await;
-    assert!(!c.source().await.unwrap().contains(UP_KEY));
+    assert_no_secret(&c, UP_KEY).await;
 
     // Delete.
     nav(&c, "Endpoints").await;
@@ -423,7 +455,7 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         call.body
     );
     button(&c, "Done").await.click().await.unwrap();
-    wait_text(&c, "bob@example.com").await;
+    wait_text(&c, "Create a key").await;
     assert!(
         !c.source().await.unwrap().contains(&issued),
         "the key is shown again"

@@ -1778,6 +1778,39 @@ async fn admins_create_accounts_and_managers_change_their_header_auth() {
         "an endpoint with an existing account: {}",
         res.body
     );
+    // Create-only writes never replace: 412, naming the field.
+    let (status, body) = send_with(
+        &gw,
+        "/manage/accounts/second",
+        ADMIN,
+        "{}",
+        "if-none-match",
+        "*",
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    assert!(
+        body.contains("\"name: an account with this name exists already"),
+        "{body}"
+    );
+    let (status, body) = send_with(
+        &gw,
+        "/manage/accounts/second/endpoints/inference",
+        ADMIN,
+        r#"{"base_url": "https://y.example/v1"}"#,
+        "if-none-match",
+        "*",
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    // Without grants, the admin who creates an account manages it.
+    let res = put(&gw, "/accounts/third", ADMIN, "{}").await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    assert_eq!(
+        res.json()["access"]["managers"],
+        serde_json::json!(["user:ada@example.com"])
+    );
+    assert_eq!(res.json()["your_role"], "manager");
     // Audited with header names, never values.
     let audit = get(&gw, "/audit", ADMIN).await;
     assert!(audit.body.contains("account.put"), "{}", audit.body);
@@ -1793,10 +1826,22 @@ async fn send_json_with(
     body: &str,
     tag: &str,
 ) -> (u16, String) {
+    send_with(gw, path, key, body, "if-match", tag).await
+}
+
+/// `PUT path` with the header `name: value`; the status and body.
+async fn send_with(
+    gw: &TestGateway,
+    path: &str,
+    key: &str,
+    body: &str,
+    name: &str,
+    value: &str,
+) -> (u16, String) {
     let req = http::Request::put(gw.url(path))
         .header("authorization", format!("Bearer {key}"))
         .header("content-type", "application/json")
-        .header("if-match", tag)
+        .header(name, value)
         .body(http_body_util::Full::new(bytes::Bytes::from(
             body.to_owned(),
         )))

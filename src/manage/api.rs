@@ -421,6 +421,8 @@ pub(super) struct EndpointView {
     /// Every target (one for an endpoint with a `base_url`), with what this replica has
     /// learned about it.
     targets: Vec<TargetView>,
+    /// Whether the endpoint is written with `targets` (a pool) rather than `base_url`.
+    uses_targets: bool,
     /// The retry policy in force (the default one if the endpoint sets none).
     retry: RetryBody,
     eject: EjectBody,
@@ -561,6 +563,7 @@ impl Api {
             timeouts: TimeoutsBody::of(ep.timeouts()),
             tls: ep.has_tls(),
             targets,
+            uses_targets: ep.uses_targets(),
             retry: RetryBody::of(ep.pool().retry()),
             eject: EjectBody::of(ep.pool().eject()),
             health: ep.health_check().map(HealthBody::of),
@@ -732,6 +735,7 @@ pub(super) async fn put_account(
         }
     };
     let if_match = if_match(&request_headers)?;
+    let create_only = create_only(&request_headers);
     let conflict = Conflict::default();
     let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let is_admin = api.admin(&principal).is_ok();
@@ -751,6 +755,7 @@ pub(super) async fn put_account(
                 })),
             });
             match existing {
+                Some(_) if create_only => return Err(exists_already("an account")),
                 Some(_) if first.is_some() => {
                     return Err(bad_request(
                         "endpoint: only with a new account; add an endpoint to this one with PUT …/endpoints/{name}",
@@ -778,9 +783,15 @@ pub(super) async fn put_account(
                 None => {
                     conflict.check(if_match.as_ref(), None)?;
                     created.store(true, std::sync::atomic::Ordering::Relaxed);
+                    // Without grants, the admin who creates it manages it: an account nobody
+                    // may manage could be changed through the file or the store only.
+                    let access = access.unwrap_or_else(|| Grants {
+                        managers: vec![Subject::User(principal.subject.clone())],
+                        ..Grants::default()
+                    });
                     s.accounts.push(AccountSpec {
                         header_auth: header_auth.unwrap_or_default(),
-                        access: access.unwrap_or_default(),
+                        access,
                         endpoints: first.into_iter().collect(),
                         ..AccountSpec::new(account.as_str())
                     });
@@ -890,6 +901,7 @@ pub(super) async fn put_endpoint(
         Timeouts::from_millis(t.connect_ms, t.first_byte_ms, t.idle_ms)
     });
     let if_match = if_match(&request_headers)?;
+    let create_only = create_only(&request_headers);
     let conflict = Conflict::default();
     let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let edit = {
@@ -900,6 +912,7 @@ pub(super) async fn put_endpoint(
             let manages_account = spec.access.allows(&principal, Permission::Manage);
             let existing = spec.endpoints.iter().position(|e| e.name == endpoint);
             match existing.map(|i| &spec.endpoints[i]) {
+                Some(_) if create_only => return Err(exists_already("an endpoint")),
                 Some(ep) => {
                     let grants = spec.access.for_endpoint(ep.access.as_ref());
                     if !grants.allows(&principal, Permission::Manage) {
@@ -1179,12 +1192,19 @@ pub(super) struct UsageView {
 
 #[utoipa::path(get, path = "/usage", tag = "accounts", responses((status = 200, description = "Requests and tokens per endpoint over the last hour and day, as this replica counted them", body = UsageView), (status = 401, description = "No or unknown gateway key", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn usage(State(api): Shared, Caller(principal): Caller) -> Answer {
+    let registry = api.live.registry().load();
+    // Only the endpoints the caller may view are read (and copied out of the lock).
     let counts = api
         .counts
         .as_ref()
-        .map(|c| c.snapshot())
+        .map(|c| {
+            c.snapshot_where(|account, endpoint| {
+                registry
+                    .endpoint(account, endpoint)
+                    .is_some_and(|ep| ep.grants().allows(&principal, Permission::View))
+            })
+        })
         .unwrap_or_default();
-    let registry = api.live.registry().load();
     let sum = |ts: &[crate::registry::Totals]| TotalsView {
         requests: ts.iter().map(|t| t.requests).sum(),
         input_tokens: ts.iter().map(|t| t.input_tokens).sum(),
@@ -1192,11 +1212,6 @@ pub(super) async fn usage(State(api): Shared, Caller(principal): Caller) -> Answ
     };
     let endpoints = counts
         .iter()
-        .filter(|c| {
-            registry
-                .endpoint(&c.account, &c.endpoint)
-                .is_some_and(|ep| ep.grants().allows(&principal, Permission::View))
-        })
         .map(|c| EndpointUsageView {
             account: c.account.to_string(),
             endpoint: c.endpoint.to_string(),
@@ -1238,6 +1253,23 @@ pub(super) fn tagged(mut response: Response, version: u64) -> Response {
 pub(super) enum IfMatch {
     Any,
     Versions(Vec<u64>),
+}
+
+/// Whether the request says `If-None-Match: *`: create only, never replace.
+pub(super) fn create_only(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii() == b"*")
+}
+
+/// The answer to a create-only write of a record that exists (412, naming the field).
+fn exists_already(what: &str) -> GatewayError {
+    GatewayError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "already_exists",
+        format!("name: {what} with this name exists already (the write said If-None-Match: *)"),
+    )
 }
 
 pub(super) fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, GatewayError> {

@@ -92,12 +92,24 @@ impl UsageCounts {
 
     /// Every endpoint's counts, now.
     pub fn snapshot(&self) -> Vec<EndpointCounts> {
-        self.snapshot_at(minute_now())
+        self.snapshot_at(minute_now(), |_, _| true)
     }
 
-    fn snapshot_at(&self, now: u64) -> Vec<EndpointCounts> {
-        let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<EndpointCounts> = map
+    /// The counts of the endpoints `wanted` says yes to, now. Their minutes are copied out of
+    /// the lock the requests take, and added up outside it.
+    pub fn snapshot_where(&self, wanted: impl Fn(&str, &str) -> bool) -> Vec<EndpointCounts> {
+        self.snapshot_at(minute_now(), wanted)
+    }
+
+    fn snapshot_at(&self, now: u64, wanted: impl Fn(&str, &str) -> bool) -> Vec<EndpointCounts> {
+        let copied: Vec<((Arc<str>, Arc<str>), Box<[Bucket]>)> = {
+            let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .filter(|((a, e), _)| wanted(a, e))
+                .map(|(k, ring)| (k.clone(), ring.clone()))
+                .collect()
+        };
+        let mut out: Vec<EndpointCounts> = copied
             .iter()
             .map(|((account, endpoint), ring)| {
                 let at = |minute: u64| {
@@ -172,7 +184,7 @@ mod tests {
         c.record_at(now - 90, &a, &e, 7, 7);
         // A day and more ago: reused buckets, not counted.
         c.record_at(now - MINUTES as u64 - 3, &a, &e, 100, 100);
-        let s = c.snapshot_at(now);
+        let s = c.snapshot_at(now, |_, _| true);
         assert_eq!(s.len(), 1);
         let hour = &s[0].last_hour;
         assert_eq!(hour.len(), 60);

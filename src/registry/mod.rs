@@ -91,6 +91,8 @@ pub struct Endpoint {
     order: Box<[usize]>,
     pool: Arc<PoolState>,
     health_check: Option<HealthCheck>,
+    /// Whether it was written with `targets` (a pool, even of one) rather than `base_url`.
+    uses_targets: bool,
     version: u64,
 }
 
@@ -125,6 +127,12 @@ impl Endpoint {
     /// order given within each).
     pub fn by_priority(&self) -> &[usize] {
         &self.order
+    }
+
+    /// Whether the endpoint was written with `targets` (a pool, even of one) rather than one
+    /// `base_url`.
+    pub fn uses_targets(&self) -> bool {
+        self.uses_targets
     }
 
     /// Whether requests go to exactly one target, tried once: no choice, no retry.
@@ -326,6 +334,7 @@ impl Account {
                 order: order.into(),
                 pool: Arc::new(PoolState::new(retry, ep.eject)),
                 health_check: ep.health.clone(),
+                uses_targets: !ep.targets.is_empty(),
                 version: ep.version,
             }));
         }

@@ -5,7 +5,7 @@
 // as a bearer header; header values typed into a form are sent once and never shown again.
 
 const KEY = "gateway-console-key";
-const state = { config: null, admin: false, accounts: [] };
+const state = { config: null, admin: false, manages: false, accounts: [] };
 
 // ---------------------------------------------------------------------------------------
 // DOM helpers: elements with attributes and text children; no HTML strings anywhere.
@@ -30,10 +30,14 @@ function main() {
   return document.getElementById("main");
 }
 
+function put(nodes) {
+  main().replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
+}
+
+/// A new view: its content, and the focus at its start (for keyboard and screen readers).
 function show(...nodes) {
-  const m = main();
-  m.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
-  m.focus();
+  put(nodes);
+  main().focus();
 }
 
 function banner(kind, ...text) {
@@ -45,7 +49,7 @@ function field(label, input, hint, name) {
   const id = input.id || `f${++uid}`;
   input.id = id;
   if (name) input.setAttribute("data-field", name);
-  const error = h("p", { class: "error", id: `${id}-error`, hidden: true });
+  const error = h("p", { class: "error", id: `${id}-error`, role: "alert", hidden: true });
   const hintEl = hint ? h("p", { class: "hint", id: `${id}-hint` }, hint) : null;
   input.setAttribute("aria-describedby", [hintEl && hintEl.id, error.id].filter(Boolean).join(" "));
   return h("div", { class: "field", "data-for": name || "" }, h("label", { for: id }, label), input, hintEl, error);
@@ -72,8 +76,8 @@ function key() {
   return sessionStorage.getItem(KEY);
 }
 
-async function api(method, path, body, ifMatch) {
-  const headers = { Authorization: `Bearer ${key()}` };
+async function api(method, path, body, ifMatch, extra) {
+  const headers = { Authorization: `Bearer ${key()}`, ...(extra || {}) };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (ifMatch) headers["If-Match"] = ifMatch;
   const res = await fetch(state.config.management + path, {
@@ -114,7 +118,9 @@ const seg = encodeURIComponent;
 function nav() {
   const here = location.hash || "#/endpoints";
   const link = (href, text) => h("a", { href, "aria-current": here.startsWith(href) ? "page" : null }, text);
-  const items = [link("#/endpoints", "Endpoints"), link("#/new", "Add a Custom Endpoint"), link("#/usage", "Usage")];
+  const items = [link("#/endpoints", "Endpoints")];
+  if (state.admin || state.manages) items.push(link("#/new", "Add a Custom Endpoint"));
+  items.push(link("#/usage", "Usage"));
   if (state.admin) items.push(link("#/keys", "Keys"), link("#/audit", "Audit log"));
   items.push(h("button", { type: "button", onclick: () => signOut() }, "Sign out"));
   document.getElementById("nav").replaceChildren(...items);
@@ -138,8 +144,8 @@ function route() {
 async function render() {
   if (!key()) return viewSignIn();
   nav();
-  const parts = (location.hash || "#/endpoints").slice(2).split("/").map(decodeURIComponent);
   try {
+    const parts = (location.hash || "#/endpoints").slice(2).split("/").map(decodeURIComponent);
     switch (parts[0]) {
       case "new":
         return await viewWizard(null);
@@ -165,7 +171,8 @@ async function render() {
 // Sign in.
 
 function viewSignIn(why) {
-  const input = h("input", { type: "password", autocomplete: "off", spellcheck: "false", required: true });
+  // Masked text, not a password field: no browser offers to save a gateway key.
+  const input = h("input", { type: "text", class: "secret", autocomplete: "off", spellcheck: "false", required: true });
   const form = h(
     "form",
     {
@@ -176,7 +183,7 @@ function viewSignIn(why) {
         try {
           const r = await api("GET", "/accounts");
           if (r.status !== 200) return signOut(message(r));
-          state.admin = (await api("GET", "/keys")).status === 200;
+          await learnRoles(r.json.accounts);
           if (!location.hash.startsWith("#/")) history.replaceState(null, "", "#/endpoints");
           await render();
         } catch (e) {
@@ -215,16 +222,27 @@ function upstream(ep) {
   );
 }
 
+/// What the key may do: admin (keys, new accounts), manager of some account (new endpoints).
+async function learnRoles(accounts) {
+  state.accounts = accounts;
+  state.manages = accounts.some((a) => a.your_role === "manager");
+  state.admin = (await api("GET", "/keys")).status === 200;
+}
+
 async function viewEndpoints(notice) {
   const r = await api("GET", "/accounts");
   if (r.status !== 200) return show(banner("bad", message(r)));
   state.accounts = r.json.accounts;
+  state.manages = state.accounts.some((a) => a.your_role === "manager");
+  nav();
   const rows = [];
   for (const a of state.accounts) {
     for (const ep of a.endpoints) {
       const manage = ep.your_role === "manager";
       const actions = [h("a", { href: `#/snippet/${seg(a.name)}/${seg(ep.name)}`, class: "button" }, "Usage snippet")];
-      if (manage) {
+      if (manage && ep.uses_targets) {
+        actions.push(h("span", { class: "muted" }, "A pool: edit it with the management API or the configuration file."));
+      } else if (manage) {
         actions.push(h("a", { href: `#/edit/${seg(a.name)}/${seg(ep.name)}`, class: "button" }, "Edit"));
         actions.push(h("button", { type: "button", class: "danger", onclick: () => confirmDelete(a.name, ep.name) }, "Delete"));
       }
@@ -271,7 +289,7 @@ function confirmDelete(account, endpoint) {
       ),
     ),
   );
-  box.querySelector("button").focus();
+  box.querySelectorAll("button")[1].focus();
 }
 
 async function doDelete(account, endpoint) {
@@ -292,9 +310,11 @@ function pairRows(container, rows, prefix, existing) {
   rows.forEach((row, i) => {
     const name = h("input", { type: "text", value: row.name, autocomplete: "off", "aria-label": `Header ${i + 1} name` });
     const value = h("input", {
-      type: "password",
-      value: "",
-      autocomplete: "new-password",
+      type: "text",
+      class: "secret",
+      value: row.value || "",
+      autocomplete: "off",
+      spellcheck: "false",
       placeholder: existing && row.existing ? "(unchanged: type to replace)" : "",
       "aria-label": `Header ${i + 1} value`,
     });
@@ -345,6 +365,7 @@ async function viewWizard(editing) {
     step: 1,
     accountMode: managed.length ? "existing" : "new",
     account: managed[0] || "",
+    newAccount: "",
     accountHeaders: [],
     name: "",
     base_url: "",
@@ -369,11 +390,17 @@ async function viewWizard(editing) {
       inherit: !ep.access,
       access: ep.access || { managers: [], users: [], viewers: [] },
       etag: r.etag,
+      pool: ep.uses_targets,
+      // Sent back as they are: the console does not edit them, and a PUT replaces.
+      keep: { retry: ep.retry, eject: ep.eject, health: ep.health || undefined },
     });
     w.headersOriginal = ep.header_names.join(",");
     return true;
   };
   if (editing && !(await load())) return show(banner("bad", "No such endpoint, or you may not view it."));
+  if (editing && w.pool) {
+    return show(h("h1", {}, `Edit ${editing.account}/${editing.endpoint}`), banner("warn", "This endpoint is a pool of targets. The console does not edit pools yet: use the management API (PUT …/endpoints/{name} with targets) or the configuration file."));
+  }
 
   const steps = ["Configure account", "Endpoint", "Access control"];
   const render = (errors) => {
@@ -384,23 +411,25 @@ async function viewWizard(editing) {
         body.push(h("p", {}, "Account: ", h("strong", {}, w.account)));
       } else {
         const existing = h("input", { type: "radio", name: "mode", value: "existing", checked: w.accountMode === "existing", disabled: !managed.length });
-        const fresh = h("input", { type: "radio", name: "mode", value: "new", checked: w.accountMode === "new" });
+        const fresh = h("input", { type: "radio", name: "mode", value: "new", checked: w.accountMode === "new", disabled: !state.admin });
         existing.addEventListener("change", () => { w.accountMode = "existing"; render(); });
         fresh.addEventListener("change", () => { w.accountMode = "new"; render(); });
         body.push(h("fieldset", {}, h("legend", {}, "Provider account"), h("label", { class: "checkbox" }, existing, "An account I manage"), h("label", { class: "checkbox" }, fresh, "A new account (gateway admins)")));
         if (w.accountMode === "existing") {
           const sel = h("select", {}, managed.map((n) => h("option", { value: n, selected: n === w.account }, n)));
+          w.account = sel.value;
           sel.addEventListener("change", () => (w.account = sel.value));
           body.push(field("Account", sel, null, "account"));
         } else {
-          const name = h("input", { type: "text", value: w.account, autocomplete: "off" });
-          name.addEventListener("input", () => (w.account = name.value));
+          const name = h("input", { type: "text", value: w.newAccount, autocomplete: "off" });
+          name.addEventListener("input", () => (w.newAccount = name.value));
           body.push(field("Account name", name, "The first path segment after /proxy-api: 1 to 128 of A-Z a-z 0-9 - . _ ~", "account.name"));
           const rows = h("div", { class: "pairs" });
           pairRows(rows, w.accountHeaders, "account.header_auth", false);
           body.push(
-            h("fieldset", {}, h("legend", {}, "Header auth (sent to every endpoint of the account)"), rows,
-              h("button", { type: "button", onclick: () => { w.accountHeaders.push({ name: "", value: "" }); render(); } }, "Add a header")),
+            h("fieldset", { "data-field": "account.header_auth" }, h("legend", {}, "Header auth (sent to every endpoint of the account)"), rows,
+              h("button", { type: "button", onclick: () => { w.accountHeaders.push({ name: "", value: "" }); render(); } }, "Add a header"),
+              h("p", { class: "error", role: "alert", hidden: true })),
           );
         }
       }
@@ -418,7 +447,7 @@ async function viewWizard(editing) {
           editing ? h("p", { class: "hint" }, "Values are never shown again. Leave them all unchanged to keep the current headers; to change any, type every value again.") : null,
           rows,
           h("button", { type: "button", onclick: () => { w.headers.push({ name: "", value: "" }); render(); } }, "Add a header"),
-          h("p", { class: "error", hidden: true })),
+          h("p", { class: "error", role: "alert", hidden: true })),
       );
       const t = (k, label) => {
         const input = h("input", { type: "number", min: "1", value: w.timeouts[k] });
@@ -429,7 +458,7 @@ async function viewWizard(editing) {
       body.push(h("p", { class: "hint" }, "TLS settings (extra CAs, a client certificate) are files on the gateway's machine: set them in its configuration file."));
     } else {
       const inherit = h("input", { type: "checkbox", checked: w.inherit });
-      inherit.addEventListener("change", () => { w.inherit = inherit.checked; render(); });
+      inherit.addEventListener("change", () => { collect(); w.inherit = inherit.checked; render(); });
       body.push(h("label", { class: "checkbox" }, inherit, "Use the account's grants"));
       if (!w.inherit) {
         w.editors = ["managers", "users", "viewers"].map((r) => [r, grantsEditor(r, w.access[r])]);
@@ -440,14 +469,19 @@ async function viewWizard(editing) {
     const next = w.step < 3
       ? h("button", { type: "button", class: "primary", onclick: () => { collect(); w.step++; render(); } }, "Next")
       : h("button", { type: "button", class: "primary", onclick: save }, editing ? "Save changes" : "Create endpoint");
-    show(
+    // A re-render of the same view keeps the focus where the user is (a new step moves it
+    // to the step's first field).
+    const active = document.activeElement && document.activeElement.closest("main") ? document.activeElement.getAttribute("data-field") || document.activeElement.textContent : null;
+    put([
       h("h1", {}, editing ? `Edit ${editing.account}/${editing.endpoint}` : "Add a Custom Endpoint"),
       list,
       notice,
       errors && errors.general ? banner("bad", errors.general) : null,
       h("form", { onsubmit: (e) => e.preventDefault() }, body, h("div", { class: "actions" }, back, next)),
-    );
-    if (errors && errors.field) markError(errors.field, errors.text);
+    ]);
+    if (errors && errors.field) return markError(errors.field, errors.text);
+    const again = active && [...main().querySelectorAll("[data-field], button")].find((el) => el.getAttribute("data-field") === active || el.textContent === active);
+    (again || main().querySelector("input, select") || main()).focus();
   };
 
   const collect = () => {
@@ -459,7 +493,7 @@ async function viewWizard(editing) {
   const stepOf = (f) => (f.startsWith("account") || f.startsWith("header_auth") ? 1 : f.startsWith("access") || f.startsWith("endpoint.access") ? 3 : 2);
 
   const fail = (r, accountWrite) => {
-    const fe = r.status === 400 ? fieldError(r) : null;
+    const fe = r.status === 400 || r.status === 412 ? fieldError(r) : null;
     if (!fe) return render({ general: message(r) });
     let f = fe.field;
     if (accountWrite) {
@@ -474,6 +508,15 @@ async function viewWizard(editing) {
   const save = async () => {
     collect();
     notice = null;
+    const newAccount = !editing && w.accountMode === "new";
+    if (newAccount && !w.newAccount.trim()) {
+      w.step = 1;
+      return render({ field: "account.name", text: "is required" });
+    }
+    if (!w.name.trim()) {
+      w.step = 2;
+      return render({ field: "name", text: "is required" });
+    }
     const headersChanged = !editing || w.headers.some((x) => x.value !== "" || !x.existing) || w.headers.map((x) => x.name).join(",") !== w.headersOriginal;
     if (editing && headersChanged && w.headers.some((x) => x.existing && x.value === "")) {
       w.step = 2;
@@ -486,14 +529,18 @@ async function viewWizard(editing) {
     const endpoint = { base_url: w.base_url.trim(), timeouts };
     if (headersChanged) endpoint.headers = headers;
     if (!w.inherit) endpoint.access = w.access;
-    if (!editing && w.accountMode === "new") {
+    if (editing) Object.assign(endpoint, w.keep);
+    // Creating never replaces what someone else made meanwhile (If-None-Match: *).
+    const createOnly = editing ? undefined : { "If-None-Match": "*" };
+    if (newAccount) {
+      w.account = w.newAccount.trim();
       const header_auth = {};
       for (const x of w.accountHeaders) if (x.name) header_auth[x.name] = x.value;
-      const r = await api("PUT", `/accounts/${seg(w.account.trim())}`, { header_auth, endpoint: { name: w.name.trim(), ...endpoint } });
+      const r = await api("PUT", `/accounts/${seg(w.account)}`, { header_auth, endpoint: { name: w.name.trim(), ...endpoint } }, null, createOnly);
       if (r.status !== 201 && r.status !== 200) return fail(r, true);
     } else {
-      const r = await api("PUT", `/accounts/${seg(w.account)}/endpoints/${seg(w.name.trim())}`, endpoint, editing ? w.etag : null);
-      if (r.status === 409) {
+      const r = await api("PUT", `/accounts/${seg(w.account)}/endpoints/${seg(w.name.trim())}`, endpoint, editing ? w.etag : null, createOnly);
+      if (r.status === 409 && editing) {
         await load();
         w.step = 2;
         notice = banner("bad", "Someone else changed this endpoint since you opened it. The form now shows the current version; make your change again.");
@@ -509,20 +556,23 @@ async function viewWizard(editing) {
 
 function markError(fieldName, text) {
   const m = main();
-  const plain = fieldName.replace(/\[\d+\]/g, "");
+  // Header names are case-insensitive: the form keeps them lower-cased.
+  const plain = fieldName.replace(/\[\d+\]/g, "").toLowerCase();
   let target = null;
   for (const el of m.querySelectorAll("[data-field]")) {
-    const f = el.getAttribute("data-field");
+    const f = el.getAttribute("data-field").toLowerCase();
     if ((plain === f || plain.startsWith(`${f}.`)) && (!target || f.length > target.getAttribute("data-field").length)) target = el;
   }
-  const box = target ? target.closest(".field, fieldset") : null;
-  const err = box ? box.querySelector(".error") : null;
+  const box = target ? (target.matches("fieldset") ? target : target.closest(".field, fieldset")) : null;
+  const err = box ? box.querySelector(":scope > .error") : null;
   if (err) {
     err.textContent = `${fieldName}: ${text}`;
     err.hidden = false;
     if (target.matches("input, select")) {
       target.setAttribute("aria-invalid", "true");
       target.focus();
+    } else {
+      (box.querySelector("input, select, button") || m).focus();
     }
   } else {
     m.prepend(banner("bad", `${fieldName}: ${text}`));
@@ -717,7 +767,8 @@ async function start() {
   window.addEventListener("hashchange", route);
   if (key()) {
     try {
-      state.admin = (await api("GET", "/keys")).status === 200;
+      const accounts = await api("GET", "/accounts");
+      if (accounts.status === 200) await learnRoles(accounts.json.accounts);
     } catch {
       return;
     }
