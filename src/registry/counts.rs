@@ -102,7 +102,7 @@ impl UsageCounts {
     }
 
     fn snapshot_at(&self, now: u64, wanted: impl Fn(&str, &str) -> bool) -> Vec<EndpointCounts> {
-        let copied: Vec<((Arc<str>, Arc<str>), Box<[Bucket]>)> = {
+        let copied: Rings = {
             let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
             map.iter()
                 .filter(|((a, e), _)| wanted(a, e))
