@@ -112,6 +112,13 @@ function fieldError(r) {
 
 const seg = encodeURIComponent;
 
+/// The rule of account and endpoint names (the API's): checked before a name goes into a URL,
+/// where "." or ".." would change the path.
+const NAME_RULE = "must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"";
+function validName(n) {
+  return /^[A-Za-z0-9._~-]{1,128}$/.test(n) && n !== "." && n !== "..";
+}
+
 // ---------------------------------------------------------------------------------------
 // Navigation.
 
@@ -509,13 +516,13 @@ async function viewWizard(editing) {
     collect();
     notice = null;
     const newAccount = !editing && w.accountMode === "new";
-    if (newAccount && !w.newAccount.trim()) {
+    if (newAccount && !validName(w.newAccount.trim())) {
       w.step = 1;
-      return render({ field: "account.name", text: "is required" });
+      return render({ field: "account.name", text: NAME_RULE });
     }
-    if (!w.name.trim()) {
+    if (!validName(w.name.trim())) {
       w.step = 2;
-      return render({ field: "name", text: "is required" });
+      return render({ field: "name", text: NAME_RULE });
     }
     const headersChanged = !editing || w.headers.some((x) => x.value !== "" || !x.existing) || w.headers.map((x) => x.name).join(",") !== w.headersOriginal;
     if (editing && headersChanged && w.headers.some((x) => x.existing && x.value === "")) {
