@@ -12,7 +12,9 @@
 //!   reading every event (and a usage record per call), metrics into a Prometheus recorder, and
 //!   a `tracing` fmt subscriber at `INFO` that formats each request's span when it closes and
 //!   each usage event (written to `io::sink`). `BENCH_TELEMETRY_LOG=plain|json|none` swaps that
-//!   subscriber for one without ANSI colours, one writing JSON, or one that formats nothing.
+//!   subscriber for one without ANSI colours, one writing JSON, or one that formats nothing;
+//!   `devnull` writes plain lines to `/dev/null` with a `write` each on the request's task, and
+//!   `devnull_nonblocking` hands them to tracing-appender's lossy non-blocking writer.
 //!
 //! The upstream is a hyper server that answers from canned frames (static `Bytes`, no
 //! per-request work beyond draining the request body); the proxies run under
@@ -201,10 +203,31 @@ fn telemetry_subscriber() -> Dispatch {
         .with_writer(std::io::sink)
         .with_max_level(tracing::Level::INFO)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE);
+    let devnull = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap()
+    };
     match std::env::var("BENCH_TELEMETRY_LOG").as_deref() {
         Ok("none") => Dispatch::new(tracing_subscriber::registry()),
         Ok("plain") => Dispatch::new(fmt.with_ansi(false).finish()),
         Ok("json") => Dispatch::new(fmt.json().finish()),
+        // A `write` per line on the request's task, as a gateway logging to a file or a pipe.
+        Ok("devnull") => Dispatch::new(
+            fmt.with_ansi(false)
+                .with_writer(std::sync::Mutex::new(devnull()))
+                .finish(),
+        ),
+        // The same lines handed to a writer thread through a bounded queue that drops (and
+        // counts) lines when full, as the example gateway logs.
+        Ok("devnull_nonblocking") => {
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(true)
+                .finish(devnull());
+            Box::leak(Box::new(guard));
+            Dispatch::new(fmt.with_ansi(false).with_writer(writer).finish())
+        }
         _ => Dispatch::new(fmt.finish()),
     }
 }
