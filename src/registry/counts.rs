@@ -24,7 +24,8 @@ struct Bucket {
 /// An endpoint's minutes, by its account and name.
 type Rings = HashMap<(Arc<str>, Arc<str>), Box<[Bucket]>>;
 
-/// The counts; see the [module docs](self).
+/// Requests and tokens per endpoint over the last day, a bucket a minute, counted in this
+/// process (each replica counts what it served).
 #[derive(Default)]
 pub struct UsageCounts {
     endpoints: Mutex<Rings>,

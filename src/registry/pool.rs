@@ -128,12 +128,12 @@ pub struct TargetHealth {
     outcomes_seen: AtomicU32,
     /// Ejections since the last success: the cool-down doubles with each.
     ejections: AtomicU32,
-    /// [`now_ms`] until which the target is out; 0 when it is live.
+    /// `now_ms` until which the target is out; 0 when it is live.
     ejected_until: AtomicU64,
-    /// [`now_ms`] before which a health check may not bring it back (an upstream's
+    /// `now_ms` before which a health check may not bring it back (an upstream's
     /// `Retry-After`).
     not_before: AtomicU64,
-    /// [`now_ms`] of the last failure; 0 for none.
+    /// `now_ms` of the last failure; 0 for none.
     last_failure: AtomicU64,
     /// The last [`LATENCY_SAMPLES`] times to the response head, in microseconds, and their
     /// median (0 before the first answer).
@@ -207,12 +207,12 @@ pub struct TargetState {
 }
 
 impl TargetHealth {
-    /// Whether the target is in its pool at `now` (from [`now_ms`]).
+    /// Whether the target is in its pool at `now` (from `now_ms`).
     pub fn is_live(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) <= now
     }
 
-    /// The [`now_ms`] of its last failure, 0 for none.
+    /// The `now_ms` of its last failure, 0 for none.
     pub fn last_failure(&self) -> u64 {
         self.last_failure.load(Ordering::Relaxed)
     }
