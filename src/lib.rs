@@ -69,6 +69,9 @@
 //! | `trace` | [`trace`], [`usage`] and [`metric`]: request ids and spans (tower-http), the usage tap, metrics (the `metrics` facade) |
 //! | `gateway` (default) | all of the above, [`gateway`] and [`server`] |
 //! | `manage` (default) | [`manage`]: the management API, on an axum `Router` (axum, without its default features) |
+//! | `console` (default) | [`console`]: the managers' console in the browser, served by `Gateway::app()` under `/console` |
+//! | `store` (default) | [`store`]: accounts, keys and limits in PostgreSQL or SQLite, shared by replicas (sqlx) |
+//! | `redis` (default) | rate-limit counters in Redis, shared by replicas (the `redis` crate) |
 //!
 //! [`model`], [`ext`], [`registry`], [`route`], [`access`], [`limits`], [`inject`], [`encoding`],
 //! [`error`] and [`request_id`] are always available.
@@ -88,9 +91,10 @@
 //! | [`auth`], [`route`], [`access`], [`inject`], [`encoding`] | the five layers | the model, the registry, the extensions, leaves; never another layer |
 //! | [`limits`] | the rate-limit layer and its counters (memory, Redis) | the same |
 //! | [`trace`], [`usage`] | telemetry layers: request ids and spans, the usage tap | the same |
-//! | [`forward`] | transport: the forwarder, the inline HTTP/1.1 connection, the pools (owned here, keyed by how they connect), timeouts | the same |
+//! | [`forward`] | transport: the forwarder, the inline HTTP/1.1 connection, the connection pools (owned here, keyed by how they connect), timeouts; an endpoint's pool of targets (balance, retries with the body replayed, ejection, health checks) | the same |
 //! | [`config`] | a source of the model: the TOML file, secrets, redaction | the model, the registry, the extensions, leaves |
 //! | [`manage`] | the management API (axum `Router`, typed JSON) | the model, the registry, the extensions, leaves |
+//! | [`console`] | the console's files and their security headers | the same |
 //! | [`server`] | the listener: HTTP/1.1 and HTTP/2, graceful shutdown | leaves |
 //! | [`gateway`] | the assembly: the only module that imports every layer | everything |
 
