@@ -348,6 +348,26 @@ fn bad_configs_name_the_field_and_never_a_secret() {
             "accounts[0].endpoints[0].health.path",
         ),
         (
+            "an error share over 100 percent",
+            endpoint("eject = { error_percent = 101 }"),
+            "accounts[0].endpoints[0].eject.error_percent",
+        ),
+        (
+            "an error window of one attempt",
+            endpoint("eject = { window = 1 }"),
+            "accounts[0].endpoints[0].eject.window",
+        ),
+        (
+            "no failures at all eject",
+            endpoint("eject = { consecutive_failures = 0 }"),
+            "accounts[0].endpoints[0].eject.consecutive_failures",
+        ),
+        (
+            "a health check every millisecond",
+            endpoint("health = { path = \"/models\", interval_ms = 1 }"),
+            "accounts[0].endpoints[0].health.interval_ms",
+        ),
+        (
             "an ejection cool-down below its base",
             endpoint("eject = { base_ms = 1000, max_ms = 10 }"),
             "accounts[0].endpoints[0].eject.max_ms",

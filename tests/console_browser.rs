@@ -193,15 +193,20 @@ async fn assert_no_secret(c: &Client, secret: &str) {
     assert_eq!(in_inputs, json!(false), "a secret in an input");
 }
 
-/// Follows the navigation link `text`.
-async fn nav(c: &Client, text: &str) {
-    let xpath = format!("//nav//a[normalize-space()='{text}']");
-    c.find(Locator::XPath(&xpath))
+/// Clicks the element at `xpath`.
+async fn click(c: &Client, xpath: &str) {
+    c.find(Locator::XPath(xpath))
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{xpath}: {e}"))
         .click()
         .await
         .unwrap();
+}
+
+/// Follows the navigation link `text`.
+async fn nav(c: &Client, text: &str) {
+    let xpath = format!("//nav//a[normalize-space()='{text}']");
+    click(c, &xpath).await;
 }
 
 async fn sign_out(c: &Client) {
@@ -265,14 +270,11 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
     shot(&c, "03-wizard-endpoint").await;
     button(&c, "Next").await.click().await.unwrap();
     wait_text(&c, "Use the account's grants").await;
-    c.find(Locator::XPath(
+    click(
+        &c,
         "//label[contains(., \"Use the account's grants\")]/input",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    )
+    .await;
     let teams = c
         .find_all(Locator::XPath(
             "//label[normalize-space()='Teams (comma-separated)']/following-sibling::input",
@@ -350,14 +352,11 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
     // Edit: a trailing slash is refused, named next to the field; then it saves.
     sign_in(&c, &gw, ADMIN).await;
     wait_text(&c, "coreweave-model").await;
-    c.find(Locator::XPath(
+    click(
+        &c,
         "//tr[@data-endpoint='coreweave-model/inference']//a[normalize-space()='Edit']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    )
+    .await;
     wait_text(&c, "Edit coreweave-model/inference").await;
     button(&c, "Next").await.click().await.unwrap();
     fill(&c, "Base URL", &format!("{upstream_url}/")).await;
@@ -379,14 +378,11 @@ async fn a_manager_adds_uses_edits_and_deletes_an_endpoint_in_the_browser() {
     // Delete.
     nav(&c, "Endpoints").await;
     wait_text(&c, "coreweave-model").await;
-    c.find(Locator::XPath(
+    click(
+        &c,
         "//tr[@data-endpoint='coreweave-model/inference']//button[normalize-space()='Delete']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    )
+    .await;
     button(&c, "Delete it").await.click().await.unwrap();
     wait_text(&c, "Deleted coreweave-model/inference.").await;
     shot(&c, "08-deleted").await;
@@ -460,14 +456,11 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         !c.source().await.unwrap().contains(&issued),
         "the key is shown again"
     );
-    c.find(Locator::XPath(
+    click(
+        &c,
         "//tr[td[normalize-space()='bob@example.com']]//button[normalize-space()='Rotate']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    )
+    .await;
     fill(
         &c,
         "Grace period in seconds (0: the old key stops now)",
@@ -493,14 +486,13 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
         .unwrap();
     button(&c, "Done").await.click().await.unwrap();
     wait_text(&c, "expires").await;
-    c.find(Locator::XPath(&format!(
-        "//tr[td/code[normalize-space()='{rotated_id}']]//button[normalize-space()='Revoke']"
-    )))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(
+        &c,
+        &format!(
+            "//tr[td/code[normalize-space()='{rotated_id}']]//button[normalize-space()='Revoke']"
+        ),
+    )
+    .await;
     wait_text(&c, "Revoked").await;
     for key in [&issued, &rotated] {
         let call = send_json(
@@ -549,14 +541,11 @@ async fn keys_the_audit_log_a_stale_edit_and_a_phone_screen() {
     // A stale edit: someone else saves first; the console says so and shows their version.
     nav(&c, "Endpoints").await;
     wait_text(&c, ACCOUNT).await;
-    c.find(Locator::XPath(&format!(
-        "//tr[@data-endpoint='{ACCOUNT}/{ENDPOINT}']//a[normalize-space()='Edit']"
-    )))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(
+        &c,
+        &format!("//tr[@data-endpoint='{ACCOUNT}/{ENDPOINT}']//a[normalize-space()='Edit']"),
+    )
+    .await;
     wait_text(&c, "Configure account").await;
     let meanwhile = send_json(
         http::Method::PUT,

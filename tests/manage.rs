@@ -1850,3 +1850,46 @@ async fn send_with(
     let status = res.status().as_u16();
     (status, body_string(res).await)
 }
+
+#[tokio::test]
+async fn usage_counts_show_only_the_endpoints_the_caller_may_view() {
+    let upstream = MockUpstream::new(UP_KEY, std::time::Duration::ZERO)
+        .spawn()
+        .await
+        .unwrap();
+    let toml = format!(
+        "{}\n[[accounts]]\nname = \"shared\"\nheader_auth = {{ Authorization = \"Bearer {UP_KEY}\" }}\n\
+         access = {{ managers = [\"team:platform\"], users = [\"team:research\"] }}\n\n\
+         [[accounts.endpoints]]\nname = \"open\"\nbase_url = \"http://{upstream}/v1\"\n\n\
+         [[accounts.endpoints]]\nname = \"closed\"\nbase_url = \"http://{upstream}/v1\"\n\
+         access = {{ users = [] }}\n",
+        staff_keys_toml(MGR, RES)
+    );
+    let gw = serve_app(gateway_from(&toml, &[])).await;
+    for (endpoint, times) in [("open", 2), ("closed", 3)] {
+        for _ in 0..times {
+            let ans = chat(&gw, "shared", endpoint, Some(MGR)).await;
+            assert_eq!(ans.status, 200, "{}", ans.body);
+        }
+    }
+    let count = |body: &Value, endpoint: &str| {
+        body["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["endpoint"] == endpoint)
+            .map(|e| e["hour"]["requests"].as_u64().unwrap())
+    };
+    let mgr = get(&gw, "/usage", MGR).await;
+    assert_eq!(mgr.status, 200, "{}", mgr.body);
+    assert_eq!(count(&mgr.json(), "open"), Some(2));
+    assert_eq!(count(&mgr.json(), "closed"), Some(3));
+    // The research user may use "open" only: "closed" and its counts are not theirs to see.
+    let res = get(&gw, "/usage", RES).await;
+    assert_eq!(count(&res.json(), "open"), Some(2));
+    assert_eq!(count(&res.json(), "closed"), None, "{}", res.body);
+    assert_eq!(
+        manage(&gw, Method::GET, "/usage", None, None).await.status,
+        401
+    );
+}

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -205,36 +204,31 @@ pub(super) struct RawHealth {
 
 impl RawRetry {
     pub(super) fn to_policy(&self) -> RetryPolicy {
-        let d = RetryPolicy::default();
-        RetryPolicy {
-            attempts: self.attempts.unwrap_or(d.attempts),
-            on_status: self.on_status.clone().unwrap_or(d.on_status),
-            budget_percent: self.budget_percent.unwrap_or(d.budget_percent),
-            min_per_second: self.min_per_second.unwrap_or(d.min_per_second),
-            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
-        }
+        RetryPolicy::from_fields(
+            self.attempts,
+            self.on_status.clone(),
+            self.budget_percent,
+            self.min_per_second,
+            self.max_body_bytes,
+        )
     }
 }
 
 impl RawEject {
     pub(super) fn to_policy(&self) -> EjectPolicy {
-        let d = EjectPolicy::default();
-        EjectPolicy {
-            consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
-            error_percent: self.error_percent.unwrap_or(d.error_percent),
-            window: self.window.unwrap_or(d.window),
-            base: self.base_ms.map_or(d.base, Duration::from_millis),
-            max: self.max_ms.map_or(d.max, Duration::from_millis),
-        }
+        EjectPolicy::from_fields(
+            self.consecutive_failures,
+            self.error_percent,
+            self.window,
+            self.base_ms,
+            self.max_ms,
+        )
     }
 }
 
 impl RawHealth {
     pub(super) fn to_check(&self) -> HealthCheck {
-        HealthCheck {
-            path: self.path.clone(),
-            interval: Duration::from_millis(self.interval_ms.unwrap_or(5000)),
-        }
+        HealthCheck::from_fields(&self.path, self.interval_ms)
     }
 }
 

@@ -11,11 +11,11 @@ use tower::retry::budget::Budget;
 
 use super::balance::{self, Tried};
 use super::eject;
-use super::replay::Replay;
+use super::replay::{self, Replay};
 use super::served::ServedBy;
 use super::{ResponseBody, Shared, UpstreamRequestBody};
 use crate::BoxError;
-use crate::error::{InvalidRequestBody, UpstreamTimeout};
+use crate::error::UpstreamTimeout;
 use crate::ext::Served;
 use crate::metric;
 use crate::model::COMMON_PATHS;
@@ -123,7 +123,7 @@ impl Attempts {
                     return Err(UpstreamTimeout::new().into());
                 }
                 Err(_elapsed) => Failure::Timeout,
-                Ok(Err(err)) if client_fault(&err) => {
+                Ok(Err(err)) if replay::is_client_fault(&err) => {
                     replay.stop();
                     return Err(err);
                 }
@@ -230,23 +230,6 @@ fn served(
         attempts,
     });
     Ok(res)
-}
-
-/// Whether the attempt failed because of the client's body (broken, too large, silent): no
-/// other target would do better, and the target is not to blame. (Over HTTP/2 the attempt's
-/// error may not say so; [`Replay::client_fault`] does.)
-fn client_fault(err: &BoxError) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
-    while let Some(e) = cause {
-        if e.is::<InvalidRequestBody>()
-            || e.is::<http_body_util::LengthLimitError>()
-            || e.is::<crate::error::BodyIdleTimeout>()
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
 }
 
 /// An upstream's `Retry-After` (seconds or an HTTP date), or OpenAI's `retry-after-ms`; an

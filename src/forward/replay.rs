@@ -30,18 +30,27 @@ enum ClientFault {
 }
 
 impl ClientFault {
-    fn of(err: &BoxError) -> Self {
+    /// How the client's body failed, if `err` says it did: too large, silent or broken.
+    fn find(err: &BoxError) -> Option<Self> {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
         while let Some(e) = cause {
             if e.is::<http_body_util::LengthLimitError>() || e.is::<PayloadTooLarge>() {
-                return Self::TooLarge;
+                return Some(Self::TooLarge);
             }
             if let Some(t) = e.downcast_ref::<BodyIdleTimeout>() {
-                return Self::Silent(t.0);
+                return Some(Self::Silent(t.0));
+            }
+            if e.is::<InvalidRequestBody>() {
+                return Some(Self::Broken(e.to_string()));
             }
             cause = e.source();
         }
-        Self::Broken(err.to_string())
+        None
+    }
+
+    /// An error of the client's body itself: whatever it is, it is the client's.
+    fn of(err: &BoxError) -> Self {
+        Self::find(err).unwrap_or_else(|| Self::Broken(err.to_string()))
     }
 
     /// The error the rescue layer answers for it (413, 408, 400), as on the direct path.
@@ -75,6 +84,12 @@ struct Shared {
     /// The attempt allowed to read; an earlier attempt's body reads nothing more.
     current: u32,
     hint: SizeHint,
+}
+
+/// Whether an attempt's error is the client's body failing (too large, silent, broken), as
+/// the error says; over HTTP/2 it may not, and [`Replay::client_fault`] does.
+pub(crate) fn is_client_fault(err: &BoxError) -> bool {
+    ClientFault::find(err).is_some()
 }
 
 /// The client's body, shared by the attempts of one request.

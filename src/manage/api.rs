@@ -259,14 +259,13 @@ pub(super) struct RetryBody {
 
 impl RetryBody {
     fn policy(&self) -> RetryPolicy {
-        let d = RetryPolicy::default();
-        RetryPolicy {
-            attempts: self.attempts.unwrap_or(d.attempts),
-            on_status: self.on_status.clone().unwrap_or(d.on_status),
-            budget_percent: self.budget_percent.unwrap_or(d.budget_percent),
-            min_per_second: self.min_per_second.unwrap_or(d.min_per_second),
-            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
-        }
+        RetryPolicy::from_fields(
+            self.attempts,
+            self.on_status.clone(),
+            self.budget_percent,
+            self.min_per_second,
+            self.max_body_bytes,
+        )
     }
 
     fn of(r: &RetryPolicy) -> Self {
@@ -298,16 +297,13 @@ pub(super) struct EjectBody {
 
 impl EjectBody {
     fn policy(&self) -> EjectPolicy {
-        let d = EjectPolicy::default();
-        EjectPolicy {
-            consecutive_failures: self.consecutive_failures.unwrap_or(d.consecutive_failures),
-            error_percent: self.error_percent.unwrap_or(d.error_percent),
-            window: self.window.unwrap_or(d.window),
-            base: self
-                .base_ms
-                .map_or(d.base, std::time::Duration::from_millis),
-            max: self.max_ms.map_or(d.max, std::time::Duration::from_millis),
-        }
+        EjectPolicy::from_fields(
+            self.consecutive_failures,
+            self.error_percent,
+            self.window,
+            self.base_ms,
+            self.max_ms,
+        )
     }
 
     fn of(e: &EjectPolicy) -> Self {
@@ -332,10 +328,7 @@ pub(super) struct HealthBody {
 
 impl HealthBody {
     fn check(&self) -> HealthCheck {
-        HealthCheck {
-            path: self.path.clone(),
-            interval: std::time::Duration::from_millis(self.interval_ms.unwrap_or(5000)),
-        }
+        HealthCheck::from_fields(&self.path, self.interval_ms)
     }
 
     fn of(h: &HealthCheck) -> Self {
@@ -686,12 +679,7 @@ pub(super) async fn put_account(
     request_headers: HeaderMap,
     JsonBody(body): JsonBody<AccountBody>,
 ) -> Answer {
-    if !is_valid_name(&account) {
-        return Err(bad_request(
-            "name: must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"",
-        )
-        .into());
-    }
+    check_name(&account, "name")?;
     let header_auth = body
         .header_auth
         .as_ref()
@@ -705,12 +693,7 @@ pub(super) async fn put_account(
     let first = match &body.endpoint {
         None => None,
         Some(ep) => {
-            if !is_valid_name(&ep.name) {
-                return Err(bad_request(
-                    "endpoint.name: must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"",
-                )
-                .into());
-            }
+            check_name(&ep.name, "endpoint.name")?;
             Some(EndpointSpec {
                 headers: ep
                     .headers
@@ -842,12 +825,7 @@ pub(super) async fn put_endpoint(
     request_headers: HeaderMap,
     JsonBody(body): JsonBody<EndpointBody>,
 ) -> Answer {
-    if !is_valid_name(&endpoint) {
-        return Err(bad_request(
-            "name: must be 1 to 128 of A-Z a-z 0-9 - . _ ~, and not \".\" or \"..\"",
-        )
-        .into());
-    }
+    check_name(&endpoint, "name")?;
     let headers = body
         .headers
         .as_ref()
@@ -1488,6 +1466,15 @@ fn exposure(
         }
     }
     out
+}
+
+/// A 400 naming `field` unless `name` is a valid account or endpoint name.
+fn check_name(name: &str, field: &str) -> Result<(), GatewayError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(bad_request(format!("{field}: {}", crate::model::NAME_RULE)))
+    }
 }
 
 /// The schemes and authorities of base URLs (those that parse).

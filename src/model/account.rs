@@ -79,11 +79,7 @@ impl EndpointSpec {
     /// settings.
     pub fn same_content(&self, other: &Self) -> bool {
         #[cfg(feature = "forward")]
-        let same_tls = match (&self.tls, &other.tls) {
-            (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        };
+        let same_tls = super::pool::same_tls(&self.tls, &other.tls);
         #[cfg(not(feature = "forward"))]
         let same_tls = true;
         self.name == other.name

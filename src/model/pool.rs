@@ -58,11 +58,7 @@ impl TargetSpec {
     /// TLS settings (by identity).
     pub fn same_content(&self, other: &Self) -> bool {
         #[cfg(feature = "forward")]
-        let same_tls = match (&self.tls, &other.tls) {
-            (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        };
+        let same_tls = same_tls(&self.tls, &other.tls);
         #[cfg(not(feature = "forward"))]
         let same_tls = true;
         self.base_url == other.base_url
@@ -115,6 +111,20 @@ impl std::fmt::Debug for TargetSpec {
     }
 }
 
+/// Whether two TLS settings are the same ones: by identity, as a registry keeps them across
+/// every change that does not touch them.
+#[cfg(feature = "forward")]
+pub(super) fn same_tls(
+    a: &Option<Arc<crate::tls::TlsSettings>>,
+    b: &Option<Arc<crate::tls::TlsSettings>>,
+) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
 /// When a request is tried again on another target.
 ///
 /// Only while nothing has reached the client: a connect failure, a connection reset before the
@@ -146,6 +156,25 @@ impl RetryPolicy {
         Self {
             attempts: if targets > 1 { 2 } else { 1 },
             ..Self::default()
+        }
+    }
+
+    /// A policy from the fields a user wrote (the file or the API); each one left out takes
+    /// its [default](Self::default).
+    pub fn from_fields(
+        attempts: Option<u32>,
+        on_status: Option<Vec<u16>>,
+        budget_percent: Option<u32>,
+        min_per_second: Option<u32>,
+        max_body_bytes: Option<u64>,
+    ) -> Self {
+        let d = Self::default();
+        Self {
+            attempts: attempts.unwrap_or(d.attempts),
+            on_status: on_status.unwrap_or(d.on_status),
+            budget_percent: budget_percent.unwrap_or(d.budget_percent),
+            min_per_second: min_per_second.unwrap_or(d.min_per_second),
+            max_body_bytes: max_body_bytes.unwrap_or(d.max_body_bytes),
         }
     }
 
@@ -221,6 +250,25 @@ impl Default for EjectPolicy {
 }
 
 impl EjectPolicy {
+    /// A policy from the fields a user wrote, the cool-downs in milliseconds; each one left
+    /// out takes its [default](Self::default).
+    pub fn from_fields(
+        consecutive_failures: Option<u32>,
+        error_percent: Option<u32>,
+        window: Option<u32>,
+        base_ms: Option<u64>,
+        max_ms: Option<u64>,
+    ) -> Self {
+        let d = Self::default();
+        Self {
+            consecutive_failures: consecutive_failures.unwrap_or(d.consecutive_failures),
+            error_percent: error_percent.unwrap_or(d.error_percent),
+            window: window.unwrap_or(d.window),
+            base: base_ms.map_or(d.base, Duration::from_millis),
+            max: max_ms.map_or(d.max, Duration::from_millis),
+        }
+    }
+
     pub(super) fn validate(&self, field: &str) -> Result<(), FieldError> {
         if self.consecutive_failures == 0 {
             return Err(FieldError::new(
@@ -266,7 +314,18 @@ pub struct HealthCheck {
     pub interval: Duration,
 }
 
+/// The probe interval when none is written.
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
 impl HealthCheck {
+    /// A check of `path` every `interval_ms` (default 5 s).
+    pub fn from_fields(path: &str, interval_ms: Option<u64>) -> Self {
+        Self {
+            path: path.to_owned(),
+            interval: interval_ms.map_or(DEFAULT_HEALTH_INTERVAL, Duration::from_millis),
+        }
+    }
+
     pub(super) fn validate(&self, field: &str) -> Result<(), FieldError> {
         let base = UpstreamBase::parse("http://h").expect("a valid base URL");
         if !self.path.starts_with('/')
